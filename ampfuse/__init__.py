@@ -1,0 +1,8 @@
+"""ampfuse: fused kernels for parameter-efficient multimodal adaptation of frozen BERT-family models."""
+
+from .backend import BackendUnavailableError, info, use_backend
+from .ops import adapter_block, adapter_block_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendUnavailableError", "adapter_block", "adapter_block_reference", "info", "use_backend"]

@@ -1,0 +1,96 @@
+"""Triton building blocks shared by the fused ops: activations, LayerNorm pieces, dropout.
+
+All arithmetic here is fp32: callers convert loaded tiles with ``.to(tl.float32)`` first, which
+also keeps bf16 out of the Triton interpreter's arithmetic (it stores bf16 as raw bits).
+"""
+
+import triton
+import triton.language as tl
+
+# Activation codes, shared with the Python side (ampfuse.ops.activations).
+ACT_IDENTITY: tl.constexpr = 0
+ACT_RELU: tl.constexpr = 1
+ACT_GELU: tl.constexpr = 2
+ACT_GELU_TANH: tl.constexpr = 3
+ACT_SILU: tl.constexpr = 4
+ACT_TANH: tl.constexpr = 5
+
+_SQRT1_2: tl.constexpr = 0.7071067811865476
+_INV_SQRT_2PI: tl.constexpr = 0.3989422804014327
+_TANH_C: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
+_TANH_A: tl.constexpr = 0.044715
+
+
+@triton.jit
+def tanh_f32(x):
+    # tanh(x) = 2 * sigmoid(2x) - 1: exact limits at +-inf, no libdevice dependency.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def activation(z, ACT: tl.constexpr):
+    if ACT == ACT_RELU:
+        out = tl.maximum(z, 0.0)
+    elif ACT == ACT_GELU:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == ACT_GELU_TANH:
+        out = 0.5 * z * (1.0 + tanh_f32(_TANH_C * (z + _TANH_A * z * z * z)))
+    elif ACT == ACT_SILU:
+        out = z * tl.sigmoid(z)
+    elif ACT == ACT_TANH:
+        out = tanh_f32(z)
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def activation_grad(z, ACT: tl.constexpr):
+    """d activation(z) / dz, matching torch's autograd (relu'(0) = 0)."""
+    if ACT == ACT_RELU:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == ACT_GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+        out = cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == ACT_GELU_TANH:
+        t = tanh_f32(_TANH_C * (z + _TANH_A * z * z * z))
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _TANH_C * (1.0 + 3.0 * _TANH_A * z * z)
+    elif ACT == ACT_SILU:
+        sig = tl.sigmoid(z)
+        out = sig * (1.0 + z * (1.0 - sig))
+    elif ACT == ACT_TANH:
+        t = tanh_f32(z)
+        out = 1.0 - t * t
+    else:
+        out = z * 0.0 + 1.0
+    return out
+
+
+@triton.jit
+def layer_norm_stats(x, col_mask, D, eps):
+    """Row mean and 1/std of a [BLOCK_M, BLOCK_D] fp32 tile whose padded columns hold 0."""
+    mean = tl.sum(x, axis=1) / D
+    centered = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / D
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def normalize(x, mean, rstd, col_mask):
+    """x_hat with padded columns forced to 0 (so row sums over x_hat stay exact)."""
+    return tl.where(col_mask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def layer_norm_bwd(dxhat, xhat, rstd, col_mask, D):
+    """dx from dL/dx_hat for x_hat = (x - mean) * rstd; padded columns of both inputs hold 0."""
+    c1 = tl.sum(dxhat, axis=1) / D
+    c2 = tl.sum(dxhat * xhat, axis=1) / D
+    dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+    return tl.where(col_mask[None, :], dx, 0.0)
+
+
+@triton.jit
+def dropout_keep(seed, offsets, p):
+    """Keep-mask of inverted dropout: Philox uniform per element index, kept when >= p."""
+    return tl.rand(seed, offsets) >= p

@@ -1,0 +1,38 @@
+"""Launch bookkeeping shared by the Triton ops: tunables, output allocation, launch counting."""
+
+import os
+
+import torch
+
+# Block sizes; benchmarks/tune.py searches these on a GPU.
+CONFIG = {"adapter_block_m": 16, "adapter_block_k": 64}
+
+# Tests set this to fill every output with NaN before a kernel runs, so unwritten elements fail.
+POISON_OUTPUTS = False
+
+# Number of Triton launches made through `launch` since import (tests read the difference).
+launch_count = 0
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def empty_output(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def max_programs(device) -> int:
+    """Programs of a persistent grid: two per SM on a GPU; three under the interpreter so that
+    small test shapes still walk several row blocks per program."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
+
+
+def launch(kernel, grid, *args, **meta):
+    global launch_count
+    launch_count += 1
+    kernel[grid](*args, **meta)
