@@ -85,6 +85,7 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype):
     return None
 
 
+@torch.compiler.assume_constant_result  # decided once when torch.compile traces the caller
 def resolve(device: torch.device, dtype: torch.dtype, explicit=None, op: str = "op") -> str:
     """The backend that runs this call; raises BackendUnavailableError when it cannot."""
     name = _check_name(explicit, "backend") if explicit is not None else requested_backend()

@@ -1,0 +1,63 @@
+"""Helpers for comparing the fused ops with their float64 references (used by tests and benchmarks)."""
+
+import torch
+
+# Relative-error bounds ||out - ref|| / ||ref|| against the float64 reference, per input dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when out holds NaN/inf (so poisoned outputs fail)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def adapter_inputs(M, d, k, *, dtype=torch.float32, param_dtype=None, device="cpu", scale_kind="float",
+                   ln_before=False, lead=None, generator=None):
+    """Fresh random inputs of the adapter block: (tensors, kwargs). Every tensor requires grad.
+
+    Weights are scaled so that the adapter's output is of the same order as h (the bottleneck is
+    not a near-zero perturbation, so errors in it show in y and in every gradient)."""
+    param_dtype = param_dtype or dtype
+    g = generator or torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=1.0, mean=0.0, dt=param_dtype):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean
+        return t.to(device=device, dtype=dt).requires_grad_()
+
+    shape = (M, d) if lead is None else (*lead, d)
+    tensors = dict(
+        h=rand(*shape, dt=dtype), r=rand(*shape, dt=dtype),
+        ln_weight=rand(d, std=0.2, mean=1.0), ln_bias=rand(d, std=0.2),
+        w_down=rand(k, d, std=d ** -0.5), b_down=rand(k, std=0.5),
+        w_up=rand(d, k, std=k ** -0.5), b_up=rand(d, std=0.5),
+    )
+    kwargs = {}
+    if scale_kind == "float":
+        kwargs["scaling"] = 0.7
+    elif scale_kind == "scalar":
+        tensors["scaling"] = rand(1, std=0.2, mean=0.8)
+    elif scale_kind == "channel":
+        tensors["scaling"] = rand(d, std=0.2, mean=0.8)
+    else:
+        raise ValueError(scale_kind)
+    if ln_before:
+        tensors["adapter_ln_weight"] = rand(d, std=0.2, mean=1.0)
+        tensors["adapter_ln_bias"] = rand(d, std=0.2)
+    return tensors, kwargs
+
+
+POSITIONAL = ("h", "r", "ln_weight", "ln_bias", "w_down", "b_down", "w_up", "b_up")
+
+
+def call(fn, tensors, **kwargs):
+    """fn(*positional tensors, **keyword tensors, **kwargs) for the adapter block's signature."""
+    keyword = {name: t for name, t in tensors.items() if name not in POSITIONAL}
+    return fn(*(tensors[name] for name in POSITIONAL), **keyword, **kwargs)
+
+
+def float64_copy(tensors):
+    return {name: t.detach().to(device="cpu", dtype=torch.float64).requires_grad_(t.requires_grad)
+            for name, t in tensors.items()}
