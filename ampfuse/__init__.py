@@ -1,9 +1,17 @@
 """ampfuse: fused kernels for parameter-efficient multimodal adaptation of frozen BERT-family models."""
 
 from .backend import BackendUnavailableError, info, use_backend
+from .config import AdapterConfig
+from .memory import saved_tensor_bytes
 from .modules import BottleneckAdapter
 from .ops import adapter_block, adapter_block_reference
+from .patch import (load_adapterhub, load_adapters, patch, print_trainable_parameters, save_adapters,
+                    trainable_parameters, unpatch)
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "BottleneckAdapter", "adapter_block", "adapter_block_reference", "info", "use_backend"]
+__all__ = [
+    "AdapterConfig", "BackendUnavailableError", "BottleneckAdapter", "adapter_block", "adapter_block_reference",
+    "info", "load_adapterhub", "load_adapters", "patch", "print_trainable_parameters", "save_adapters",
+    "saved_tensor_bytes", "trainable_parameters", "unpatch", "use_backend",
+]

@@ -61,3 +61,43 @@ def call(fn, tensors, **kwargs):
 def float64_copy(tensors):
     return {name: t.detach().to(device="cpu", dtype=torch.float64).requires_grad_(t.requires_grad)
             for name, t in tensors.items()}
+
+
+def tiny_bert(cls=None, config_cls=None, **kw):
+    """A small randomly initialised BERT-family model (4 layers, d=48) in eval mode, seeded."""
+    import transformers
+
+    cls = cls or transformers.BertModel
+    config_cls = config_cls or transformers.BertConfig
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=120, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64, **kw)
+    return cls(config).eval()
+
+
+def ddp_adapter_step(rank, world, init_file, out_dir):
+    """One DDP (gloo) training step of a patched tiny BERT; saves the adapter weights before/after.
+
+    A spawn target, so it lives in an importable module rather than in the test file."""
+    import os
+
+    import torch.distributed as dist
+
+    import ampfuse
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = ampfuse.patch(tiny_bert(), ampfuse.AdapterConfig.pfeiffer(scaling="learned"))
+    torch.manual_seed(rank)  # each rank starts from other adapter weights: DDP must broadcast rank 0's
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    ddp = torch.nn.parallel.DistributedDataParallel(model.train())
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, 120, (4, 9), generator=torch.Generator().manual_seed(100 + rank))
+    ddp(input_ids=ids).last_hidden_state.square().mean().backward()
+    opt.step()
+    final = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"initial": initial, "final": final}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()

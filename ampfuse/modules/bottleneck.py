@@ -20,7 +20,8 @@ class BottleneckAdapter(nn.Module):
     place: ``LN(s * up(f(down(LN_a(a)))) + a_res + r)``, a and a_res as set by the placement flags
     (Pfeiffer: ``original_ln_before=True``; Houlsby: ``False``).
 
-    init: ``"houlsby"`` near-identity (truncated normal, std ``init_std`` = 1e-3, zero biases),
+    init: ``"houlsby"`` near-identity (truncated normal, std ``init_std`` = 1e-2, zero biases, as the
+    adapters library),
     ``"bert"`` (normal, std 0.02, zero biases: the adapters library's default), ``"lora"`` (Kaiming
     uniform down-projection, zero up-projection). ``zero_init_up=True`` zeroes the up-projection
     after any init, so the adapted model starts exactly equal to the frozen one.
@@ -30,7 +31,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, hidden_size: int, bottleneck_size: Optional[int] = None, *, reduction_factor: float = 16,
                  activation: str = "relu", ln_before: bool = False, original_ln_before: bool = True,
                  residual_before_ln: bool = True, scaling: Union[float, str] = 1.0, dropout: float = 0.0,
-                 init: str = "houlsby", init_std: float = 1e-3, zero_init_up: bool = False,
+                 init: str = "houlsby", init_std: float = 1e-2, zero_init_up: bool = False,
                  adapter_ln_eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         if bottleneck_size is None:
@@ -61,7 +62,7 @@ class BottleneckAdapter(nn.Module):
         self.reset_parameters(init, init_std, zero_init_up)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "houlsby", init_std: float = 1e-3, zero_init_up: bool = False):
+    def reset_parameters(self, init: str = "houlsby", init_std: float = 1e-2, zero_init_up: bool = False):
         if init == "houlsby":
             for linear in (self.down, self.up):
                 nn.init.trunc_normal_(linear.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
