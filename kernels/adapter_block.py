@@ -145,7 +145,7 @@ def adapter_block_bwd_kernel(
     OFF_WU, OFF_WD, OFF_BU, OFF_BD, OFF_S, OFF_GAMMA, OFF_BETA, OFF_GA, OFF_BA,
     ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
     ACT: tl.constexpr, SCALE_MODE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    LN_GRAD: tl.constexpr,
+    LN_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -248,8 +248,9 @@ def adapter_block_bwd_kernel(
             dr += dx1
         else:
             dh += da
-        tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
+        if INPUT_GRAD:  # False below the lowest adapter: nothing upstream needs dh, dr
+            tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
     tl.store(part + OFF_BU + cols, d_bu, mask=col_mask)
     if LN_GRAD:
@@ -344,16 +345,18 @@ def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scal
 
 def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
                       adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
-                      residual_before_ln, dropout_p, seed, ln_grad, layout, T):
+                      residual_before_ln, dropout_p, seed, ln_grad, input_grad, layout, T):
     """(dh, dr, flat) for contiguous 2-D inputs: flat holds the fp32 parameter gradients, each at its
-    offset in ``layout`` (ampfuse.ops.adapter_block.gradient_layout), T elements in all."""
+    offset in ``layout`` (ampfuse.ops.adapter_block.gradient_layout), T elements in all. dh and dr
+    are empty when ``input_grad`` is False."""
     M, D = h.shape
     K = w_down.shape[0]
     offsets = {name: offset for name, offset, _ in layout}
     cfg = _config(D, K)
     P = max(1, min(triton.cdiv(M, cfg["BLOCK_M"]), runtime.max_programs(h.device)))
-    dh = runtime.empty_output((M, D), h.dtype, h.device)
-    dr = runtime.empty_output((M, D), h.dtype, h.device)
+    dx_shape = (M, D) if input_grad else (0,)
+    dh = runtime.empty_output(dx_shape, h.dtype, h.device)
+    dr = runtime.empty_output(dx_shape, h.dtype, h.device)
     part = runtime.empty_output((P, T), torch.float32, h.device)
     pointers, flags = _common_args(h, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias, w_down, b_down,
                                    w_up, b_up, scale, scale_value, seed, dropout_p)
@@ -363,7 +366,7 @@ def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, 
     runtime.launch(adapter_block_bwd_kernel, (P,), dy, h, r, dh, dr, part, *pointers,
                    M, D, K, float(ln_eps), float(adapter_ln_eps), T, *seg,
                    ORIG_LN_BEFORE=original_ln_before, RESIDUAL_BEFORE_LN=residual_before_ln,
-                   ACT=ACTIVATION_CODES[activation], LN_GRAD=ln_grad, **flags, **cfg)
+                   ACT=ACTIVATION_CODES[activation], LN_GRAD=ln_grad, INPUT_GRAD=input_grad, **flags, **cfg)
     flat = runtime.empty_output((T,), torch.float32, h.device)
     block_t = 1024
     runtime.launch(reduce_partials_kernel, (triton.cdiv(T, block_t),), part, flat, P, T, BLOCK_T=block_t)

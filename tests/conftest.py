@@ -1,6 +1,11 @@
 import os
+import tempfile
 
 import torch
+
+# A fresh inductor cache per run: a cached graph from an older build of the custom ops would call
+# them with a stale schema.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ampfuse-inductor-")
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter; Triton reads this variable
 # when ampfuse.kernels is imported, so it is set before any test module imports ampfuse.

@@ -144,6 +144,14 @@ def test_triton_frozen_layer_norm_gets_no_gradient(device):
     check_against_reference(tensors, kwargs)
 
 
+def test_triton_parameters_only_backward(device):
+    """Below the lowest adapter h and r need no gradient: the kernel skips dh, dr."""
+    tensors, kwargs = testing.adapter_inputs(40, 64, 8, device=device, scale_kind="channel", ln_before=True)
+    tensors["h"].requires_grad_(False)
+    tensors["r"].requires_grad_(False)
+    check_against_reference(tensors, kwargs, activation="relu")
+
+
 # d >= 8: LayerNorm over a handful of elements is so ill-conditioned that its float64 gradients
 # are rounding noise. No shrinking: each example costs a kernel run in the interpreter.
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],

@@ -98,14 +98,15 @@ def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, ln_weight: Tens
                                adapter_ln_weight: Optional[Tensor], adapter_ln_bias: Optional[Tensor],
                                seed: Optional[Tensor], scale_value: float, ln_eps: float, adapter_ln_eps: float,
                                activation: str, original_ln_before: bool, residual_before_ln: bool,
-                               dropout_p: float, backend: str, ln_grad: bool) -> list[Tensor]:
-    """[dh, dr, flat]: flat holds every parameter gradient in fp32, placed by gradient_layout."""
+                               dropout_p: float, backend: str, ln_grad: bool, input_grad: bool) -> list[Tensor]:
+    """[dh, dr, flat]: flat holds every parameter gradient in fp32, placed by gradient_layout;
+    dh and dr are empty when not ``input_grad``."""
     layout, total = gradient_layout(h.shape[1], w_down.shape[0], scale, ln_grad, adapter_ln_weight is not None)
     if h.shape[0] == 0:
         return [torch.empty_like(h), torch.empty_like(r), h.new_zeros(total, dtype=torch.float32)]
     args = (dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias,
             scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before, residual_before_ln, dropout_p,
-            seed, ln_grad, layout, total)
+            seed, ln_grad, input_grad, layout, total)
     if backend == "cuda":
         from .. import _C
         return list(_C.adapter_block_bwd(*args))
@@ -115,8 +116,10 @@ def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, ln_weight: Tens
 @_adapter_block_backward_op.register_fake
 def _(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias,
       seed, *args):
-    _, total = gradient_layout(h.shape[1], w_down.shape[0], scale, args[-1], adapter_ln_weight is not None)
-    return [torch.empty_like(h), torch.empty_like(r), h.new_empty(total, dtype=torch.float32)]
+    ln_grad, input_grad = args[-2:]
+    _, total = gradient_layout(h.shape[1], w_down.shape[0], scale, ln_grad, adapter_ln_weight is not None)
+    dx = (lambda t: torch.empty_like(t) if input_grad or t.shape[0] == 0 else t.new_empty(0))
+    return [dx(h), dx(r), h.new_empty(total, dtype=torch.float32)]
 
 
 _TENSOR_INPUTS = 12  # h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_w, adapter_ln_b, seed
@@ -131,8 +134,9 @@ def _backward(ctx, dy):
     saved = ctx.saved_tensors
     needs = ctx.needs_input_grad
     ln_grad = bool(needs[2] or needs[3])
+    input_grad = bool(needs[0] or needs[1])
     h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias, _ = saved
-    dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), *saved, *ctx.options, ln_grad)
+    dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), *saved, *ctx.options, ln_grad, input_grad)
     layout, _ = gradient_layout(h.shape[1], w_down.shape[0], scale, ln_grad, adapter_ln_weight is not None)
     params = dict(ln_weight=ln_weight, ln_bias=ln_bias, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up,
                   scale=scale, adapter_ln_weight=adapter_ln_weight, adapter_ln_bias=adapter_ln_bias)
