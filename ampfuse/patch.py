@@ -97,13 +97,9 @@ def patch(model: nn.Module, config: AdapterConfig = None) -> nn.Module:
     activations.
     """
     config = config or AdapterConfig()
-    if is_patched(model):
-        raise ValueError("model is already patched by ampfuse; call ampfuse.unpatch(model) first")
     layers = find_layers(model)
     selected = _selected_layers(config, len(layers))
-    model._ampfuse_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        p.requires_grad_(_in_modules(name, config.trainable_modules))
+    freeze(model, config)
     wanted = [site for site, on in zip(SITES, (config.mh_adapter, config.output_adapter)) if on]
     for index in selected:
         for site in wanted:
@@ -115,10 +111,26 @@ def patch(model: nn.Module, config: AdapterConfig = None) -> nn.Module:
                 residual_before_ln=config.residual_before_ln, scaling=config.scaling, dropout=config.dropout,
                 init=config.init_weights, init_std=1e-2, zero_init_up=config.zero_init_up,
                 device=tail.dense.weight.device, dtype=tail.dense.weight.dtype)
-            tail.add_module(ADAPTER, adapter)
-            tail.__class__ = _fused_class(type(tail))
-    model._ampfuse_config = config
+            attach(tail, adapter)
     return model
+
+
+def freeze(model: nn.Module, config) -> None:
+    """Marks ``model`` as patched with ``config``: every parameter frozen but those of
+    config.trainable_modules; the original requires_grad flags are kept for unpatch."""
+    if is_patched(model):
+        raise ValueError("model is already patched by ampfuse; call ampfuse.unpatch(model) first")
+    model._ampfuse_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(_in_modules(name, config.trainable_modules))
+    model._ampfuse_config = config
+
+
+def attach(tail: nn.Module, adapter: nn.Module) -> None:
+    """Makes the residual tail run ``adapter(dropout(dense(x)), input_tensor, LayerNorm)``."""
+    tail.add_module(ADAPTER, adapter)
+    if not hasattr(tail, "_ampfuse_base"):
+        tail.__class__ = _fused_class(type(tail))
 
 
 def _in_modules(name, modules):

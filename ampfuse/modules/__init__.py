@@ -1,5 +1,7 @@
 """nn.Modules that own the trainable parameters of the fused ops."""
 
 from .bottleneck import BottleneckAdapter
+from .fusion import FusionLayer
+from .gmu import GMUAdapter, ModalityInputs
 
-__all__ = ["BottleneckAdapter"]
+__all__ = ["BottleneckAdapter", "FusionLayer", "GMUAdapter", "ModalityInputs"]
