@@ -15,13 +15,8 @@ deterministic). Kernel 2 sums the P slices.
 import triton
 import triton.language as tl
 
-from .common import activation, activation_grad, dropout_keep, layer_norm_bwd, layer_norm_stats, normalize
-
-# Scaling kinds (constexpr SCALE_MODE).
-SCALE_FLOAT: tl.constexpr = 0  # python float, no gradient
-SCALE_SCALAR: tl.constexpr = 1  # learned scalar tensor
-SCALE_CHANNEL: tl.constexpr = 2  # learned per-channel tensor (D,)
-
+from .common import (SCALE_CHANNEL, SCALE_FLOAT, SCALE_SCALAR, accumulate_partial, activation, activation_grad,
+                     dropout_keep, layer_norm_bwd, layer_norm_stats, load_scale, normalize, reduce_partials_kernel)
 
 @triton.jit
 def _adapter_input(h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a,
@@ -78,18 +73,6 @@ def _up_projection(an_op, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
 
 
 @triton.jit
-def _scale(s_ptr, s_value, cols, col_mask, SCALE_MODE: tl.constexpr):
-    """The scaling s as something that broadcasts against a [BLOCK_M, BLOCK_D] tile."""
-    if SCALE_MODE == SCALE_CHANNEL:
-        s = tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    elif SCALE_MODE == SCALE_SCALAR:
-        s = tl.load(s_ptr).to(tl.float32)
-    else:
-        s = s_value
-    return s
-
-
-@triton.jit
 def adapter_block_fwd_kernel(
     h_ptr, r_ptr, y_ptr,
     gamma_ptr, beta_ptr, ga_ptr, ba_ptr,
@@ -113,7 +96,7 @@ def adapter_block_fwd_kernel(
         h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE, LN_BEFORE)
     v = _up_projection(an.to(h_ptr.dtype.element_ty), wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
                        BLOCK_M, BLOCK_D, BLOCK_K, ACT, PRECISION)
-    u = v * _scale(s_ptr, s_value, cols, col_mask, SCALE_MODE)
+    u = v * load_scale(s_ptr, s_value, cols, col_mask, SCALE_MODE)
     if DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), offs, p_drop)
         u = tl.where(keep, u / (1.0 - p_drop), 0.0)
@@ -124,15 +107,6 @@ def adapter_block_fwd_kernel(
     mean_o, rstd_o = layer_norm_stats(o, col_mask, D, eps)
     y = normalize(o, mean_o, rstd_o, col_mask) * gamma[None, :] + beta[None, :]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _accumulate_partial(ptrs, value, mask, first):
-    """This program's slice of the partial buffer: store on its first row block, add after."""
-    if first:
-        tl.store(ptrs, value, mask=mask)
-    else:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit
@@ -154,7 +128,7 @@ def adapter_block_bwd_kernel(
     col_mask = cols < D
     part = part_ptr + pid.to(tl.int64) * T
     op_dtype = h_ptr.dtype.element_ty
-    s = _scale(s_ptr, s_value, cols, col_mask, SCALE_MODE)
+    s = load_scale(s_ptr, s_value, cols, col_mask, SCALE_MODE)
 
     # Per-program accumulators of the D-wide gradients (rows beyond M have dy = 0, so they add 0).
     d_bu = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -218,11 +192,11 @@ def adapter_block_bwd_kernel(
             dz = dp * activation_grad(z, ACT)
             dz_op = dz.to(op_dtype)
             w_mask = col_mask[:, None] & k_mask[None, :]
-            _accumulate_partial(part + OFF_WU + cols[:, None] * K + kk[None, :],
+            accumulate_partial(part + OFF_WU + cols[:, None] * K + kk[None, :],
                                 tl.dot(tl.trans(dv_op), p.to(op_dtype), input_precision=PRECISION), w_mask, first)
-            _accumulate_partial(part + OFF_WD + kk[:, None] * D + cols[None, :],
+            accumulate_partial(part + OFF_WD + kk[:, None] * D + cols[None, :],
                                 tl.dot(tl.trans(dz_op), an_op, input_precision=PRECISION), tl.trans(w_mask), first)
-            _accumulate_partial(part + OFF_BD + kk, tl.sum(dz, axis=0), k_mask, first)
+            accumulate_partial(part + OFF_BD + kk, tl.sum(dz, axis=0), k_mask, first)
             dan = tl.dot(dz_op, wd, acc=dan, input_precision=PRECISION)
 
         # ---- adapter LayerNorm, residual, frozen LayerNorm before the adapter ----
@@ -263,17 +237,6 @@ def adapter_block_bwd_kernel(
         tl.store(part + OFF_S + cols, d_s, mask=col_mask)
     elif SCALE_MODE == SCALE_SCALAR:
         tl.store(part + OFF_S, tl.sum(d_s, axis=0))
-
-
-@triton.jit
-def reduce_partials_kernel(part_ptr, out_ptr, P, T, BLOCK_T: tl.constexpr):
-    """out[t] = sum_p part[p, t] in fp32 (fixed order: deterministic)."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask = cols < T
-    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for p in range(0, P):
-        acc += tl.load(part_ptr + p * T + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + cols, acc, mask=mask)
 
 
 @triton.jit

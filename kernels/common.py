@@ -15,6 +15,11 @@ ACT_GELU_TANH: tl.constexpr = 3
 ACT_SILU: tl.constexpr = 4
 ACT_TANH: tl.constexpr = 5
 
+# Scaling kinds (constexpr SCALE_MODE).
+SCALE_FLOAT: tl.constexpr = 0  # python float, no gradient
+SCALE_SCALAR: tl.constexpr = 1  # learned scalar tensor
+SCALE_CHANNEL: tl.constexpr = 2  # learned per-channel tensor (D,)
+
 _SQRT1_2: tl.constexpr = 0.7071067811865476
 _INV_SQRT_2PI: tl.constexpr = 0.3989422804014327
 _TANH_C: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
@@ -94,3 +99,35 @@ def layer_norm_bwd(dxhat, xhat, rstd, col_mask, D):
 def dropout_keep(seed, offsets, p):
     """Keep-mask of inverted dropout: Philox uniform per element index, kept when >= p."""
     return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def load_scale(s_ptr, s_value, cols, col_mask, SCALE_MODE: tl.constexpr):
+    """The scaling s as something that broadcasts against a [BLOCK_M, BLOCK_D] tile."""
+    if SCALE_MODE == SCALE_CHANNEL:
+        s = tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    elif SCALE_MODE == SCALE_SCALAR:
+        s = tl.load(s_ptr).to(tl.float32)
+    else:
+        s = s_value
+    return s
+
+
+@triton.jit
+def accumulate_partial(ptrs, value, mask, first):
+    """This program's slice of the partial buffer: store on its first row block, add after."""
+    if first:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def reduce_partials_kernel(part_ptr, out_ptr, P, T, BLOCK_T: tl.constexpr):
+    """out[t] = sum_p part[p, t] in fp32 (fixed order: deterministic)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = cols < T
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for p in range(0, P):
+        acc += tl.load(part_ptr + p * T + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + cols, acc, mask=mask)

@@ -5,7 +5,7 @@ import os
 import torch
 
 # Block sizes; benchmarks/tune.py searches these on a GPU.
-CONFIG = {"adapter_block_m": 16, "adapter_block_k": 64}
+CONFIG = {"adapter_block_m": 16, "adapter_block_k": 32, "gmu_block_m": 16}
 
 # Tests set this to fill every output with NaN before a kernel runs, so unwritten elements fail.
 POISON_OUTPUTS = False
