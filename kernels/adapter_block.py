@@ -253,9 +253,6 @@ import torch  # noqa: E402  (kept below the kernels: the kernels themselves need
 
 from . import runtime  # noqa: E402
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
-
-
 def _config(D: int, K: int) -> dict:
     block_d = triton.next_power_of_2(D)
     return dict(
@@ -266,15 +263,9 @@ def _config(D: int, K: int) -> dict:
     )
 
 
-def _scale_args(scale, scale_value, dummy):
-    if scale is None:
-        return SCALE_FLOAT, dummy, float(scale_value)
-    return (SCALE_CHANNEL if scale.numel() > 1 else SCALE_SCALAR), scale, 1.0
-
-
 def _common_args(h, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias, w_down, b_down, w_up, b_up,
                  scale, scale_value, seed, dropout_p):
-    scale_mode, s_ptr, s_value = _scale_args(scale, scale_value, h)
+    scale_mode, s_ptr, s_value = runtime.scale_args(scale, scale_value, h)
     ln_before = adapter_ln_weight is not None
     pointers = (
         ln_weight, ln_bias,
@@ -302,7 +293,7 @@ def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scal
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     runtime.launch(adapter_block_fwd_kernel, grid, h, r, y, *pointers, M, D, K, float(ln_eps), float(adapter_ln_eps),
                    ORIG_LN_BEFORE=original_ln_before, RESIDUAL_BEFORE_LN=residual_before_ln,
-                   ACT=ACTIVATION_CODES[activation], **flags, **cfg)
+                   ACT=runtime.ACTIVATION_CODES[activation], **flags, **cfg)
     return y
 
 
@@ -329,7 +320,7 @@ def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, 
     runtime.launch(adapter_block_bwd_kernel, (P,), dy, h, r, dh, dr, part, *pointers,
                    M, D, K, float(ln_eps), float(adapter_ln_eps), T, *seg,
                    ORIG_LN_BEFORE=original_ln_before, RESIDUAL_BEFORE_LN=residual_before_ln,
-                   ACT=ACTIVATION_CODES[activation], LN_GRAD=ln_grad, INPUT_GRAD=input_grad, **flags, **cfg)
+                   ACT=runtime.ACTIVATION_CODES[activation], LN_GRAD=ln_grad, INPUT_GRAD=input_grad, **flags, **cfg)
     flat = runtime.empty_output((T,), torch.float32, h.device)
     block_t = 1024
     runtime.launch(reduce_partials_kernel, (triton.cdiv(T, block_t),), part, flat, P, T, BLOCK_T=block_t)

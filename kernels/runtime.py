@@ -10,6 +10,9 @@ CONFIG = {"adapter_block_m": 16, "adapter_block_k": 32, "gmu_block_m": 16}
 # Tests set this to fill every output with NaN before a kernel runs, so unwritten elements fail.
 POISON_OUTPUTS = False
 
+# Activation codes of kernels/common.py, by name.
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
+
 # Number of Triton launches made through `launch` since import (tests read the difference).
 launch_count = 0
 
@@ -36,3 +39,10 @@ def launch(kernel, grid, *args, **meta):
     global launch_count
     launch_count += 1
     kernel[grid](*args, **meta)
+
+
+def scale_args(scale, scale_value, dummy):
+    """(SCALE_MODE, pointer, value) for a float scaling (scale None) or a learned scalar/channel tensor."""
+    if scale is None:
+        return 0, dummy, float(scale_value)  # SCALE_FLOAT
+    return (2 if scale.numel() > 1 else 1), scale, 1.0  # SCALE_CHANNEL, SCALE_SCALAR

@@ -14,7 +14,7 @@ Per-sample modalities are projected once per sample (B rows), never per token. A
 modality given as a sequence is mean-pooled over its mask first (``masked_mean``).
 """
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,124 @@ def gmu_adapter(x: Tensor, modalities: Sequence[Tensor], stream_w: Sequence[Tens
     if name == "torch":
         return gmu_adapter_reference(x, list(modalities), list(stream_w), list(stream_b), gate_w, gate_b, w_up, b_up,
                                      **kwargs)
-    from .gmu_fused import gmu_adapter_fused
-    return gmu_adapter_fused(x, list(modalities), list(stream_w), list(stream_b), gate_w, gate_b, w_up, b_up,
-                             backend=name, **kwargs)
+    if name == "cuda":
+        raise _backend.BackendUnavailableError("ampfuse gmu_adapter: the cuda backend has no GMU kernel yet; "
+                                               "use backend='triton'")
+    contiguous = (lambda seq: [t.contiguous() for t in seq] if seq is not None else [])
+    scale_tensor, scale_value = (scaling, 1.0) if isinstance(scaling, Tensor) else (None, float(scaling))
+    return _gmu_op(x.contiguous(), contiguous(modalities), contiguous(stream_w), contiguous(stream_b),
+                   contiguous(stream_ln_w), contiguous(stream_ln_b), gate_w.contiguous(), gate_b.contiguous(),
+                   None if gmu_w is None else gmu_w.contiguous(), w_up.contiguous(), b_up.contiguous(),
+                   None if scale_tensor is None else scale_tensor.reshape(-1).contiguous(),
+                   None if r is None else r.contiguous(), ln_weight, ln_bias, scale_value, float(stream_ln_eps),
+                   float(ln_eps), activation, name)
+
+
+# ----------------------------------------------------------------------------- custom op
+
+def _kernels():
+    from ..kernels import gmu as kernels  # deferred: TRITON_INTERPRET is read at import
+    return kernels
+
+
+@torch.library.custom_op("ampfuse::gmu_adapter", mutates_args=())
+def _gmu_op(x: Tensor, modalities: List[Tensor], stream_w: List[Tensor], stream_b: List[Tensor],
+            stream_ln_w: List[Tensor], stream_ln_b: List[Tensor], gate_w: Tensor, gate_b: Tensor,
+            gmu_w: Optional[Tensor], w_up: Tensor, b_up: Tensor, scale: Optional[Tensor], r: Optional[Tensor],
+            ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], scale_value: float, stream_ln_eps: float,
+            ln_eps: float, activation: str, backend: str) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _kernels().gmu_fwd(x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w,
+                              w_up, b_up, scale, scale_value, ln_weight, ln_bias, stream_ln_eps, ln_eps, activation)
+
+
+@_gmu_op.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+def _layout(x, modalities, gate_w, gmu_w, stream_ln_w, w_up, scale, ln_grad, mod_grad):
+    B, _, D = x.shape
+    return _kernels().gmu_gradient_layout(
+        B, D, [m.shape[-1] for m in modalities], [m.dim() == 3 for m in modalities], w_up.shape[1],
+        gate_w.shape[0], bool(stream_ln_w), gmu_w is not None, 0 if scale is None else scale.numel(), ln_grad,
+        mod_grad)
+
+
+@torch.library.custom_op("ampfuse::gmu_adapter_backward", mutates_args=())
+def _gmu_backward_op(dy: Tensor, x: Tensor, modalities: List[Tensor], stream_w: List[Tensor],
+                     stream_b: List[Tensor], stream_ln_w: List[Tensor], stream_ln_b: List[Tensor], gate_w: Tensor,
+                     gate_b: Tensor, gmu_w: Optional[Tensor], w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
+                     r: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                     scale_value: float, stream_ln_eps: float, ln_eps: float, activation: str, backend: str,
+                     ln_grad: bool, mod_grad: bool) -> List[Tensor]:
+    """[dx, dr, flat, dm_0, ...]: flat as gmu_gradient_layout places it; dm_i of token-aligned
+    modalities (empty when not mod_grad or per-sample: those are in flat); dr empty without r."""
+    layout, table, total = _layout(x, modalities, gate_w, gmu_w, stream_ln_w, w_up, scale, ln_grad, mod_grad)
+    if x.numel() == 0:
+        dms = [torch.zeros_like(m) if mod_grad and m.dim() == 3 else m.new_empty(0) for m in modalities]
+        return [torch.empty_like(x), x.new_empty(x.shape if r is not None else (0,)),
+                x.new_zeros(total, dtype=torch.float32), *dms]
+    dx, dr, dms, flat = _kernels().gmu_bwd(
+        dy, x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
+        scale_value, ln_weight, ln_bias, stream_ln_eps, ln_eps, activation, ln_grad, mod_grad, table, total)
+    return [dx, dr, flat, *dms]
+
+
+@_gmu_backward_op.register_fake
+def _(dy, x, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale, r,
+      ln_weight, ln_bias, scale_value, stream_ln_eps, ln_eps, activation, backend, ln_grad, mod_grad):
+    _, _, total = _layout(x, modalities, gate_w, gmu_w, stream_ln_w, w_up, scale, ln_grad, mod_grad)
+    dms = [torch.empty_like(m) if mod_grad and m.dim() == 3 else m.new_empty(0) for m in modalities]
+    return [torch.empty_like(x), x.new_empty(x.shape if r is not None else (0,)),
+            x.new_empty(total, dtype=torch.float32), *dms]
+
+
+_OP_INPUTS = ("x", "modalities", "stream_w", "stream_b", "stream_ln_w", "stream_ln_b", "gate_w", "gate_b", "gmu_w",
+              "w_up", "b_up", "scale", "r", "ln_weight", "ln_bias")
+
+
+def _setup_context(ctx, inputs, output):
+    tensors = dict(zip(_OP_INPUTS, inputs))
+    ctx.lists = {name: len(tensors[name]) for name in _OP_INPUTS if isinstance(tensors[name], (list, tuple))}
+    flat = []
+    for name in _OP_INPUTS:
+        flat += list(tensors[name]) if name in ctx.lists else [tensors[name]]
+    ctx.save_for_backward(*flat)
+    ctx.options = inputs[len(_OP_INPUTS):]
+
+
+def _backward(ctx, dy):
+    saved, tensors = list(ctx.saved_tensors), {}
+    for name in _OP_INPUTS:
+        n = ctx.lists.get(name)
+        tensors[name] = saved[:n] if n is not None else saved[0]
+        saved = saved[n if n is not None else 1:]
+    needs = dict(zip(_OP_INPUTS, ctx.needs_input_grad))
+    ln_grad = bool(needs["ln_weight"] or needs["ln_bias"])
+    mod_grad = bool(needs["modalities"])
+    dx, dr, flat, *dms = _gmu_backward_op(dy.contiguous(), *(tensors[n] for n in _OP_INPUTS), *ctx.options,
+                                          ln_grad, mod_grad)
+    layout, _, _ = _layout(tensors["x"], tensors["modalities"], tensors["gate_w"], tensors["gmu_w"],
+                           tensors["stream_ln_w"], tensors["w_up"], tensors["scale"], ln_grad, mod_grad)
+    grads = {"x": dx, "r": dr if tensors["r"] is not None else None}
+    lists = {name: [None] * n for name, n in ctx.lists.items()}
+    if mod_grad:
+        lists["modalities"] = [dm if m.dim() == 3 else None for m, dm in zip(tensors["modalities"], dms)]
+    for name, offset, shape in layout:
+        base, _, index = name.partition(".")
+        param = tensors[base][int(index)] if index else tensors[base]
+        grad = flat[offset:offset + param.numel()].view(param.shape).to(param.dtype)
+        if index:
+            lists[base][int(index)] = grad
+        else:
+            grads[base] = grad
+    grads.update(lists)
+    out = tuple(grads.get(name) if needs[name] else None for name in _OP_INPUTS)
+    # a list input gets a list back (its structure must match), with None where nothing is needed
+    out = tuple([None] * ctx.lists[name] if name in ctx.lists and g is None else g for name, g in zip(_OP_INPUTS, out))
+    return out + (None,) * len(ctx.options)
+
+
+_gmu_op.register_autograd(_backward, setup_context=_setup_context)
