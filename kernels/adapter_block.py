@@ -254,7 +254,7 @@ import torch  # noqa: E402  (kept below the kernels: the kernels themselves need
 from . import runtime  # noqa: E402
 
 def _config(D: int, K: int) -> dict:
-    block_d = triton.next_power_of_2(D)
+    block_d = runtime.block_width(D)
     return dict(
         BLOCK_M=runtime.CONFIG["adapter_block_m"],
         BLOCK_D=block_d,

@@ -426,8 +426,8 @@ def _pointer_args(x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b
     meta = dict(
         NUM_MOD=len(modalities), SG=gate_w.shape[0], S_PAD=triton.next_power_of_2(S),
         **{f"ALIGNED{i + 1}": (i >= len(modalities) or modalities[i].dim() == 3) for i in range(4)},
-        **{f"BLOCK_D{i + 1}": triton.next_power_of_2(w) for i, w in enumerate(widths)},
-        BLOCK_M=runtime.CONFIG["gmu_block_m"], BLOCK_D=triton.next_power_of_2(x.shape[-1]),
+        **{f"BLOCK_D{i + 1}": runtime.block_width(w) for i, w in enumerate(widths)},
+        BLOCK_M=runtime.CONFIG["gmu_block_m"], BLOCK_D=runtime.block_width(x.shape[-1]),
         BLOCK_K=max(16, triton.next_power_of_2(w_up.shape[1])),
         STREAM_LN=bool(stream_ln_w), GMU_FORM=gmu_w is not None, FUSE_LN=ln_weight is not None,
         SCALE_MODE=scale_mode, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

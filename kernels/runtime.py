@@ -5,7 +5,8 @@ import os
 import torch
 
 # Block sizes; benchmarks/tune.py searches these on a GPU.
-CONFIG = {"adapter_block_m": 16, "adapter_block_k": 32, "gmu_block_m": 16}
+CONFIG = {"adapter_block_m": 16, "adapter_block_k": 32, "gmu_block_m": 16, "fusion_block_m": 16,
+          "fusion_block_n": 32, "fusion_block_t": 32}
 
 # Tests set this to fill every output with NaN before a kernel runs, so unwritten elements fail.
 POISON_OUTPUTS = False
@@ -46,3 +47,8 @@ def scale_args(scale, scale_value, dummy):
     if scale is None:
         return 0, dummy, float(scale_value)  # SCALE_FLOAT
     return (2 if scale.numel() > 1 else 1), scale, 1.0  # SCALE_CHANNEL, SCALE_SCALAR
+
+
+def block_width(width: int) -> int:
+    """Padded tile width of a row: a power of two, and at least 16 (tl.dot's smallest operand)."""
+    return max(16, 1 << (int(width) - 1).bit_length())

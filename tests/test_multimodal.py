@@ -48,9 +48,8 @@ def test_patched_minilm_trains_on_synthetic_aligned_features(minilm, text_batch)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_of_the_multimodal_model_equals_eager(text_batch, backend):
     sizes = {"audio": 6, "visual": 5}
-    layers = [2] if backend == "torch" else []  # the fusion layer has no Triton kernel yet
     mm = ampfuse.patch_multimodal(tiny_bert(), ampfuse.MultimodalConfig(sizes, zero_init_up=False, gate="softmax",
-                                                                         fusion_layers=layers)).eval()
+                                                                         fusion_layers=[2])).eval()
     batch = {"input_ids": text_batch["input_ids"] % 120, "attention_mask": text_batch["attention_mask"]}
     feats = features(batch, sizes)
     with ampfuse.use_backend(backend):

@@ -8,7 +8,7 @@ For text states x (B, T, d) and token-aligned modalities m (B, T, d_m):
     y     = dropout(LN(x + alpha * shift))                (LN with its own trainable parameters)
 """
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,100 @@ def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tenso
     if name == "torch":
         return fusion_layer_reference(x, list(modalities), list(gate_w), list(gate_b), list(proj_w), list(proj_b),
                                       ln_weight, ln_bias, **kwargs)
-    from .fusion_fused import fusion_layer_fused
-    return fusion_layer_fused(x, list(modalities), list(gate_w), list(gate_b), list(proj_w), list(proj_b),
-                              ln_weight, ln_bias, backend=name, **kwargs)
+    if name == "cuda":
+        raise _backend.BackendUnavailableError("ampfuse fusion_layer: the cuda backend has no fusion kernel yet; "
+                                               "use backend='triton'")
+    seed = None
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=dev)
+    flat = lambda seq: [t.contiguous() for t in seq]  # noqa: E731
+    y = _fusion_op(x.reshape(-1, d).contiguous(), [m.reshape(-1, m.shape[-1]).contiguous() for m in modalities],
+                   flat(gate_w), flat(gate_b), flat(proj_w), flat(proj_b), ln_weight.contiguous(), ln_bias.contiguous(),
+                   seed, float(beta), float(eps), float(ln_eps), dropout_p, name)
+    return y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- custom op
+
+def _kernels():
+    from ..kernels import fusion as kernels  # deferred: TRITON_INTERPRET is read at import
+    return kernels
+
+
+@torch.library.custom_op("ampfuse::fusion_layer", mutates_args=())
+def _fusion_op(x: Tensor, modalities: List[Tensor], gate_w: List[Tensor], gate_b: List[Tensor], proj_w: List[Tensor],
+               proj_b: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, seed: Optional[Tensor], beta: float,
+               eps: float, ln_eps: float, dropout_p: float, backend: str) -> Tensor:
+    if x.shape[0] == 0:
+        return torch.empty_like(x)
+    return _kernels().fusion_fwd(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias, beta, eps, ln_eps,
+                                 dropout_p, seed)
+
+
+@_fusion_op.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+def _flat_size(x, modalities, ln_grad):
+    d = x.shape[1]
+    return sum(2 * d + d * (d + m.shape[1]) + d * m.shape[1] for m in modalities) + (2 * d if ln_grad else 0)
+
+
+@torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
+def _fusion_backward_op(dy: Tensor, x: Tensor, modalities: List[Tensor], gate_w: List[Tensor], gate_b: List[Tensor],
+                        proj_w: List[Tensor], proj_b: List[Tensor], ln_weight: Tensor, ln_bias: Tensor,
+                        seed: Optional[Tensor], beta: float, eps: float, ln_eps: float, dropout_p: float,
+                        backend: str, ln_grad: bool, mod_grad: bool) -> List[Tensor]:
+    """[dx, flat, dm_0, ...]: flat holds the parameter gradients in fp32 (kernels.fusion.gradient_layout)."""
+    if x.shape[0] == 0:
+        return [torch.empty_like(x), x.new_zeros(_flat_size(x, modalities, ln_grad), dtype=torch.float32),
+                *[torch.empty_like(m) if mod_grad else m.new_empty(0) for m in modalities]]
+    dx, dms, flat, _ = _kernels().fusion_bwd(dy, x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias,
+                                             beta, eps, ln_eps, dropout_p, seed, ln_grad, mod_grad)
+    return [dx, flat, *dms]
+
+
+@_fusion_backward_op.register_fake
+def _(dy, x, modalities, *args):
+    ln_grad, mod_grad = args[-2:]
+    return [torch.empty_like(x), x.new_empty(_flat_size(x, modalities, ln_grad), dtype=torch.float32),
+            *[torch.empty_like(m) if mod_grad else m.new_empty(0) for m in modalities]]
+
+
+_OP_INPUTS = ("x", "modalities", "gate_w", "gate_b", "proj_w", "proj_b", "ln_weight", "ln_bias", "seed")
+_LISTS = ("modalities", "gate_w", "gate_b", "proj_w", "proj_b")
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.count = len(inputs[1])
+    ctx.save_for_backward(inputs[0], *[t for name in _LISTS for t in inputs[_OP_INPUTS.index(name)]], *inputs[6:9])
+    ctx.options = inputs[len(_OP_INPUTS):]
+
+
+def _backward(ctx, dy):
+    saved, n = ctx.saved_tensors, ctx.count
+    x, lists, (ln_weight, ln_bias, seed) = saved[0], {}, saved[1 + 5 * n:]
+    for i, name in enumerate(_LISTS):
+        lists[name] = list(saved[1 + i * n:1 + (i + 1) * n])
+    needs = dict(zip(_OP_INPUTS, ctx.needs_input_grad))
+    ln_grad, mod_grad = bool(needs["ln_weight"] or needs["ln_bias"]), bool(needs["modalities"])
+    dx, flat, *dms = _fusion_backward_op(dy.contiguous(), x, *(lists[name] for name in _LISTS), ln_weight, ln_bias,
+                                         seed, *ctx.options, ln_grad, mod_grad)
+    layout, _, _ = _kernels().gradient_layout(x.shape[1], [m.shape[1] for m in lists["modalities"]], ln_grad)
+    params = {"ln_weight": ln_weight, "ln_bias": ln_bias}
+    grads = {"x": dx, "modalities": dms if mod_grad else [None] * n}
+    grads.update({name: [None] * n for name in _LISTS[1:]})
+    for name, offset, shape in layout:
+        base, _, index = name.partition(".")
+        param = lists[base][int(index)] if index else params[base]
+        grad = flat[offset:offset + param.numel()].view(param.shape).to(param.dtype)
+        if index:
+            grads[base][int(index)] = grad
+        else:
+            grads[base] = grad
+    out = tuple(grads.get(name) if needs[name] else ([None] * n if name in _LISTS else None) for name in _OP_INPUTS)
+    return out + (None,) * len(ctx.options)
+
+
+_fusion_op.register_autograd(_backward, setup_context=_setup_context)
