@@ -1,5 +1,15 @@
 """ampfuse: fused kernels for parameter-efficient multimodal adaptation of frozen BERT-family models."""
 
+import os as _os
+
+# The Triton kernels live in kernels/ beside this folder and are installed as ampfuse.kernels. When
+# this package is imported straight from a source checkout (python -m ... from the repository
+# root), let ampfuse.kernels resolve to that folder too.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
+        _os.path.join(_here, _os.pardir, "kernels", "__init__.py")):
+    __path__.append(_os.path.dirname(_here))  # noqa: F821 - __path__ exists in a package's __init__
+
 from .backend import BackendUnavailableError, info, use_backend
 from .config import AdapterConfig
 from .memory import saved_tensor_bytes

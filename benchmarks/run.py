@@ -1,0 +1,496 @@
+"""ampfuse benchmarks: every backend against the baselines, in one process, with the roofline.
+
+    python -m benchmarks.run --suite adapter        # adapter block, DESIGN.md section 4 sizes
+    python -m benchmarks.run --suite all --quick    # small sizes: the CPU smoke CI runs
+
+Suites: adapter (fused adapter block vs eager reference, torch.compile default and max-autotune,
+the adapters library's Adapter), gmu, fusion (the multimodal ops vs eager and torch.compile),
+e2e (BERT-base shape, frozen, adapters in every layer or the top half, batch 32 x 128, bf16
+autocast: a training step and an inference pass, against adapters-library adapters and against
+no adapters). Rows: median ms, achieved GB/s, % of roofline, kernel launches per call (CUDA
+profiler), peak memory of training rows, and the ratio to every baseline of the same size.
+Writes results.json, results.md and a plot (time vs tokens) to --out. On a CPU the numbers are
+labelled as CPU numbers and only show that the scripts run.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+SUITES = ("adapter", "gmu", "fusion", "e2e")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- timing and ceilings
+
+def bench(fn, device, reps=None):
+    """Median milliseconds of fn(); on a GPU via triton.testing.do_bench (warm-up, L2 flush)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=reps or 100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps or 5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def count_launches(fn, device):
+    """CUDA kernels one call of fn launches (profiler), None on the CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def ceilings(device):
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s), measured on this device."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 22)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src), device)
+    m = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+    mm_ms = bench(lambda: a @ b, device)
+    return 2 * src.numel() * src.element_size() / copy_ms / 1e6, 2 * m ** 3 / mm_ms / 1e9
+
+
+class Rotating:
+    """Several copies of the inputs, used in turn, so that small sizes do not run from L2."""
+
+    def __init__(self, make, device, min_bytes=256 << 20):
+        first = make()
+        size = sum(t.numel() * t.element_size() for t in first.values() if isinstance(t, torch.Tensor))
+        count = 1 if device.type != "cuda" else max(1, min(16, min_bytes // max(size, 1)))
+        self.sets, self.i = [first] + [make() for _ in range(count - 1)], 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+# ----------------------------------------------------------------------------- op suites
+
+def adapter_cases(quick, device):
+    if quick:
+        return [(256, 96, 16)] if device.type == "cpu" else [(4096, 768, 64)]
+    return [(n, d, k) for d in (384, 768, 1024) for k in (16, 64, 256) for n in (1024, 4096, 16384, 65536)]
+
+
+def adapter_implementations(device, dtype, quick):
+    from ampfuse.ops.adapter_block import adapter_block, adapter_block_reference
+
+    def reference(t):
+        return adapter_block_reference(t["h"], t["r"], t["ln_w"], t["ln_b"], t["wd"], t["bd"], t["wu"], t["bu"],
+                                       activation="relu", ln_eps=1e-12)
+
+    impls = {"eager": reference}
+    if device.type == "cuda":
+        impls["ampfuse-triton"] = lambda t: adapter_block(t["h"], t["r"], t["ln_w"], t["ln_b"], t["wd"], t["bd"],
+                                                          t["wu"], t["bu"], backend="triton")
+        from ampfuse.backend import why_unavailable
+        if why_unavailable("cuda", device, dtype) is None:
+            impls["ampfuse-cuda"] = lambda t: adapter_block(t["h"], t["r"], t["ln_w"], t["ln_b"], t["wd"], t["bd"],
+                                                            t["wu"], t["bu"], backend="cuda")
+    else:
+        impls["ampfuse-torch"] = lambda t: adapter_block(t["h"], t["r"], t["ln_w"], t["ln_b"], t["wd"], t["bd"],
+                                                         t["wu"], t["bu"], backend="torch")
+    impls["torch.compile"] = torch.compile(reference)
+    if not quick:
+        impls["torch.compile max-autotune"] = torch.compile(reference, mode="max-autotune")
+    hub = adapters_library_block(device)
+    if hub is not None:
+        impls["adapters library"] = hub
+    return impls
+
+
+def adapters_library_block(device):
+    """The adapters library's own Adapter module run as its bottleneck layer runs it (Pfeiffer)."""
+    try:
+        from adapters import SeqBnConfig
+        from adapters.methods.modeling import Adapter
+    except Exception:  # noqa: BLE001 - optional baseline
+        return None
+    cache = {}
+
+    def run(t):
+        d, k = t["h"].shape[-1], t["wd"].shape[0]
+        key = (d, k, t["h"].dtype)
+        if key not in cache:
+            module = Adapter("bench", d, k, SeqBnConfig(reduction_factor=d / k)).to(device)
+            ln = torch.nn.LayerNorm(d, eps=1e-12).to(device)
+            cache[key] = (module, ln)
+        module, ln = cache[key]
+        with torch.no_grad():
+            module.adapter_down[0].weight.copy_(t["wd"])
+            module.adapter_down[0].bias.copy_(t["bd"])
+            module.adapter_up.weight.copy_(t["wu"])
+            module.adapter_up.bias.copy_(t["bu"])
+            ln.weight.copy_(t["ln_w"])
+            ln.bias.copy_(t["ln_b"])
+        h, _, residual = module.pre_forward(t["h"], t["r"], ln)
+        out, _, _ = module(h, residual)
+        return module.post_forward(out, None, t["r"], ln)
+
+    def timed(t):  # the weight copies above only happen once per size, outside the timed region
+        return run(t)
+
+    return timed
+
+
+def adapter_inputs(n, d, k, dtype, device):
+    def make():
+        g = dict(device=device, dtype=dtype)
+        return dict(h=torch.randn(n, d, **g).requires_grad_(), r=torch.randn(n, d, **g).requires_grad_(),
+                    ln_w=torch.randn(d, **g) * 0.1 + 1, ln_b=torch.randn(d, **g) * 0.1,
+                    wd=(torch.randn(k, d, **g) * d ** -0.5).requires_grad_(), bd=torch.zeros(k, **g).requires_grad_(),
+                    wu=(torch.randn(d, k, **g) * k ** -0.5).requires_grad_(), bu=torch.zeros(d, **g).requires_grad_())
+    return make
+
+
+def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, quick, ceil, log):
+    rows = []
+    impls = impls_for(device, dtype, quick)
+    for case in cases:
+        rot = Rotating(inputs_for(*case, dtype, device), device)
+        for mode in ("forward", "forward+backward"):
+            for impl, fn in impls.items():
+                call = _call(fn, rot, mode)
+                try:
+                    ms = bench(call, device)
+                    launches = count_launches(call, device)
+                except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size
+                    log(f"  {name} {impl} {mode} {case}: skipped ({type(exc).__name__}: {exc})")
+                    continue
+                nbytes = bytes_for(*case, dtype, mode)
+                flops = flops_for(*case, mode)
+                roof_ms = max(nbytes / ceil["copy_GBps"] / 1e6, flops / ceil["matmul_TFLOPs"] / 1e9)
+                rows.append(dict(suite=name, op=name, mode=mode, backend=impl, dtype=str(dtype).replace("torch.", ""),
+                                 shape=list(case), median_ms=ms, GBps=nbytes / ms / 1e6,
+                                 roofline_pct=100 * roof_ms / ms, launches=launches))
+                log(f"  {name:8} {mode:17} {str(case):22} {impl:28} {ms:9.4f} ms  {rows[-1]['roofline_pct']:6.1f}% roof")
+    add_ratios(rows, key=("suite", "mode", "dtype"))
+    return rows
+
+
+def _call(fn, rot, mode):
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                fn(rot.next())
+        return forward
+
+    def step():
+        t = rot.next()
+        out = fn(t)
+        params = [v for v in t.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+        flat = [p for v in params for p in ([v] if isinstance(v, torch.Tensor) else v)]
+        torch.autograd.grad(out, flat, torch.ones_like(out) if out.dim() == 0 else out.detach(), allow_unused=True)
+    return step
+
+
+def add_ratios(rows, key):
+    """speedup_vs[baseline] = baseline ms / this row's ms, for rows of the same shape and mode."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in key) + (tuple(row["shape"]),), []).append(row)
+    for group in groups.values():
+        for row in group:
+            row["speedup_vs"] = {o["backend"]: o["median_ms"] / row["median_ms"] for o in group if o is not row}
+
+
+def adapter_bytes(n, d, k, dtype, mode):
+    e = torch.tensor([], dtype=dtype).element_size()
+    weights = e * (2 * d * k + 3 * d + k)
+    return (e * 3 * n * d + weights) if mode == "forward" else (e * 8 * n * d + 2 * weights)
+
+
+def adapter_flops(n, d, k, mode):
+    return 4 * n * d * k * (1 if mode == "forward" else 3)
+
+
+def gmu_cases(quick, device):
+    if quick:
+        return [(4, 24, 96, 16)] if device.type == "cpu" else [(32, 128, 768, 64)]
+    return [(b, 128, d, k) for d in (384, 768, 1024) for k in (16, 64) for b in (8, 32, 128, 512)]
+
+
+def gmu_inputs(b, t, d, k, dtype, device):
+    sizes = [d, 74, 35]
+
+    def make():
+        g = dict(device=device, dtype=dtype)
+        req = lambda x: x.requires_grad_()  # noqa: E731
+        return dict(x=req(torch.randn(b, t, d, **g)), modalities=[torch.randn(b, t, 74, **g), torch.randn(b, 35, **g)],
+                    stream_w=[req(torch.randn(k, s, **g) * s ** -0.5) for s in sizes],
+                    stream_b=[req(torch.zeros(k, **g)) for _ in sizes],
+                    stream_ln_w=[req(torch.ones(s, **g)) for s in sizes],
+                    stream_ln_b=[req(torch.zeros(s, **g)) for s in sizes],
+                    gate_w=req(torch.randn(3, k, 3 * k, **g) * (3 * k) ** -0.5), gate_b=req(torch.zeros(3, k, **g)),
+                    w_up=req(torch.randn(d, k, **g) * k ** -0.5), b_up=req(torch.zeros(d, **g)),
+                    r=req(torch.randn(b, t, d, **g)), ln_weight=torch.ones(d, **g), ln_bias=torch.zeros(d, **g))
+    return make
+
+
+def gmu_implementations(device, dtype, quick):
+    from ampfuse.ops.gmu import gmu_adapter, gmu_adapter_reference
+
+    def reference(t):
+        return gmu_adapter_reference(**t, gate="softmax", activation="relu")
+
+    impls = {"eager": reference,
+             ("ampfuse-triton" if device.type == "cuda" else "ampfuse-torch"):
+                 lambda t: gmu_adapter(**t, gate="softmax", backend="triton" if device.type == "cuda" else "torch"),
+             "torch.compile": torch.compile(reference)}
+    if not quick:
+        impls["torch.compile max-autotune"] = torch.compile(reference, mode="max-autotune")
+    return impls
+
+
+def gmu_bytes(b, t, d, k, dtype, mode):
+    e = torch.tensor([], dtype=dtype).element_size()
+    n = b * t
+    return e * (n * (3 * d + 74) + b * 35) if mode == "forward" else e * n * (6 * d + 74)
+
+
+def gmu_flops(b, t, d, k, mode):
+    n = b * t
+    fwd = 2 * n * k * (d + 74 + 3 * 3 * k + d) + 2 * b * k * 35
+    return fwd if mode == "forward" else 3 * fwd
+
+
+def fusion_cases(quick, device):
+    if quick:
+        return [(64, 96)] if device.type == "cpu" else [(4096, 768)]
+    return [(n, d) for d in (384, 768, 1024) for n in (1024, 4096, 16384)]
+
+
+def fusion_inputs(n, d, dtype, device):
+    def make():
+        g = dict(device=device, dtype=dtype)
+        req = lambda x: x.requires_grad_()  # noqa: E731
+        mods = [torch.randn(n, 74, **g), torch.randn(n, 35, **g)]
+        return dict(x=req(torch.randn(1, n, d, **g)), modalities=[m.unsqueeze(0) for m in mods],
+                    gate_w=[req(torch.randn(d, d + m.shape[-1], **g) * d ** -0.5) for m in mods],
+                    gate_b=[req(torch.zeros(d, **g)) for _ in mods],
+                    proj_w=[req(torch.randn(d, m.shape[-1], **g) * 0.1) for m in mods],
+                    proj_b=[req(torch.zeros(d, **g)) for _ in mods],
+                    ln_weight=req(torch.ones(d, **g)), ln_bias=req(torch.zeros(d, **g)))
+    return make
+
+
+def fusion_implementations(device, dtype, quick):
+    from ampfuse.ops.fusion import fusion_layer, fusion_layer_reference
+
+    impls = {"eager": lambda t: fusion_layer_reference(**t, beta=0.5),
+             ("ampfuse-triton" if device.type == "cuda" else "ampfuse-torch"):
+                 lambda t: fusion_layer(**t, beta=0.5, backend="triton" if device.type == "cuda" else "torch"),
+             "torch.compile": torch.compile(lambda t: fusion_layer_reference(**t, beta=0.5))}
+    return impls
+
+
+def fusion_bytes(n, d, dtype, mode):
+    e = torch.tensor([], dtype=dtype).element_size()
+    return e * n * (2 * d + 109) if mode == "forward" else e * n * (4 * d + 109)
+
+
+def fusion_flops(n, d, mode):
+    fwd = 2 * n * d * (d + 74 + 74 + d + 35 + 35)
+    return fwd if mode == "forward" else 3 * fwd
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def run_e2e(device, quick, log):
+    import copy
+
+    import transformers
+
+    import ampfuse
+
+    if quick:
+        config = transformers.BertConfig(vocab_size=1000, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=192)
+        batch, seq = 4, 16
+    else:
+        config = transformers.BertConfig()  # BERT-base shape: 12 layers, d=768
+        batch, seq = 32, 128
+    torch.manual_seed(0)
+    base = transformers.BertModel(config).to(device).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    variants = {"no adapters": lambda m: m.requires_grad_(False)}
+    for backend in (["triton"] if device.type == "cuda" else ["torch"]):
+        variants[f"ampfuse-{backend} all layers"] = lambda m, b=backend: (
+            ampfuse.patch(m, ampfuse.AdapterConfig.pfeiffer(reduction_factor=12)), b)
+        variants[f"ampfuse-{backend} top half"] = lambda m, b=backend: (
+            ampfuse.patch(m, ampfuse.AdapterConfig.pfeiffer(reduction_factor=12,
+                                                            layers=list(range(config.num_hidden_layers // 2,
+                                                                              config.num_hidden_layers)))), b)
+    try:
+        import adapters
+
+        def hub(m):
+            adapters.init(m)
+            m.add_adapter("bench", config=adapters.SeqBnConfig(reduction_factor=12))
+            m.train_adapter("bench")
+            return m
+        variants["adapters library all layers"] = hub
+    except Exception as exc:  # noqa: BLE001
+        log(f"  e2e: adapters library unavailable ({exc})")
+    rows = []
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for name, build in variants.items():
+        model = copy.deepcopy(base)
+        built = build(model)
+        backend = built[1] if isinstance(built, tuple) else None
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        ctx = (lambda b=backend: ampfuse.use_backend(b) if b else contextlib.nullcontext())  # noqa: E731
+
+        def train_step():
+            with ctx(), torch.autocast(**autocast):
+                loss = model(input_ids=ids).last_hidden_state.float().square().mean()
+            if opt is not None:
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        def infer():
+            with torch.no_grad(), ctx(), torch.autocast(**autocast):
+                model(input_ids=ids)
+
+        for mode, fn in (("training step", train_step), ("inference", infer)):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = bench(fn, device, reps=20 if device.type == "cuda" else 3)
+            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            rows.append(dict(suite="e2e", op="bert", mode=mode, backend=name, dtype="bf16 autocast" if
+                             device.type == "cuda" else "fp32", shape=[batch, seq, config.hidden_size,
+                                                                       config.num_hidden_layers],
+                             median_ms=ms, peak_memory_bytes=peak, launches=count_launches(fn, device)))
+            log(f"  e2e      {mode:17} {name:34} {ms:9.3f} ms")
+    add_ratios(rows, key=("suite", "mode", "dtype"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_report(rows, header, out):
+    os.makedirs(out, exist_ok=True)
+    stem = "results"
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump({**header, "rows": rows}, f, indent=2)
+    lines = [f"# ampfuse benchmarks ({header['device_name']})", "",
+             f"{header['date']}; torch {header['torch']}, triton {header['triton']}, transformers "
+             f"{header['transformers']}; ceilings: copy {header['copy_GBps']:.0f} GB/s, matmul "
+             f"{header['matmul_TFLOPs']:.1f} TFLOP/s; command `{header['command']}`", ""]
+    if header["device"] == "cpu":
+        lines += ["**CPU numbers**: they show that the scripts run, not how fast the kernels are.", ""]
+    lines += ["| suite | mode | backend | dtype | shape | median ms | GB/s | % roofline | launches "
+              "| time / eager (e2e: / no adapters) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = r.get("speedup_vs", {}).get("eager") or r.get("speedup_vs", {}).get("no adapters")
+        lines.append(f"| {r['suite']} | {r['mode']} | {r['backend']} | {r['dtype']} | {r['shape']} | "
+                     f"{r['median_ms']:.4f} | {r.get('GBps', float('nan')):.0f} | "
+                     f"{r.get('roofline_pct', float('nan')):.1f} | {r.get('launches')} | "
+                     f"{'' if vs is None else f'{1 / vs:.2f}x time'} |")
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(rows, os.path.join(out, f"{stem}.png"), header)
+
+
+def plot(rows, path, header):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = [r for r in rows if r["suite"] == "adapter" and r["mode"] == "forward+backward"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {}
+    for r in ops:
+        series.setdefault((r["backend"], r["shape"][1], r["shape"][2]), []).append((r["shape"][0], r["median_ms"]))
+    for (backend, d, k), points in sorted(series.items()):
+        if d == (768 if header["device"] != "cpu" else ops[0]["shape"][1]):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{backend} (d={d}, k={k})")
+    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="median ms",
+           title=f"adapter block forward+backward, {header['device_name']}")
+    if series:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="all", choices=[*SUITES, "all"])
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--quick", action="store_true", help="one small size per suite (the CI smoke)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<gpu>-<date> or a "
+                                                "cpu-smoke folder)")
+    args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    copy_gbps, mm_tflops = ceilings(device)
+    ceil = {"copy_GBps": copy_gbps, "matmul_TFLOPs": mm_tflops}
+    log(f"device {device}: copy {copy_gbps:.0f} GB/s, matmul {mm_tflops:.2f} TFLOP/s")
+    suites = SUITES if args.suite == "all" else [args.suite]
+    rows = []
+    if "adapter" in suites:
+        rows += run_op_suite("adapter", adapter_cases(args.quick, device), adapter_implementations, adapter_inputs,
+                             adapter_bytes, adapter_flops, device, dtype, args.quick, ceil, log)
+    if "gmu" in suites:
+        rows += run_op_suite("gmu", gmu_cases(args.quick, device), gmu_implementations, gmu_inputs, gmu_bytes,
+                             gmu_flops, device, dtype, args.quick, ceil, log)
+    if "fusion" in suites:
+        rows += run_op_suite("fusion", fusion_cases(args.quick, device), fusion_implementations, fusion_inputs,
+                             fusion_bytes, fusion_flops, device, dtype, args.quick, ceil, log)
+    if "e2e" in suites:
+        rows += run_e2e(device, args.quick, log)
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    header = dict(device=device.type, device_name=name, date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
+                  command=" ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
+                  **ceil)
+    out = args.out or os.path.join("benchmarks", "results",
+                                   f"{name.replace(' ', '-')}-{header['date']}" if device.type == "cuda"
+                                   else "cpu-smoke")
+    write_report(rows, header, out)
+    log(f"wrote {out}/results.json, results.md, results.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
