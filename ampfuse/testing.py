@@ -58,6 +58,26 @@ def call(fn, tensors, **kwargs):
     return fn(*(tensors[name] for name in POSITIONAL), **keyword, **kwargs)
 
 
+def check_adapter_block(tensors, kwargs, backend="triton", tol=None, **op_kwargs):
+    """Runs the adapter block on ``backend`` and the float64 reference on the same inputs; asserts
+    y and every gradient are within the dtype's relative tolerance (and have the right shape/dtype)."""
+    from .ops.adapter_block import adapter_block, adapter_block_reference
+
+    tol = tol or TOLERANCE[tensors["h"].dtype]
+    y = call(adapter_block, tensors, backend=backend, **kwargs, **op_kwargs)
+    ref64 = float64_copy(tensors)
+    y64 = call(adapter_block_reference, ref64, **kwargs, **op_kwargs)
+    assert y.shape == tensors["h"].shape and y.dtype == tensors["h"].dtype
+    assert rel_err(y, y64) < tol, ("y", rel_err(y, y64))
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    names = [n for n, t in tensors.items() if t.requires_grad]
+    grads = torch.autograd.grad(y, [tensors[n] for n in names], dy.to(y.device, y.dtype))
+    grads64 = torch.autograd.grad(y64, [ref64[n] for n in names], dy)
+    for name, g, g64 in zip(names, grads, grads64):
+        assert g.shape == tensors[name].shape and g.dtype == tensors[name].dtype, name
+        assert rel_err(g, g64) < tol, (name, rel_err(g, g64))
+
+
 def float64_copy(tensors):
     return {name: t.detach().to(device="cpu", dtype=torch.float64).requires_grad_(t.requires_grad)
             for name, t in tensors.items()}

@@ -24,22 +24,7 @@ SCALES = ("float", "scalar", "channel")
 KERNEL_DTYPES = [torch.float32, torch.float16] + [pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
 
-def check_against_reference(tensors, kwargs, backend="triton", tol=None, **op_kwargs):
-    """Runs the op and the float64 reference on the same inputs; compares y and every gradient."""
-    tol = tol or testing.TOLERANCE[tensors["h"].dtype]
-    y = testing.call(adapter_block, tensors, backend=backend, **kwargs, **op_kwargs)
-    ref64 = testing.float64_copy(tensors)
-    y64 = testing.call(adapter_block_reference, ref64, **kwargs, **op_kwargs)
-    assert y.shape == tensors["h"].shape and y.dtype == tensors["h"].dtype
-    assert testing.rel_err(y, y64) < tol, ("y", testing.rel_err(y, y64))
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    names = [n for n, t in tensors.items() if t.requires_grad]
-    grads = torch.autograd.grad(y, [tensors[n] for n in names], dy.to(y.device, y.dtype))
-    grads64 = torch.autograd.grad(y64, [ref64[n] for n in names], dy)
-    for name, g, g64 in zip(names, grads, grads64):
-        assert g.shape == tensors[name].shape and g.dtype == tensors[name].dtype, name
-        err = testing.rel_err(g, g64)
-        assert err < tol, (name, err)
+check_against_reference = testing.check_adapter_block
 
 
 # ----------------------------------------------------------------------------- reference

@@ -48,8 +48,13 @@ def adapter_block_reference(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up
 
 # ----------------------------------------------------------------------------- custom op
 
-def _kernels():
-    from ..kernels import adapter_block as kernels  # deferred: TRITON_INTERPRET is read at import
+def _implementation(backend):
+    """The module with adapter_block_fwd/bwd for this backend (imported late: TRITON_INTERPRET is
+    read when the Triton kernels are imported, and the CUDA extension may not be built)."""
+    if backend == "cuda":
+        from . import cuda
+        return cuda
+    from ..kernels import adapter_block as kernels
     return kernels
 
 
@@ -64,10 +69,7 @@ def _adapter_block_op(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, 
     args = (h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias,
             scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before, residual_before_ln, dropout_p,
             seed)
-    if backend == "cuda":
-        from .. import _C
-        return _C.adapter_block_fwd(*args)
-    return _kernels().adapter_block_fwd(*args)
+    return _implementation(backend).adapter_block_fwd(*args)
 
 
 @_adapter_block_op.register_fake
@@ -107,10 +109,7 @@ def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, ln_weight: Tens
     args = (dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias,
             scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before, residual_before_ln, dropout_p,
             seed, ln_grad, input_grad, layout, total)
-    if backend == "cuda":
-        from .. import _C
-        return list(_C.adapter_block_bwd(*args))
-    return list(_kernels().adapter_block_bwd(*args))
+    return list(_implementation(backend).adapter_block_bwd(*args))
 
 
 @_adapter_block_backward_op.register_fake

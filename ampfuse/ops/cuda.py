@@ -1,0 +1,45 @@
+"""Calls into the compiled CUDA extension (csrc/, torch.ops.ampfuse_C) with the arguments the
+Triton launchers take, so the custom ops switch backends by name only. The CUDA kernels read
+parameters as fp32: other parameter dtypes are converted here (one small copy each)."""
+
+import torch
+
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
+
+
+def _ops():
+    from .. import _C  # noqa: F401 - loading the library registers torch.ops.ampfuse_C
+    return torch.ops.ampfuse_C
+
+
+def _fp32(t):
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _params(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias):
+    return [_fp32(t) for t in (ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
+                               adapter_ln_bias)]
+
+
+def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
+                      adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
+                      residual_before_ln, dropout_p, seed):
+    params = _params(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
+    return _ops().adapter_block_fwd(h, r, *params, float(scale_value), float(ln_eps), float(adapter_ln_eps),
+                                    ACTIVATION_CODES[activation], bool(original_ln_before), bool(residual_before_ln),
+                                    float(dropout_p), seed if dropout_p > 0 else None)
+
+
+GRADIENT_ORDER = ("w_up", "w_down", "b_up", "b_down", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
+                  "adapter_ln_bias")
+
+
+def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
+                      adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
+                      residual_before_ln, dropout_p, seed, ln_grad, input_grad, layout, total):
+    params = _params(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
+    offsets = {name: offset for name, offset, _ in layout}
+    return _ops().adapter_block_bwd(
+        dy, h, r, *params, float(scale_value), float(ln_eps), float(adapter_ln_eps), ACTIVATION_CODES[activation],
+        bool(original_ln_before), bool(residual_before_ln), float(dropout_p), seed if dropout_p > 0 else None,
+        bool(ln_grad), bool(input_grad), [offsets.get(name, -1) for name in GRADIENT_ORDER], int(total))

@@ -1,0 +1,82 @@
+"""The CUDA extension: built and registered wherever a CUDA torch and toolkit are present (CI
+checks this on every run); on a GPU the cuda backend passes the adapter block's correctness tests."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import ampfuse
+from ampfuse import testing
+from ampfuse.ops import cuda as cuda_ops
+from ampfuse.ops.adapter_block import adapter_block, adapter_block_reference
+
+
+def toolkit_present():
+    return any(os.path.isfile(os.path.join(home, "bin", "nvcc")) for home in filter(None, (
+        os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+        os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc") or "/nonexistent"))))))
+
+
+EXPECT_EXTENSION = torch.version.cuda is not None and toolkit_present() and os.environ.get("AMPFUSE_NO_CUDA") != "1"
+
+
+@pytest.mark.skipif(not EXPECT_EXTENSION, reason="needs a CUDA build of torch and a CUDA toolkit at install time")
+def test_extension_is_built_and_registers_every_op():
+    import ampfuse._C  # noqa: F401
+
+    ops = torch.ops.ampfuse_C
+    fwd, bwd = ops.adapter_block_fwd.default._schema, ops.adapter_block_bwd.default._schema
+    assert len(fwd.arguments) == 19 and len(fwd.returns) == 1
+    assert len(bwd.arguments) == 24 and len(bwd.returns) == 3
+    assert len(cuda_ops.GRADIENT_ORDER) == 9
+
+
+def test_info_says_why_cuda_is_unavailable():
+    report = ampfuse.info()["backends"]["cuda"]
+    if not torch.cuda.is_available():
+        assert not report["available"]
+        assert ("CUDA tensors" in report["reason"]) if EXPECT_EXTENSION else ("not built" in report["reason"])
+
+
+needs_cuda_backend = pytest.mark.skipif(
+    not torch.cuda.is_available() or ampfuse.backend.why_unavailable("cuda", torch.device("cuda"), torch.float32)
+    is not None, reason="needs a GPU and the built CUDA extension")
+PLACEMENTS = [(True, True), (False, True), (True, False), (False, False)]
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_cuda_placements_and_activations(activation, placement):
+    olnb, rbln = placement
+    tensors, kwargs = testing.adapter_inputs(37, 48, 8, device="cuda", scale_kind="channel", ln_before=olnb)
+    testing.check_adapter_block(tensors, kwargs, backend="cuda", activation=activation, original_ln_before=olnb,
+                                residual_before_ln=rbln, ln_eps=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,d,k,scale_kind", [(4096, 768, 64, "scalar"), (333, 384, 1, "float"),
+                                              (65, 1024, 256, "channel")])
+def test_cuda_benchmark_and_awkward_shapes(dtype, M, d, k, scale_kind):
+    tensors, kwargs = testing.adapter_inputs(M, d, k, dtype=dtype, param_dtype=torch.float32, device="cuda",
+                                             scale_kind=scale_kind, ln_before=True)
+    testing.check_adapter_block(tensors, kwargs, backend="cuda", activation="gelu")
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_cuda_dropout_mask_is_the_triton_mask():
+    from ampfuse.kernels.adapter_block import dropout_keep_mask
+
+    tensors, kwargs = testing.adapter_inputs(64, 96, 16, device="cuda", scale_kind="channel")
+    seed = torch.tensor([987654321987], dtype=torch.int64, device="cuda")
+    keep = dropout_keep_mask(seed, (64, 96), 0.3)
+    y = testing.call(adapter_block, tensors, backend="cuda", training=True, dropout_p=0.3, seed=seed, **kwargs)
+    y64 = testing.call(adapter_block_reference, testing.float64_copy(tensors), dropout_p=0.3,
+                       keep_mask=keep.cpu(), **kwargs)
+    assert testing.rel_err(y, y64) < 1e-4
