@@ -160,8 +160,9 @@ def write_report(results, args, header):
              "| variant | MAE | Corr | Acc-2 | F1 | Acc-7 | trainable params | train samples/s | saved for backward "
              "| peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        share = 100 * r["trainable_params"] / r["total_params"]
         lines.append(f"| {r['description']} | {r['mae']:.3f} | {r['corr']:.3f} | {r['acc2']:.3f} | {r['f1']:.3f} "
-                     f"| {r['acc7']:.3f} | {r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f}%) "
+                     f"| {r['acc7']:.3f} | {r['trainable_params']:,} ({share:.2f}%) "
                      f"| {r['train_samples_per_s']:.1f} | {r['saved_for_backward_bytes'] / 2**20:.1f} MiB "
                      f"| {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']}) |")
     table = "\n".join(lines) + "\n"

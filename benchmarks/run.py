@@ -186,7 +186,8 @@ def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, devic
                 rows.append(dict(suite=name, op=name, mode=mode, backend=impl, dtype=str(dtype).replace("torch.", ""),
                                  shape=list(case), median_ms=ms, GBps=nbytes / ms / 1e6,
                                  roofline_pct=100 * roof_ms / ms, launches=launches))
-                log(f"  {name:8} {mode:17} {str(case):22} {impl:28} {ms:9.4f} ms  {rows[-1]['roofline_pct']:6.1f}% roof")
+                log(f"  {name:8} {mode:17} {str(case):22} {impl:28} {ms:9.4f} ms  "
+                    f"{rows[-1]['roofline_pct']:6.1f}% roof")
     add_ratios(rows, key=("suite", "mode", "dtype"))
     return rows
 

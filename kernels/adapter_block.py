@@ -73,6 +73,30 @@ def _up_projection(an_op, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
 
 
 @triton.jit
+def _adapter_rows(h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, wd_ptr, bd_ptr, wu_ptr,
+                  bu_ptr, s, seed_ptr, p_drop, eps, eps_a, op_dtype,
+                  ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
+                  ACT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The forward of a row block up to o = dropout(s v) + a_res + r, and what backward reuses."""
+    gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an = _adapter_input(
+        h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE, LN_BEFORE)
+    an_op = an.to(op_dtype)
+    v = _up_projection(an_op, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
+                       BLOCK_M, BLOCK_D, BLOCK_K, ACT, PRECISION)
+    u = v * s
+    keep = u == u  # all kept without dropout
+    if DROPOUT:
+        keep = dropout_keep(tl.load(seed_ptr), offs, p_drop)
+        u = tl.where(keep, u / (1.0 - p_drop), 0.0)
+    if RESIDUAL_BEFORE_LN:
+        o = u + h + r
+    else:
+        o = u + a + r
+    return gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an_op, v, keep, o
+
+
+@triton.jit
 def adapter_block_fwd_kernel(
     h_ptr, r_ptr, y_ptr,
     gamma_ptr, beta_ptr, ga_ptr, ba_ptr,
@@ -92,18 +116,10 @@ def adapter_block_fwd_kernel(
 
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an = _adapter_input(
-        h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE, LN_BEFORE)
-    v = _up_projection(an.to(h_ptr.dtype.element_ty), wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
-                       BLOCK_M, BLOCK_D, BLOCK_K, ACT, PRECISION)
-    u = v * load_scale(s_ptr, s_value, cols, col_mask, SCALE_MODE)
-    if DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), offs, p_drop)
-        u = tl.where(keep, u / (1.0 - p_drop), 0.0)
-    if RESIDUAL_BEFORE_LN:
-        o = u + h + r
-    else:
-        o = u + a + r
+    gamma, beta, _, _, _, _, _, _, _, _, o = _adapter_rows(
+        h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
+        load_scale(s_ptr, s_value, cols, col_mask, SCALE_MODE), seed_ptr, p_drop, eps, eps_a, h_ptr.dtype.element_ty,
+        ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, ACT, DROPOUT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_K)
     mean_o, rstd_o = layer_norm_stats(o, col_mask, D, eps)
     y = normalize(o, mean_o, rstd_o, col_mask) * gamma[None, :] + beta[None, :]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -147,19 +163,10 @@ def adapter_block_bwd_kernel(
         # ---- recompute the forward of these rows ----
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an = _adapter_input(
-            h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE, LN_BEFORE)
-        an_op = an.to(op_dtype)
-        v = _up_projection(an_op, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
-                           BLOCK_M, BLOCK_D, BLOCK_K, ACT, PRECISION)
-        u = v * s
-        if DROPOUT:
-            keep = dropout_keep(tl.load(seed_ptr), offs, p_drop)
-            u = tl.where(keep, u / (1.0 - p_drop), 0.0)
-        if RESIDUAL_BEFORE_LN:
-            o = u + h + r
-        else:
-            o = u + a + r
+        gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an_op, v, keep, o = _adapter_rows(
+            h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, s,
+            seed_ptr, p_drop, eps, eps_a, op_dtype, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, ACT, DROPOUT,
+            PRECISION, BLOCK_M, BLOCK_D, BLOCK_K)
         mean_o, rstd_o = layer_norm_stats(o, col_mask, D, eps)
         ohat = normalize(o, mean_o, rstd_o, col_mask)
 

@@ -72,6 +72,17 @@ def activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def load_rows(ptr, rows, row_mask, D, BLOCK: tl.constexpr):
+    """Rows of a (M, D) row-major tensor as a [len(rows), BLOCK] fp32 tile (padding 0), with its
+    offsets, mask, column indices and column mask."""
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask, cols, col_mask
+
+
+@triton.jit
 def layer_norm_stats(x, col_mask, D, eps):
     """Row mean and 1/std of a [BLOCK_M, BLOCK_D] fp32 tile whose padded columns hold 0."""
     mean = tl.sum(x, axis=1) / D

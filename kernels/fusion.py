@@ -17,7 +17,7 @@ backward kernel 1 (one row block per program): pass A again (shift parked in dx)
 import triton
 import triton.language as tl
 
-from .common import dropout_keep
+from .common import dropout_keep, load_rows
 
 SLOT_WG, SLOT_BG, SLOT_WP, SLOT_BP, SLOT_LNW, SLOT_LNB = 0, 4, 8, 12, 16, 17
 NUM_SLOTS = 18
@@ -34,15 +34,6 @@ def _pick(i: tl.constexpr, a, b, c, d):
     else:
         out = d
     return out
-
-
-@triton.jit
-def _rows(ptr, rows, row_mask, D, BLOCK: tl.constexpr):
-    cols = tl.arange(0, BLOCK)
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask, cols, col_mask
 
 
 @triton.jit
@@ -131,12 +122,12 @@ def fusion_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     op_dtype = x_ptr.dtype.element_ty
-    x, _, _, cols, col_mask = _rows(x_ptr, rows, row_mask, D, BLOCK_D)
+    x, _, _, cols, col_mask = load_rows(x_ptr, rows, row_mask, D, BLOCK_D)
     # absent modalities point at x with width 1: harmless loads, never used
-    t1, _, _, mc1, mm1 = _rows(m1, rows, row_mask, D1, BLOCK_D1)
-    t2, _, _, mc2, mm2 = _rows(m2, rows, row_mask, D2, BLOCK_D2)
-    t3, _, _, mc3, mm3 = _rows(m3, rows, row_mask, D3, BLOCK_D3)
-    t4, _, _, mc4, mm4 = _rows(m4, rows, row_mask, D4, BLOCK_D4)
+    t1, _, _, mc1, mm1 = load_rows(m1, rows, row_mask, D1, BLOCK_D1)
+    t2, _, _, mc2, mm2 = load_rows(m2, rows, row_mask, D2, BLOCK_D2)
+    t3, _, _, mc3, mm3 = load_rows(m3, rows, row_mask, D3, BLOCK_D3)
+    t4, _, _, mc4, mm4 = load_rows(m4, rows, row_mask, D4, BLOCK_D4)
     alpha, mean, rstd, _, _, _ = _shift_pass(
         x, x_ptr, y_ptr, rows, row_mask, cols, col_mask, D, beta, eps, ln_eps, op_dtype,
         t1.to(op_dtype), t2.to(op_dtype), t3.to(op_dtype), t4.to(op_dtype), mc1, mc2, mc3, mc4, mm1, mm2, mm3, mm4,
@@ -170,11 +161,11 @@ def fusion_bwd_kernel(
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     op_dtype = x_ptr.dtype.element_ty
-    x, x_offs, x_mask, cols, col_mask = _rows(x_ptr, rows, row_mask, D, BLOCK_D)
-    t1, o1, k1, mc1, mm1 = _rows(m1, rows, row_mask, D1, BLOCK_D1)
-    t2, o2, k2, mc2, mm2 = _rows(m2, rows, row_mask, D2, BLOCK_D2)
-    t3, o3, k3, mc3, mm3 = _rows(m3, rows, row_mask, D3, BLOCK_D3)
-    t4, o4, k4, mc4, mm4 = _rows(m4, rows, row_mask, D4, BLOCK_D4)
+    x, x_offs, x_mask, cols, col_mask = load_rows(x_ptr, rows, row_mask, D, BLOCK_D)
+    t1, o1, k1, mc1, mm1 = load_rows(m1, rows, row_mask, D1, BLOCK_D1)
+    t2, o2, k2, mc2, mm2 = load_rows(m2, rows, row_mask, D2, BLOCK_D2)
+    t3, o3, k3, mc3, mm3 = load_rows(m3, rows, row_mask, D3, BLOCK_D3)
+    t4, o4, k4, mc4, mm4 = load_rows(m4, rows, row_mask, D4, BLOCK_D4)
     t1, t2, t3, t4 = t1.to(op_dtype), t2.to(op_dtype), t3.to(op_dtype), t4.to(op_dtype)
     alpha, mean, rstd, x_norm, s_norm, s1 = _shift_pass(
         x, x_ptr, dx_ptr, rows, row_mask, cols, col_mask, D, beta, eps, ln_eps, op_dtype,

@@ -17,8 +17,8 @@ small int64 table (SLOT_* below), -1 where a gradient is not computed.
 import triton
 import triton.language as tl
 
-from .common import (SCALE_CHANNEL, SCALE_FLOAT, SCALE_SCALAR, accumulate_partial, activation, activation_grad, layer_norm_bwd,
-                     layer_norm_stats, load_scale, normalize, reduce_partials_kernel)
+from .common import (SCALE_CHANNEL, SCALE_FLOAT, SCALE_SCALAR, accumulate_partial, activation, activation_grad,
+                     layer_norm_bwd, layer_norm_stats, load_rows, load_scale, normalize, reduce_partials_kernel)
 
 MAX_MODALITIES = 4
 # Slots of the offset table: stream j's W, c, LN weight, LN bias at SLOT_W + j, ... (j = 0 text).
@@ -29,22 +29,13 @@ NUM_SLOTS = 32
 
 
 @triton.jit
-def _rows_tile(ptr, rows, row_mask, D, BLOCK: tl.constexpr):
-    cols = tl.arange(0, BLOCK)
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask, cols, col_mask
-
-
-@triton.jit
 def _modality_tile(m_ptr, rows, row_mask, b, Dm, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """A token-aligned modality's [BLOCK_M, BLOCK] rows, or a per-sample one's [1, BLOCK] row b."""
     if ALIGNED:
-        out = _rows_tile(m_ptr, rows, row_mask, Dm, BLOCK)
+        out = load_rows(m_ptr, rows, row_mask, Dm, BLOCK)
     else:
         one = tl.zeros([1], dtype=tl.int64) + b
-        out = _rows_tile(m_ptr, one, one >= 0, Dm, BLOCK)
+        out = load_rows(m_ptr, one, one >= 0, Dm, BLOCK)
     return out
 
 
@@ -228,7 +219,7 @@ def gmu_fwd_kernel(
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = t < T
     rows = b.to(tl.int64) * T + t
-    x, offs, mask, cols, col_mask = _rows_tile(x_ptr, rows, row_mask, D, BLOCK_D)
+    x, offs, mask, cols, col_mask = load_rows(x_ptr, rows, row_mask, D, BLOCK_D)
     op_dtype = x_ptr.dtype.element_ty
     _, _, _, _, v, _ = _gmu_forward_rows(
         x, rows, row_mask, b, cols, col_mask, D, m1, m2, m3, m4, w0, w1, w2, w3, w4, c0, c1, c2, c3, c4,
@@ -318,7 +309,7 @@ def gmu_bwd_kernel(
         t = (block % blocks_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = t < T
         rows = t.to(tl.int64) + b.to(tl.int64) * T
-        x, offs, mask, _, _ = _rows_tile(x_ptr, rows, row_mask, D, BLOCK_D)
+        x, offs, mask, _, _ = load_rows(x_ptr, rows, row_mask, D, BLOCK_D)
         A3, H3, z3, fused, v, wut = _gmu_forward_rows(
             x, rows, row_mask, b, cols, col_mask, D, m1, m2, m3, m4, w0, w1, w2, w3, w4, c0, c1, c2, c3, c4,
             lg0, lg1, lg2, lg3, lg4, lb0, lb1, lb2, lb3, lb4, gw_ptr, gb_ptr, v_ptr, wu_ptr, bu_ptr,

@@ -1,6 +1,6 @@
 """GMUAdapter: a bottleneck adapter whose bottleneck fuses text with K other modalities by a gate."""
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
