@@ -205,3 +205,22 @@ def test_ddp_two_processes_keep_adapters_in_sync(tmp_path):
     for name in r0["final"]:
         assert torch.equal(r0["final"][name], r1["final"][name]), name
     assert any(not torch.equal(r0["final"][n], r0["initial"][n]) for n in r0["final"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_mixed_dtypes_are_promoted_like_eager(text_batch, backend):
+    """Under autocast the dense output is 16-bit and the residual fp32: the adapters promote them as
+    h + r would, so a patched model trains under autocast and matches the eager composition."""
+    model = ampfuse.patch(tiny_bert(), ampfuse.AdapterConfig.houlsby(scaling="channel"))
+    randomize_adapters(model)
+    batch = {"input_ids": text_batch["input_ids"] % 120, "attention_mask": text_batch["attention_mask"]}
+    reference = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with ampfuse.use_backend(backend):
+            y = hidden(model, batch)
+        with ampfuse.use_backend("torch"):
+            y_ref = hidden(reference, batch)
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..ops.activations import canonical
 from ..ops.adapter_block import adapter_block
+from ._promote import promoted
 
 INITS = ("houlsby", "bert", "lora")
 
@@ -81,6 +82,7 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor, r: torch.Tensor, layer_norm: nn.LayerNorm) -> torch.Tensor:
         norm = self.adapter_norm
+        h, r = promoted(h, r)
         return adapter_block(
             h, r, layer_norm.weight, layer_norm.bias, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
             scaling=self.scaling, adapter_ln_weight=None if norm is None else norm.weight,

@@ -25,7 +25,7 @@ class FusionLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=ln_eps, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modalities = self.inputs.get(self.modalities)
+        modalities = [m.to(x.dtype) for m in self.inputs.get(self.modalities)]
         return fusion_layer(x, modalities, [g.weight for g in self.gates], [g.bias for g in self.gates],
                             [p.weight for p in self.projections], [p.bias for p in self.projections],
                             self.norm.weight, self.norm.bias, beta=self.beta, eps=self.eps, ln_eps=self.norm.eps,

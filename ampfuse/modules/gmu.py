@@ -7,6 +7,7 @@ from torch import nn
 
 from ..ops.activations import canonical
 from ..ops.gmu import FORMS, GATES, gmu_adapter, gmu_adapter_reference
+from ._promote import promoted
 
 
 class ModalityInputs:
@@ -84,7 +85,8 @@ class GMUAdapter(nn.Module):
             activation=self.activation, gate=self.gate)
 
     def forward(self, h: torch.Tensor, r: torch.Tensor, layer_norm: nn.LayerNorm) -> torch.Tensor:
-        modalities = self.inputs.get(self.modalities)
+        h, r = promoted(h, r)
+        modalities = [m.to(h.dtype) for m in self.inputs.get(self.modalities)]
         args = self._args(h)
         if self.track_gates:
             self.gate_stats = self.gate_statistics(h, modalities, args)
