@@ -337,11 +337,13 @@ Params make_params(const at::Tensor& h, const at::Tensor& ln_weight, const at::T
   return p;
 }
 
-int grid_size(int64_t rows) {
+// Blocks of one warp: `per_sm` of them per multiprocessor, never more than there are rows. The
+// backward keeps it at 2, since each block owns a full slice of the partial-gradient buffer.
+int grid_size(int64_t rows, int per_sm) {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return static_cast<int>(std::min<int64_t>(rows, 8LL * sms));
+  return static_cast<int>(std::min<int64_t>(rows, static_cast<int64_t>(per_sm) * sms));
 }
 
 template <typename Kernel>
@@ -371,7 +373,7 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "adapter_block_fwd", [&] {
     auto kernel = adapter_block_fwd_kernel<scalar_t>;
     allow_shared(kernel, shared);
-    kernel<<<grid_size(p.M), kWarp, shared, stream>>>(p, h.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
+    kernel<<<grid_size(p.M, 8), kWarp, shared, stream>>>(p, h.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
                                                       y.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -395,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
                     offsets[5], offsets[6], offsets[7], offsets[8]};
   at::Tensor dh = input_grad ? at::empty_like(h) : at::empty({0}, h.options());
   at::Tensor dr = input_grad ? at::empty_like(r) : at::empty({0}, r.options());
-  const int programs = std::max(1, grid_size(p.M));
+  const int programs = std::max(1, grid_size(p.M, 2));
   at::Tensor part = at::empty({programs, total}, h.options().dtype(at::kFloat));
   at::Tensor flat = at::empty({total}, h.options().dtype(at::kFloat));
   const size_t shared = (5 * static_cast<size_t>(p.D) + 3 * p.K) * sizeof(float);
