@@ -340,12 +340,7 @@ def gradient_layout(D, widths, ln_grad):
                     (f"proj_w.{i}", SLOT_WP + i, (D, w)), (f"proj_b.{i}", SLOT_BP + i, (D,))]
     if ln_grad:
         entries += [("ln_weight", SLOT_LNW, (D,)), ("ln_bias", SLOT_LNB, (D,))]
-    layout, table, offset = [], [-1] * NUM_SLOTS, 0
-    for name, slot, shape in entries:
-        layout.append((name, offset, shape))
-        table[slot] = offset
-        offset += int(torch.Size(shape).numel())
-    return layout, table, offset
+    return runtime.pack_layout(entries, NUM_SLOTS)
 
 
 def _args(x, modalities, gate_w, gate_b, proj_w, proj_b):

@@ -159,6 +159,8 @@ def _gmu_forward_rows(
     A3 = tl.zeros([BLOCK_M, S_PAD, BLOCK_K], dtype=tl.float32)
     A3 = _put(A3, _stream_activation(x, cols, col_mask, D, w0, c0, lg0, lb0, kk, k_mask, stream_eps, op_dtype,
                                      True, STREAM_LN, ACT, PRECISION), 0, sidx)
+    # One block per modality: Triton has no arrays of pointers, and each modality's tile width
+    # (BLOCK_D<i>) and layout (ALIGNED<i>) must be compile-time constants.
     if NUM_MOD >= 1:
         m, _, _, mc, mcm = _modality_tile(m1, rows, row_mask, b, D1, BLOCK_D1, ALIGNED1)
         A3 = _put(A3, _stream_activation(m, mc, mcm, D1, w1, c1, lg1, lb1, kk, k_mask, stream_eps, op_dtype,
@@ -484,9 +486,4 @@ def gmu_gradient_layout(B, D, widths, aligned, K, gates, stream_ln, gmu, scale_n
         entries += [("ln_weight", SLOT_LN_W, (D,)), ("ln_bias", SLOT_LN_B, (D,))]
     if mod_grad:
         entries += [(f"modalities.{i}", SLOT_DM + i, (B, w)) for i, w in enumerate(widths) if not aligned[i]]
-    layout, table, offset = [], [-1] * NUM_SLOTS, 0
-    for name, slot, shape in entries:
-        layout.append((name, offset, shape))
-        table[slot] = offset
-        offset += int(torch.Size(shape).numel())
-    return layout, table, offset
+    return runtime.pack_layout(entries, NUM_SLOTS)

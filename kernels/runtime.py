@@ -52,3 +52,14 @@ def scale_args(scale, scale_value, dummy):
 def block_width(width: int) -> int:
     """Padded tile width of a row: a power of two, and at least 16 (tl.dot's smallest operand)."""
     return max(16, 1 << (int(width) - 1).bit_length())
+
+
+def pack_layout(entries, num_slots):
+    """Places gradients one after another in a flat buffer. entries: (name, slot, shape). Returns
+    ([(name, offset, shape)], table of num_slots offsets with -1 for absent slots, total length)."""
+    layout, table, offset = [], [-1] * num_slots, 0
+    for name, slot, shape in entries:
+        layout.append((name, offset, shape))
+        table[slot] = offset
+        offset += int(torch.Size(shape).numel())
+    return layout, table, offset
