@@ -375,9 +375,11 @@ def test_module_houlsby_init_is_near_identity_and_trainable():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_profiler_counts_kernel_launches(dtype):
+def test_gpu_profiler_counts_kernel_launches(dtype, monkeypatch):
     """On a GPU the profiler, not our own counter, sees 1 kernel forward and 2 backward."""
     from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setattr(runtime, "POISON_OUTPUTS", False)  # poisoning is a fill kernel of its own
 
     tensors, kwargs = testing.adapter_inputs(4096, 768, 64, dtype=dtype, param_dtype=torch.float32,
                                              device="cuda", scale_kind="channel")
