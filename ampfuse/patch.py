@@ -57,15 +57,18 @@ def _sites(layer):
     return None
 
 
-def find_layers(model: nn.Module):
-    """The model's transformer layers, bottom to top, as [(index, {site: tail module})]."""
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The nn.ModuleList of the model's transformer layers (each with two residual tails)."""
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            sites = [_sites(layer) for layer in module]
-            if all(s is not None for s in sites):
-                return list(enumerate(sites))
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(_sites(layer) for layer in module):
+            return module
     raise ValueError(f"{type(model).__name__} has no BERT-style layers: expected an nn.ModuleList of layers whose "
                      "attention.output and output each have dense (Linear), dropout and LayerNorm")
+
+
+def find_layers(model: nn.Module):
+    """The model's transformer layers, bottom to top, as [(index, {site: tail module})]."""
+    return [(i, _sites(layer)) for i, layer in enumerate(transformer_layers(model))]
 
 
 def adapters(model: nn.Module):
@@ -78,13 +81,14 @@ def is_patched(model: nn.Module) -> bool:
     return hasattr(model, "_ampfuse_config")
 
 
-def _selected_layers(config: AdapterConfig, num_layers: int):
-    if config.layers is None:
+def select_layers(indices, num_layers: int, what: str):
+    """Sorted distinct layer indices (negative ones count from the top); None means all layers."""
+    if indices is None:
         return list(range(num_layers))
     selected = set()
-    for i in config.layers:
+    for i in indices:
         if not -num_layers <= i < num_layers:
-            raise ValueError(f"AdapterConfig.layers has {i}, but the model has {num_layers} layers")
+            raise ValueError(f"{what} has {i}, but the model has {num_layers} layers")
         selected.add(i % num_layers)
     return sorted(selected)
 
@@ -98,7 +102,7 @@ def patch(model: nn.Module, config: AdapterConfig = None) -> nn.Module:
     """
     config = config or AdapterConfig()
     layers = find_layers(model)
-    selected = _selected_layers(config, len(layers))
+    selected = select_layers(config.layers, len(layers), "AdapterConfig.layers")
     freeze(model, config)
     wanted = [site for site, on in zip(SITES, (config.mh_adapter, config.output_adapter)) if on]
     for index in selected:

@@ -23,7 +23,7 @@ from ..config import AdapterConfig
 from ..modules.fusion import FusionLayer
 from ..modules.gmu import GMUAdapter, ModalityInputs
 from ..ops.gmu import masked_mean
-from ..patch import ADAPTER, _selected_layers, attach, find_layers, freeze, patch
+from ..patch import ADAPTER, attach, find_layers, freeze, patch, select_layers, transformer_layers
 
 TASKS = ("regression", "classification", "multilabel")
 
@@ -65,11 +65,10 @@ class MultimodalConfig:
             self.num_labels = 1
         if self.fusion_layers and not self.aligned:
             raise ValueError("fusion layers need token-aligned modalities (aligned=True)")
-        if not self.modalities and (self.fusion_layers or self.gmu_layers != []):
-            if self.gmu_layers is None and not self.fusion_layers:
-                self.gmu_layers = []  # no modalities: a text-only model
-            else:
+        if not self.modalities:  # a text-only model
+            if self.fusion_layers or self.gmu_layers:
                 raise ValueError("GMU adapters and fusion layers need at least one modality")
+            self.gmu_layers = []
 
     def to_dict(self):
         out = dataclasses.asdict(self)
@@ -98,9 +97,7 @@ class MultimodalModel(nn.Module):
         tail = layers[0][1]["output"]
         self.hidden_size = tail.LayerNorm.normalized_shape[0]
         factory = dict(device=tail.dense.weight.device, dtype=tail.dense.weight.dtype)
-        gmu_layers = _selected_layers(AdapterConfig(layers=config.gmu_layers), len(layers)) if config.modalities \
-            else []
-        for i in gmu_layers:
+        for i in select_layers(config.gmu_layers, len(layers), "MultimodalConfig.gmu_layers"):
             attach(layers[i][1]["output"], GMUAdapter(
                 self.hidden_size, config.modalities, config.bottleneck_size, inputs=self.inputs,
                 activation=config.activation, gate=config.gate, form=config.form, stream_ln=config.stream_ln,
@@ -108,13 +105,11 @@ class MultimodalModel(nn.Module):
         self.encoder = model
         self.fusion = nn.ModuleDict()
         self._hooks = []
-        for i in _selected_layers(AdapterConfig(layers=list(config.fusion_layers)), len(layers)) \
-                if config.fusion_layers else []:
+        for i in select_layers(config.fusion_layers, len(layers), "MultimodalConfig.fusion_layers"):
             fusion = FusionLayer(self.hidden_size, config.modalities, inputs=self.inputs, beta=config.fusion_beta,
                                  dropout=config.fusion_dropout, **factory)
             self.fusion[str(i)] = fusion
-            layer = model.get_submodule(_layer_names(model)[i])
-            self._hooks.append(layer.register_forward_hook(_fusion_hook(fusion)))
+            self._hooks.append(transformer_layers(model)[i].register_forward_hook(_fusion_hook(fusion)))
         self.head = nn.Sequential(nn.Dropout(config.head_dropout), nn.Linear(self.hidden_size, config.num_labels,
                                                                              **factory))
 
@@ -216,17 +211,6 @@ class MultimodalModel(nn.Module):
                 if own[name].shape != value.shape:
                     raise ValueError(f"{name}: saved shape {tuple(value.shape)}, model has {tuple(own[name].shape)}")
                 own[name].copy_(value)
-
-
-def _layer_names(model):
-    """Qualified names of the transformer layers, bottom to top."""
-    layers = {id(sites["output"]): i for i, sites in find_layers(model)}
-    names = {}
-    for name, module in model.named_modules():
-        output = getattr(module, "output", None)
-        if id(output) in layers and hasattr(module, "attention"):
-            names[layers[id(output)]] = name
-    return [names[i] for i in range(len(layers))]
 
 
 def _fusion_hook(fusion):
