@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
+from ._gradients import needed, split_gradients
 from .activations import ACTIVATIONS, canonical
 
 MAX_TRITON_HIDDEN = 8192  # whole rows live in registers; wider rows need a different kernel
@@ -137,14 +138,10 @@ def _backward(ctx, dy):
     h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias, _ = saved
     dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), *saved, *ctx.options, ln_grad, input_grad)
     layout, _ = gradient_layout(h.shape[1], w_down.shape[0], scale, ln_grad, adapter_ln_weight is not None)
-    params = dict(ln_weight=ln_weight, ln_bias=ln_bias, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up,
-                  scale=scale, adapter_ln_weight=adapter_ln_weight, adapter_ln_bias=adapter_ln_bias)
-    grads = {}
-    for name, offset, shape in layout:
-        param = params[name]
-        grads[name] = flat[offset:offset + param.numel()].view(param.shape).to(param.dtype)
-    ordered = (dh, dr) + tuple(grads.get(name) for name in params)
-    return tuple(g if need else None for g, need in zip(ordered, needs)) + (None,) * (len(needs) - len(ordered))
+    tensors = dict(h=h, r=r, ln_weight=ln_weight, ln_bias=ln_bias, w_down=w_down, b_down=b_down, w_up=w_up,
+                   b_up=b_up, scale=scale, adapter_ln_weight=adapter_ln_weight, adapter_ln_bias=adapter_ln_bias)
+    grads = {"h": dh, "r": dr, **split_gradients(flat, layout, tensors)}
+    return needed(grads, tensors, list(tensors), needs) + (None,) * (len(needs) - len(tensors))
 
 
 _adapter_block_op.register_autograd(_backward, setup_context=_setup_context)

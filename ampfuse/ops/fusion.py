@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
+from ._gradients import needed, split_gradients
 
 
 def fusion_shift(x, modalities, gate_w, gate_b, proj_w, proj_b):
@@ -146,19 +147,11 @@ def _backward(ctx, dy):
     dx, flat, *dms = _fusion_backward_op(dy.contiguous(), x, *(lists[name] for name in _LISTS), ln_weight, ln_bias,
                                          seed, *ctx.options, ln_grad, mod_grad)
     layout, _, _ = _kernels().gradient_layout(x.shape[1], [m.shape[1] for m in lists["modalities"]], ln_grad)
-    params = {"ln_weight": ln_weight, "ln_bias": ln_bias}
-    grads = {"x": dx, "modalities": dms if mod_grad else [None] * n}
-    grads.update({name: [None] * n for name in _LISTS[1:]})
-    for name, offset, shape in layout:
-        base, _, index = name.partition(".")
-        param = lists[base][int(index)] if index else params[base]
-        grad = flat[offset:offset + param.numel()].view(param.shape).to(param.dtype)
-        if index:
-            grads[base][int(index)] = grad
-        else:
-            grads[base] = grad
-    out = tuple(grads.get(name) if needs[name] else ([None] * n if name in _LISTS else None) for name in _OP_INPUTS)
-    return out + (None,) * len(ctx.options)
+    tensors = {"x": x, **lists, "ln_weight": ln_weight, "ln_bias": ln_bias, "seed": seed}
+    grads = {"x": dx, **split_gradients(flat, layout, tensors)}
+    if mod_grad:
+        grads["modalities"] = dms
+    return needed(grads, tensors, _OP_INPUTS, ctx.needs_input_grad) + (None,) * len(ctx.options)
 
 
 _fusion_op.register_autograd(_backward, setup_context=_setup_context)

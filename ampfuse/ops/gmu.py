@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
+from ._gradients import needed, split_gradients
 from .activations import ACTIVATIONS, canonical
 
 GATES = ("sigmoid", "softmax")
@@ -240,23 +241,11 @@ def _backward(ctx, dy):
                                           ln_grad, mod_grad)
     layout, _, _ = _layout(tensors["x"], tensors["modalities"], tensors["gate_w"], tensors["gmu_w"],
                            tensors["stream_ln_w"], tensors["w_up"], tensors["scale"], ln_grad, mod_grad)
-    grads = {"x": dx, "r": dr if tensors["r"] is not None else None}
-    lists = {name: [None] * n for name, n in ctx.lists.items()}
-    if mod_grad:
-        lists["modalities"] = [dm if m.dim() == 3 else None for m, dm in zip(tensors["modalities"], dms)]
-    for name, offset, shape in layout:
-        base, _, index = name.partition(".")
-        param = tensors[base][int(index)] if index else tensors[base]
-        grad = flat[offset:offset + param.numel()].view(param.shape).to(param.dtype)
-        if index:
-            lists[base][int(index)] = grad
-        else:
-            grads[base] = grad
-    grads.update(lists)
-    out = tuple(grads.get(name) if needs[name] else None for name in _OP_INPUTS)
-    # a list input gets a list back (its structure must match), with None where nothing is needed
-    out = tuple([None] * ctx.lists[name] if name in ctx.lists and g is None else g for name, g in zip(_OP_INPUTS, out))
-    return out + (None,) * len(ctx.options)
+    grads = {"x": dx, "r": dr, **split_gradients(flat, layout, tensors)}
+    for i, (m, dm) in enumerate(zip(tensors["modalities"], dms)):
+        if mod_grad and m.dim() == 3:  # token-aligned: its own output; per-sample ones are in flat
+            grads["modalities"][i] = dm
+    return needed(grads, tensors, _OP_INPUTS, ctx.needs_input_grad) + (None,) * len(ctx.options)
 
 
 _gmu_op.register_autograd(_backward, setup_context=_setup_context)
