@@ -1,10 +1,8 @@
 """Launch bookkeeping shared by the Triton ops: tunables, output allocation, launch counting."""
 
-import os
-
 import torch
 
-# Block sizes; benchmarks/tune.py searches these on a GPU.
+# Block sizes: defaults that are right in the interpreter; to be tuned on a GPU.
 CONFIG = {"adapter_block_m": 16, "adapter_block_k": 32, "gmu_block_m": 16, "fusion_block_m": 16,
           "fusion_block_n": 32, "fusion_block_t": 32}
 
@@ -16,10 +14,6 @@ ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu":
 
 # Number of Triton launches made through `launch` since import (tests read the difference).
 launch_count = 0
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def empty_output(shape, dtype, device):

@@ -4,7 +4,7 @@ parameters as fp32: other parameter dtypes are converted here (one small copy ea
 
 import torch
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
+from ..kernels.runtime import ACTIVATION_CODES  # the codes csrc/adapter_block.cu switches on too
 
 
 def _ops():
