@@ -373,7 +373,9 @@ def run_e2e(device, quick, log):
             with torch.no_grad(), ctx(), torch.autocast(**autocast):
                 model(input_ids=ids)
 
-        for mode, fn in (("training step", train_step), ("inference", infer)):
+        # a model with nothing to train has no training step to time (it would be a forward only)
+        modes = (("training step", train_step),) * (opt is not None) + (("inference", infer),)
+        for mode, fn in modes:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             ms = bench(fn, device, reps=20 if device.type == "cuda" else 3)
