@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (SCALE_CHANNEL, SCALE_FLOAT, SCALE_SCALAR, accumulate_partial, activation, activation_grad,
-                     dropout_keep, layer_norm_bwd, layer_norm_stats, load_scale, normalize, reduce_partials_kernel)
+                     dropout_keep, layer_norm_bwd, layer_norm_stats, load_scale, normalize, sum_partials)
 
 @triton.jit
 def _adapter_input(h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a,
@@ -328,10 +328,7 @@ def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, 
                    M, D, K, float(ln_eps), float(adapter_ln_eps), T, *seg,
                    ORIG_LN_BEFORE=original_ln_before, RESIDUAL_BEFORE_LN=residual_before_ln,
                    ACT=runtime.ACTIVATION_CODES[activation], LN_GRAD=ln_grad, INPUT_GRAD=input_grad, **flags, **cfg)
-    flat = runtime.empty_output((T,), torch.float32, h.device)
-    block_t = 1024
-    runtime.launch(reduce_partials_kernel, (triton.cdiv(T, block_t),), part, flat, P, T, BLOCK_T=block_t)
-    return dh, dr, flat
+    return dh, dr, sum_partials(part)
 
 
 def dropout_keep_mask(seed, shape, dropout_p):

@@ -4,8 +4,11 @@ All arithmetic here is fp32: callers convert loaded tiles with ``.to(tl.float32)
 also keeps bf16 out of the Triton interpreter's arithmetic (it stores bf16 as raw bits).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+from . import runtime
 
 # Activation codes, shared with the Python side (ampfuse.ops.activations).
 ACT_IDENTITY: tl.constexpr = 0
@@ -142,3 +145,12 @@ def reduce_partials_kernel(part_ptr, out_ptr, P, T, BLOCK_T: tl.constexpr):
     for p in range(0, P):
         acc += tl.load(part_ptr + p * T + cols, mask=mask, other=0.0)
     tl.store(out_ptr + cols, acc, mask=mask)
+
+
+def sum_partials(part):
+    """[P, T] fp32 per-program partials -> their fp32 column sums [T], in one launch."""
+    P, T = part.shape
+    flat = runtime.empty_output((T,), torch.float32, part.device)
+    block = 1024
+    runtime.launch(reduce_partials_kernel, (triton.cdiv(T, block),), part, flat, P, T, BLOCK_T=block)
+    return flat

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (SCALE_CHANNEL, SCALE_FLOAT, SCALE_SCALAR, accumulate_partial, activation, activation_grad,
-                     layer_norm_bwd, layer_norm_stats, load_rows, load_scale, normalize, reduce_partials_kernel)
+                     layer_norm_bwd, layer_norm_stats, load_rows, load_scale, normalize, sum_partials)
 
 MAX_MODALITIES = 4
 # Slots of the offset table: stream j's W, c, LN weight, LN bias at SLOT_W + j, ... (j = 0 text).
@@ -405,7 +405,7 @@ from . import runtime  # noqa: E402
 from .runtime import ACTIVATION_CODES, scale_args  # noqa: E402
 
 
-def _pointer_args(x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up,
+def _pointer_args(x, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up,
                   b_up, scale, scale_value, ln_weight, ln_bias):
     """Kernel arguments shared by forward and backward; absent tensors are replaced by x (never read)."""
     pad = lambda seq, n: list(seq) + [x] * (n - len(seq))  # noqa: E731
@@ -433,7 +433,7 @@ def gmu_fwd(x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate
     """y for contiguous x (B, T, D) and modalities (B, T, D_i) or (B, D_i)."""
     B, T, D = x.shape
     y = runtime.empty_output(x.shape, x.dtype, x.device)
-    args, widths, meta = _pointer_args(x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w,
+    args, widths, meta = _pointer_args(x, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w,
                                        gate_b, gmu_w, w_up, b_up, scale, scale_value, ln_weight, ln_bias)
     grid = (triton.cdiv(T, meta["BLOCK_M"]), B)
     runtime.launch(gmu_fwd_kernel, grid, x, x if r is None else r, y, *args, T, D, *widths, w_up.shape[1],
@@ -447,7 +447,7 @@ def gmu_bwd(dy, x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, 
     """(dx, dr, [dm_i of token-aligned modalities], flat): flat holds the fp32 parameter gradients and
     the per-sample modality gradients at the offsets of ``table`` (ampfuse.ops.gmu.gmu_gradient_layout)."""
     B, T, D = x.shape
-    args, widths, meta = _pointer_args(x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w,
+    args, widths, meta = _pointer_args(x, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w,
                                        gate_b, gmu_w, w_up, b_up, scale, scale_value, ln_weight, ln_bias)
     blocks = B * triton.cdiv(T, meta["BLOCK_M"])
     P = max(1, min(blocks, runtime.max_programs(x.device)))
@@ -461,10 +461,7 @@ def gmu_bwd(dy, x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, 
                    *(dms + [x] * (4 - len(dms))), part, table_t, *args, B, T, D, *widths, w_up.shape[1],
                    float(stream_ln_eps), float(ln_eps), total, ACT=ACTIVATION_CODES[activation], LN_GRAD=ln_grad,
                    MOD_GRAD=mod_grad, **meta)
-    flat = runtime.empty_output((total,), torch.float32, x.device)
-    block_t = 1024
-    runtime.launch(reduce_partials_kernel, (triton.cdiv(total, block_t),), part, flat, P, total, BLOCK_T=block_t)
-    return dx, dr, dms, flat
+    return dx, dr, dms, sum_partials(part)
 
 
 def gmu_gradient_layout(B, D, widths, aligned, K, gates, stream_ln, gmu, scale_numel, ln_grad, mod_grad):
