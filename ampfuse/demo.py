@@ -92,7 +92,7 @@ def model_inputs(batch, model, device):
 
 
 @torch.no_grad()
-def predict(model, data, args, device):
+def predict(model, data, device):
     model.eval()
     preds = []
     for batch in batches(data, 128):
@@ -137,9 +137,9 @@ def train_variant(name, base, data, args, device, progress):
             losses.append(loss.item())
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        valid_mae = mae(predict(model, data["valid"], args, device), data["valid"]["labels"].numpy())
+        valid_mae = mae(predict(model, data["valid"], device), data["valid"]["labels"].numpy())
         curve.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_mae": valid_mae})
-    test = sentiment_metrics(predict(model, data["test"], args, device), data["test"]["labels"].numpy())
+    test = sentiment_metrics(predict(model, data["test"], device), data["test"]["labels"].numpy())
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     model.save_trainable(os.path.join(args.out, "adapters", name))

@@ -75,7 +75,7 @@ class GMUAdapter(nn.Module):
         self.track_gates = False
         self.gate_stats = None
 
-    def _args(self, h):
+    def _args(self):
         norms = self.stream_norm
         return dict(
             stream_w=[lin.weight for lin in self.stream_down], stream_b=[lin.bias for lin in self.stream_down],
@@ -87,7 +87,7 @@ class GMUAdapter(nn.Module):
     def forward(self, h: torch.Tensor, r: torch.Tensor, layer_norm: nn.LayerNorm) -> torch.Tensor:
         h, r = promoted(h, r)
         modalities = [m.to(h.dtype) for m in self.inputs.get(self.modalities)]
-        args = self._args(h)
+        args = self._args()
         if self.track_gates:
             self.gate_stats = self.gate_statistics(h, modalities, args)
         return gmu_adapter(h, modalities, r=r, ln_weight=layer_norm.weight, ln_bias=layer_norm.bias,
@@ -96,7 +96,7 @@ class GMUAdapter(nn.Module):
     @torch.no_grad()
     def gate_statistics(self, h, modalities, args=None):
         """Mean and std of the gate weight each stream gets, over tokens and bottleneck features."""
-        args = args or self._args(h)
+        args = args or self._args()
         _, z = gmu_adapter_reference(h.detach(), [m.detach() for m in modalities], return_gates=True, **args)
         z = torch.stack([z, 1 - z]) if self.gate == "sigmoid" else z
         names = ["text", *self.modalities]
