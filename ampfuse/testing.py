@@ -79,8 +79,10 @@ def check_adapter_block(tensors, kwargs, backend="triton", tol=None, **op_kwargs
 
 
 def float64_copy(tensors):
-    return {name: t.detach().to(device="cpu", dtype=torch.float64).requires_grad_(t.requires_grad)
-            for name, t in tensors.items()}
+    """Detached float64 CPU copies (lists of tensors too), requiring grad where the originals do."""
+    def copy(t):
+        return t.detach().to(device="cpu", dtype=torch.float64).requires_grad_(t.requires_grad)
+    return {name: [copy(t) for t in v] if isinstance(v, list) else copy(v) for name, v in tensors.items()}
 
 
 def tiny_bert(cls=None, config_cls=None, **kw):

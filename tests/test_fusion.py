@@ -29,8 +29,7 @@ def check(tensors, **kw):
     tol = testing.TOLERANCE[tensors["x"].dtype]
     keep = kw.pop("keep_mask", None)
     y = fusion_layer(**tensors, **kw, backend="triton")
-    ref = {n: [t.detach().cpu().double().requires_grad_(t.requires_grad) for t in v] if isinstance(v, list)
-           else v.detach().cpu().double().requires_grad_(v.requires_grad) for n, v in tensors.items()}
+    ref = testing.float64_copy(tensors)
     y64 = fusion_layer_reference(**ref, **{k: v for k, v in kw.items() if k not in ("dropout_p", "training")})
     if keep is not None:
         y64 = y64 * keep / (1 - kw["dropout_p"])

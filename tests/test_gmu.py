@@ -43,15 +43,10 @@ def leaves(tensors):
     return [t for v in tensors.values() for t in (v if isinstance(v, list) else [v])]
 
 
-def float64(tensors):
-    copy = lambda t: t.detach().cpu().double().requires_grad_()  # noqa: E731
-    return {n: [copy(t) for t in v] if isinstance(v, list) else copy(v) for n, v in tensors.items()}
-
-
 def check(tensors, options, backend="triton", **kw):
     tol = testing.TOLERANCE[tensors["x"].dtype]
     y = gmu_adapter(**tensors, **options, **kw, backend=backend)
-    ref = float64(tensors)
+    ref = testing.float64_copy(tensors)
     y64 = gmu_adapter_reference(**ref, **options, **kw)
     assert y.shape == tensors["x"].shape and testing.rel_err(y, y64) < tol
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
