@@ -370,7 +370,7 @@ def fusion_bwd(dy, x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_
     """(dx, [dm_i], flat): flat holds every parameter gradient in fp32, placed by gradient_layout."""
     M, D = x.shape
     tensors, widths, meta = _args(x, modalities, gate_w, gate_b, proj_w, proj_b)
-    layout, table, total = gradient_layout(D, [m.shape[-1] for m in modalities], ln_grad)
+    _, table, total = gradient_layout(D, [m.shape[-1] for m in modalities], ln_grad)
     blocks = triton.cdiv(M, meta["BLOCK_M"])
     dx = runtime.empty_output((M, D), x.dtype, x.device)
     dms = [runtime.empty_output(m.shape if mod_grad else (0,), m.dtype, m.device) for m in modalities]
@@ -388,4 +388,4 @@ def fusion_bwd(dy, x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_
                    ln_part if ln_grad else x, flat, torch.tensor(table, dtype=torch.int64, device=x.device), M, D,
                    *widths, blocks, NUM_MOD=len(modalities), LN_GRAD=ln_grad, BLOCK_N=block_n, BLOCK_C=block_c,
                    BLOCK_T=runtime.CONFIG["fusion_block_t"], BLOCK_LN=block_ln)
-    return dx, dms, flat, layout
+    return dx, dms, flat

@@ -102,8 +102,7 @@ def _(x, *args):
 
 
 def _flat_size(x, modalities, ln_grad):
-    d = x.shape[1]
-    return sum(2 * d + d * (d + m.shape[1]) + d * m.shape[1] for m in modalities) + (2 * d if ln_grad else 0)
+    return _kernels().gradient_layout(x.shape[1], [m.shape[1] for m in modalities], ln_grad)[2]
 
 
 @torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
@@ -115,7 +114,7 @@ def _fusion_backward_op(dy: Tensor, x: Tensor, modalities: List[Tensor], gate_w:
     if x.shape[0] == 0:
         return [torch.empty_like(x), x.new_zeros(_flat_size(x, modalities, ln_grad), dtype=torch.float32),
                 *[torch.empty_like(m) if mod_grad else m.new_empty(0) for m in modalities]]
-    dx, dms, flat, _ = _kernels().fusion_bwd(dy, x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias,
+    dx, dms, flat = _kernels().fusion_bwd(dy, x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias,
                                              beta, eps, ln_eps, dropout_p, seed, ln_grad, mod_grad)
     return [dx, flat, *dms]
 
