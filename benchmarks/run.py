@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --suite adapter        # adapter block, DESIGN.md section 4 sizes
     python -m benchmarks.run --suite all --quick    # small sizes: the CPU smoke CI runs
+    python -m benchmarks.run --sizes headline      # the headline shapes, what a GPU session runs
 
 Suites: adapter (fused adapter block vs eager reference, torch.compile default and max-autotune,
 the adapters library's Adapter), gmu, fusion (the multimodal ops vs eager and torch.compile),
@@ -89,13 +90,15 @@ class Rotating:
 
 # ----------------------------------------------------------------------------- op suites
 
-def adapter_cases(quick, device):
-    if quick:
+def adapter_cases(sizes, device):
+    if sizes == "quick":
         return [(256, 96, 16)] if device.type == "cpu" else [(4096, 768, 64)]
+    if sizes == "headline":  # DESIGN.md's headline shape (d=768, k=64) over N
+        return [(n, 768, 64) for n in (4096, 16384, 65536)]
     return [(n, d, k) for d in (384, 768, 1024) for k in (16, 64, 256) for n in (1024, 4096, 16384, 65536)]
 
 
-def adapter_implementations(device, dtype, quick):
+def adapter_implementations(device, dtype, sizes):
     from ampfuse.ops.adapter_block import adapter_block, adapter_block_reference
 
     def reference(t):
@@ -114,7 +117,7 @@ def adapter_implementations(device, dtype, quick):
         impls["ampfuse-torch"] = lambda t: adapter_block(t["h"], t["r"], t["ln_w"], t["ln_b"], t["wd"], t["bd"],
                                                          t["wu"], t["bu"], backend="torch")
     impls["torch.compile"] = torch.compile(reference)
-    if not quick:
+    if sizes != "quick":
         impls["torch.compile max-autotune"] = torch.compile(reference, mode="max-autotune")
     hub = adapters_library_block(device)
     if hub is not None:
@@ -159,9 +162,9 @@ def adapter_inputs(n, d, k, dtype, device):
     return make
 
 
-def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, quick, ceil, log):
+def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log):
     rows = []
-    impls = impls_for(device, dtype, quick)
+    impls = impls_for(device, dtype, sizes)
     for case in cases:
         rot = Rotating(inputs_for(*case, dtype, device), device)
         for mode in ("forward", "forward+backward"):
@@ -222,9 +225,11 @@ def adapter_flops(n, d, k, mode):
     return 4 * n * d * k * (1 if mode == "forward" else 3)
 
 
-def gmu_cases(quick, device):
-    if quick:
+def gmu_cases(sizes, device):
+    if sizes == "quick":
         return [(4, 24, 96, 16)] if device.type == "cpu" else [(32, 128, 768, 64)]
+    if sizes == "headline":
+        return [(b, 128, 768, 64) for b in (32, 128)]
     return [(b, 128, d, k) for d in (384, 768, 1024) for k in (16, 64) for b in (8, 32, 128, 512)]
 
 
@@ -245,7 +250,7 @@ def gmu_inputs(b, t, d, k, dtype, device):
     return make
 
 
-def gmu_implementations(device, dtype, quick):
+def gmu_implementations(device, dtype, sizes):
     from ampfuse.ops.gmu import gmu_adapter, gmu_adapter_reference
 
     def reference(t):
@@ -255,7 +260,7 @@ def gmu_implementations(device, dtype, quick):
              ("ampfuse-triton" if device.type == "cuda" else "ampfuse-torch"):
                  lambda t: gmu_adapter(**t, gate="softmax", backend="triton" if device.type == "cuda" else "torch"),
              "torch.compile": torch.compile(reference)}
-    if not quick:
+    if sizes != "quick":
         impls["torch.compile max-autotune"] = torch.compile(reference, mode="max-autotune")
     return impls
 
@@ -272,9 +277,11 @@ def gmu_flops(b, t, d, k, mode):
     return fwd if mode == "forward" else 3 * fwd
 
 
-def fusion_cases(quick, device):
-    if quick:
+def fusion_cases(sizes, device):
+    if sizes == "quick":
         return [(64, 96)] if device.type == "cpu" else [(4096, 768)]
+    if sizes == "headline":
+        return [(n, 768) for n in (4096, 16384)]
     return [(n, d) for d in (384, 768, 1024) for n in (1024, 4096, 16384)]
 
 
@@ -292,7 +299,7 @@ def fusion_inputs(n, d, dtype, device):
     return make
 
 
-def fusion_implementations(device, dtype, quick):
+def fusion_implementations(device, dtype, sizes):
     from ampfuse.ops.fusion import fusion_layer, fusion_layer_reference
 
     impls = {"eager": lambda t: fusion_layer_reference(**t, beta=0.5),
@@ -314,14 +321,14 @@ def fusion_flops(n, d, mode):
 
 # ----------------------------------------------------------------------------- end to end
 
-def run_e2e(device, quick, log):
+def run_e2e(device, sizes, log):
     import copy
 
     import transformers
 
     import ampfuse
 
-    if quick:
+    if sizes == "quick":
         config = transformers.BertConfig(vocab_size=1000, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                                          intermediate_size=192)
         batch, seq = 4, 16
@@ -445,7 +452,10 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all", choices=[*SUITES, "all"])
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    p.add_argument("--quick", action="store_true", help="one small size per suite (the CI smoke)")
+    p.add_argument("--sizes", default="full", choices=["quick", "headline", "full"],
+                   help="quick: one small size per suite (the CI smoke); headline: DESIGN.md's headline shapes "
+                        "(fits a 10-minute GPU lease); full: the whole grid")
+    p.add_argument("--quick", action="store_const", dest="sizes", const="quick", help="same as --sizes quick")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<gpu>-<date> or a "
                                                 "cpu-smoke folder)")
@@ -459,16 +469,16 @@ def main(argv=None):
     suites = SUITES if args.suite == "all" else [args.suite]
     rows = []
     if "adapter" in suites:
-        rows += run_op_suite("adapter", adapter_cases(args.quick, device), adapter_implementations, adapter_inputs,
-                             adapter_bytes, adapter_flops, device, dtype, args.quick, ceil, log)
+        rows += run_op_suite("adapter", adapter_cases(args.sizes, device), adapter_implementations, adapter_inputs,
+                             adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log)
     if "gmu" in suites:
-        rows += run_op_suite("gmu", gmu_cases(args.quick, device), gmu_implementations, gmu_inputs, gmu_bytes,
-                             gmu_flops, device, dtype, args.quick, ceil, log)
+        rows += run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_inputs, gmu_bytes,
+                             gmu_flops, device, dtype, args.sizes, ceil, log)
     if "fusion" in suites:
-        rows += run_op_suite("fusion", fusion_cases(args.quick, device), fusion_implementations, fusion_inputs,
-                             fusion_bytes, fusion_flops, device, dtype, args.quick, ceil, log)
+        rows += run_op_suite("fusion", fusion_cases(args.sizes, device), fusion_implementations, fusion_inputs,
+                             fusion_bytes, fusion_flops, device, dtype, args.sizes, ceil, log)
     if "e2e" in suites:
-        rows += run_e2e(device, args.quick, log)
+        rows += run_e2e(device, args.sizes, log)
     import transformers
 
     try:

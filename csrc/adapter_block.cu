@@ -1,13 +1,15 @@
-// Adapter block (DESIGN.md section 2) in CUDA C++: the first, correctness-first version.
+// Adapter block (DESIGN.md section 2) in CUDA C++.
 //
-// One warp owns one row at a time: LayerNorm statistics by warp shuffles, the bottleneck as
-// warp-wide dot products (CUDA cores, fp32 accumulation), row buffers in shared memory. The
-// backward is a persistent grid of one-warp blocks, each adding its rows' parameter gradients
-// to its own fp32 slice of a [P, T] buffer (no atomics: deterministic), and a reduction kernel.
+// Forward: row tiles per block of 8 warps, LayerNorms a warp per row with the row in registers,
+// the two bottleneck GEMMs on tensor cores (WMMA) for fp16/bf16 (see adapter_block_fwd_kernel).
+// Backward: still the first, correctness-first version: one warp owns one row at a time, the
+// bottleneck as warp-wide dot products (CUDA cores), each one-warp block adding its rows'
+// parameter gradients to its own fp32 slice of a [P, T] buffer (no atomics: deterministic),
+// then a reduction kernel. It is far slower than the Triton backward (benchmarks/results/).
 // Dropout uses the same Philox4x32-10 stream and counter layout as Triton's tl.rand, so masks
-// match the Triton kernels bit for bit. Tensor-core tiles come next, measured on a GPU.
+// match the Triton kernels bit for bit.
 //
-// Parameters arrive as fp32 (the Python side converts), hidden states as fp32/fp16/bf16.
+// Vector parameters arrive as fp32 (the Python side converts), hidden states as fp32/fp16/bf16.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -16,7 +18,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
+
+#include <type_traits>
 
 #include "adapter_block.h"
 
@@ -24,6 +31,11 @@ namespace ampfuse {
 namespace {
 
 constexpr int kWarp = 32;
+
+// fp32, fp16 and bf16 activations (the Python side rejects other dtypes before calling in).
+#define AMPFUSE_DISPATCH(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -139,26 +151,199 @@ __device__ __forceinline__ float up_projection(const Params& p, const float* pk,
   return v;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Forward: tiles of BM rows (BM a multiple of 16) per block of 8 warps, persistent over tiles.
+// Row phases (LayerNorms, residual, output) run a warp per row with the row in registers
+// (VPL values per lane, so D <= 32 * VPL); the two bottleneck GEMMs run on tensor cores (WMMA,
+// fp32 accumulation) for fp16/bf16 and on CUDA cores for fp32. Shared memory per block:
+//   X  fp32 [BM][DP]  a_res + r, then o = X + s * keep * (v + b_up)
+//   AN T    [BM][DP]  LN_a(a) (GEMM 1's A operand; padded columns are 0)
+//   Z  fp32 [BM][KP]  an W_down^T
+//   PK T    [BM][KP]  f(z + b_down) (GEMM 2's A operand)
+//   STG fp32 [8][256] one 16x16 staging tile per warp (GEMM 2's epilogue)
+// The weights come padded to DP, KP (multiples of 16) and in the activation dtype, so every
+// WMMA fragment load is aligned; padded weight rows/columns are 0 and f(0) = 0 for every
+// activation, so padding never changes a result.
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarp;
+
+template <typename T> struct Native { using type = T; };
+template <> struct Native<c10::Half> { using type = __half; };
+template <> struct Native<c10::BFloat16> { using type = __nv_bfloat16; };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// acc(16x16 fp32, stored row-major with leading dimension ldc) = A[16 x kdim] (row-major in shared
+// memory, leading dimension lda) times B, where B(k, n) = b[n * ldb + k] (a row-major weight read
+// as its transpose; global memory). One warp per call; kdim a multiple of 16.
 template <typename T>
-__global__ void adapter_block_fwd_kernel(Params p, const T* __restrict__ h, const T* __restrict__ r,
-                                         T* __restrict__ y) {
-  extern __shared__ float smem[];
-  const int lane = threadIdx.x;
-  float *a = smem, *an = a + p.D, *o = an + p.D, *z = o + p.D, *pk = z + p.K;
-  for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
-    const T *hr = h + row * p.D, *rr = r + row * p.D;
-    float mean1 = 0.f, rstd1 = 1.f, mean_a = 0.f, rstd_a = 1.f;
-    row_forward(p, hr, rr, a, an, z, pk, lane, mean1, rstd1, mean_a, rstd_a);
-    for (int i = lane; i < p.D; i += kWarp) {
-      const float u = scale_at(p, i) * up_projection(p, pk, i) * keep_factor(p, row * p.D + i);
-      o[i] = u + (p.residual_before_ln ? static_cast<float>(hr[i]) : a[i]) + static_cast<float>(rr[i]);
+__device__ __forceinline__ void warp_tile_gemm(const T* a, int lda, const T* b, int ldb, int kdim, float* c,
+                                               int ldc, int lane) {
+  if constexpr (std::is_same_v<T, float>) {
+    // CUDA cores: lane owns row lane / 2, columns (lane % 2) * 8 .. + 8.
+    const int row = lane >> 1, col0 = (lane & 1) * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < kdim; ++k) {
+      const float av = a[row * lda + k];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] += av * b[(col0 + j) * ldb + k];
     }
-    __syncwarp();
-    float mean, rstd;
-    row_stats(o, p.D, p.eps, lane, mean, rstd);
-    for (int i = lane; i < p.D; i += kWarp)
-      y[row * p.D + i] = static_cast<T>((o[i] - mean) * rstd * p.gamma[i] + p.beta[i]);
-    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c[row * ldc + col0 + j] = acc[j];
+  } else {
+    namespace wmma = nvcuda::wmma;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int k = 0; k < kdim; k += 16) {
+      wmma::load_matrix_sync(fa, a + k, lda);
+      wmma::load_matrix_sync(fb, b + k, ldb);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
+  }
+}
+
+// v <- LN(v) * w + b for a row held VPL values per lane (columns lane + 32 j; 0 beyond D, and
+// left 0 there). Two-pass statistics in registers.
+template <int VPL>
+__device__ __forceinline__ void row_layer_norm(float (&v)[VPL], const float* w, const float* b, int D, float eps,
+                                               int lane) {
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) s += v[j];
+  const float mean = warp_sum(s) / D;
+  float q = 0.f;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const float c = lane + j * kWarp < D ? v[j] - mean : 0.f;
+    q += c * c;
+  }
+  const float rstd = rsqrtf(warp_sum(q) / D + eps);
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int i = lane + j * kWarp;
+    v[j] = i < D ? (v[j] - mean) * rstd * w[i] + b[i] : 0.f;
+  }
+}
+
+struct TileShape {
+  int BM, DP, KP;
+};
+
+__host__ __device__ inline size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+template <typename T>
+__host__ __device__ inline size_t fwd_shared_bytes(TileShape t) {
+  return align128(sizeof(float) * t.BM * t.DP) + align128(sizeof(T) * t.BM * t.DP) +
+         align128(sizeof(float) * t.BM * t.KP) + align128(sizeof(T) * t.BM * t.KP) +
+         sizeof(float) * kWarps * 256;
+}
+
+template <typename T, int VPL>
+__global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p, TileShape t, const T* __restrict__ h,
+                                                                     const T* __restrict__ r,
+                                                                     const T* __restrict__ wd_op,
+                                                                     const T* __restrict__ wu_op, T* __restrict__ y) {
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  const int BM = t.BM, DP = t.DP, KP = t.KP, D = p.D;
+  float* X = reinterpret_cast<float*>(shared_raw);
+  T* AN = reinterpret_cast<T*>(shared_raw + align128(sizeof(float) * BM * DP));
+  float* Z = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(AN) + align128(sizeof(T) * BM * DP));
+  T* PK = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(Z) + align128(sizeof(float) * BM * KP));
+  float* STG = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(PK) + align128(sizeof(T) * BM * KP));
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t tiles = (p.M + BM - 1) / BM;
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * BM;
+    // ---- rows in: a = LN(h + r) or h, an = LN_a(a) or a; X = a_res + r ----
+    // Two register arrays per lane (x, then a, then an, in place; and r) keep the kernel at two
+    // blocks per multiprocessor for D <= 1024.
+    for (int m = warp; m < BM; m += kWarps) {
+      const int64_t row = row0 + m;
+      const bool live = row < p.M;
+      float x[VPL], rv[VPL];
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        const int i = lane + j * kWarp;
+        const bool in = live && i < D;
+        x[j] = in ? to_float(h[row * D + i]) : 0.f;
+        rv[j] = in ? to_float(r[row * D + i]) : 0.f;
+      }
+      if (p.residual_before_ln) {
+#pragma unroll
+        for (int j = 0; j < VPL; ++j)
+          if (lane + j * kWarp < DP) X[m * DP + lane + j * kWarp] = x[j] + rv[j];
+      }
+      if (p.orig_ln_before) {
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) x[j] += rv[j];
+        row_layer_norm<VPL>(x, p.gamma, p.beta, D, p.eps, lane);
+      }
+      if (!p.residual_before_ln) {
+#pragma unroll
+        for (int j = 0; j < VPL; ++j)
+          if (lane + j * kWarp < DP) X[m * DP + lane + j * kWarp] = x[j] + rv[j];
+      }
+      if (p.ln_before) row_layer_norm<VPL>(x, p.ga, p.ba, D, p.eps_a, lane);
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        const int i = lane + j * kWarp;
+        if (i < DP) AN[m * DP + i] = from_float<T>(live && i < D ? x[j] : 0.f);
+      }
+    }
+    __syncthreads();
+    // ---- GEMM 1: Z = AN W_down^T, then PK = f(Z + b_down) ----
+    const int mt = BM / 16, nt1 = KP / 16, nt2 = DP / 16;
+    for (int job = warp; job < mt * nt1; job += kWarps) {
+      const int m0 = (job % mt) * 16, n0 = (job / mt) * 16;
+      warp_tile_gemm<T>(AN + m0 * DP, DP, wd_op + static_cast<int64_t>(n0) * DP, DP, DP, Z + m0 * KP + n0, KP, lane);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < BM * KP; e += kThreads) {
+      const int k = e % KP;
+      PK[e] = from_float<T>(k < p.K ? act(Z[e] + p.bd[k], p.act) : 0.f);
+    }
+    __syncthreads();
+    // ---- GEMM 2: v = PK W_up^T; epilogue X += s * keep * (v + b_up) ----
+    float* stg = STG + warp * 256;
+    for (int job = warp; job < mt * nt2; job += kWarps) {
+      const int m0 = (job % mt) * 16, n0 = (job / mt) * 16;
+      warp_tile_gemm<T>(PK + m0 * KP, KP, wu_op + static_cast<int64_t>(n0) * KP, KP, KP, stg, 16, lane);
+      __syncwarp();
+      for (int e = lane; e < 256; e += kWarp) {
+        const int m = m0 + e / 16, i = n0 + e % 16;
+        const int64_t row = row0 + m;
+        if (i < D && row < p.M)
+          X[m * DP + i] += scale_at(p, i) * (stg[e] + p.bu[i]) * keep_factor(p, row * D + i);
+      }
+      __syncwarp();
+    }
+    __syncthreads();
+    // ---- rows out: y = LN(o) ----
+    for (int m = warp; m < BM; m += kWarps) {
+      const int64_t row = row0 + m;
+      if (row >= p.M) break;
+      float o[VPL];
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) o[j] = lane + j * kWarp < D ? X[m * DP + lane + j * kWarp] : 0.f;
+      row_layer_norm<VPL>(o, p.gamma, p.beta, D, p.eps, lane);
+#pragma unroll
+      for (int j = 0; j < VPL; ++j)
+        if (lane + j * kWarp < D) y[row * D + lane + j * kWarp] = from_float<T>(o[j]);
+    }
+    __syncthreads();  // X and AN are rewritten by the next tile
   }
 }
 
@@ -315,9 +500,10 @@ Params make_params(const at::Tensor& h, const at::Tensor& ln_weight, const at::T
   p.beta = ln_bias.data_ptr<float>();
   p.ga = fp32_ptr(adapter_ln_weight);
   p.ba = fp32_ptr(adapter_ln_bias);
-  p.wd = w_down.data_ptr<float>();
+  const bool fp32_weights = w_down.scalar_type() == at::kFloat;  // the backward's; the forward's are padded
+  p.wd = fp32_weights ? w_down.data_ptr<float>() : nullptr;
   p.bd = b_down.data_ptr<float>();
-  p.wu = w_up.data_ptr<float>();
+  p.wu = fp32_weights ? w_up.data_ptr<float>() : nullptr;
   p.bu = b_up.data_ptr<float>();
   p.scale = fp32_ptr(scale);
   p.scale_mode = !scale ? 0 : (scale->numel() > 1 ? 2 : 1);
@@ -328,7 +514,7 @@ Params make_params(const at::Tensor& h, const at::Tensor& ln_weight, const at::T
   p.p_drop = static_cast<float>(dropout_p);
   p.M = h.size(0);
   p.D = static_cast<int>(h.size(1));
-  p.K = static_cast<int>(w_down.size(0));
+  p.K = static_cast<int>(b_down.size(0));
   p.act = static_cast<int>(activation);
   p.orig_ln_before = original_ln_before;
   p.ln_before = adapter_ln_weight.has_value();
@@ -354,6 +540,7 @@ void allow_shared(Kernel kernel, size_t bytes) {
 
 }  // namespace
 
+// w_down, w_up: padded to (KP, DP) and (DP, KP), in h's dtype (ampfuse/ops/cuda.py prepares them).
 at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at::Tensor& ln_weight,
                              const at::Tensor& ln_bias, const at::Tensor& w_down, const at::Tensor& b_down,
                              const at::Tensor& w_up, const at::Tensor& b_up, const c10::optional<at::Tensor>& scale,
@@ -362,19 +549,49 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
                              double adapter_ln_eps, int64_t activation, bool original_ln_before,
                              bool residual_before_ln, double dropout_p, const c10::optional<at::Tensor>& seed) {
   TORCH_CHECK(h.is_cuda() && h.dim() == 2 && h.is_contiguous(), "h must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(r.sizes() == h.sizes() && r.scalar_type() == h.scalar_type() && r.is_contiguous(),
+              "r must match h in shape and dtype and be contiguous");
   const c10::cuda::CUDAGuard guard(h.device());
   Params p = make_params(h, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
                          adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
                          residual_before_ln, dropout_p, seed);
+  const TileShape shape{16, static_cast<int>(w_down.size(1)), static_cast<int>(w_down.size(0))};
+  TORCH_CHECK(w_down.scalar_type() == h.scalar_type() && w_up.scalar_type() == h.scalar_type() &&
+                  shape.DP % 16 == 0 && shape.KP % 16 == 0 && shape.DP >= p.D && shape.KP >= p.K &&
+                  w_up.size(0) == shape.DP && w_up.size(1) == shape.KP && w_down.is_contiguous() &&
+                  w_up.is_contiguous(),
+              "adapter_block_fwd: w_down/w_up must be padded to multiples of 16 and in h's dtype");
+  TORCH_CHECK(p.D <= 2048, "the cuda backend supports hidden sizes up to 2048, got ", p.D);
   at::Tensor y = at::empty_like(h);
   if (p.M == 0) return y;
-  const size_t shared = (3 * static_cast<size_t>(p.D) + 2 * p.K) * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "adapter_block_fwd", [&] {
-    auto kernel = adapter_block_fwd_kernel<scalar_t>;
-    allow_shared(kernel, shared);
-    kernel<<<grid_size(p.M, 8), kWarp, shared, stream>>>(p, h.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
-                                                      y.data_ptr<scalar_t>());
+  int device = 0, sms = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_fwd", [&] {
+    using T = typename Native<scalar_t>::type;
+    // 32-row tiles while two blocks still fit on a multiprocessor, else 16.
+    TileShape tile = shape;
+    tile.BM = fwd_shared_bytes<T>(TileShape{32, shape.DP, shape.KP}) <= static_cast<size_t>(optin / 2) ? 32 : 16;
+    const size_t shared = fwd_shared_bytes<T>(tile);
+    TORCH_CHECK(shared <= static_cast<size_t>(optin), "adapter_block_fwd: d=", p.D, ", k=", p.K,
+                " needs more shared memory than this GPU has; use the triton backend");
+    auto launch = [&](auto kernel) {
+      allow_shared(kernel, shared);
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
+      const int64_t tiles = (p.M + tile.BM - 1) / tile.BM;
+      const int grid = static_cast<int>(std::min<int64_t>(tiles, static_cast<int64_t>(std::max(per_sm, 1)) * sms));
+      kernel<<<grid, kThreads, shared, stream>>>(
+          p, tile, reinterpret_cast<const T*>(h.data_ptr<scalar_t>()), reinterpret_cast<const T*>(r.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()), reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
+          reinterpret_cast<T*>(y.data_ptr<scalar_t>()));
+    };
+    if (p.D <= 128) launch(adapter_block_fwd_kernel<T, 4>);
+    else if (p.D <= 512) launch(adapter_block_fwd_kernel<T, 16>);
+    else if (p.D <= 1024) launch(adapter_block_fwd_kernel<T, 32>);
+    else launch(adapter_block_fwd_kernel<T, 64>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
@@ -402,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
   at::Tensor flat = at::empty({total}, h.options().dtype(at::kFloat));
   const size_t shared = (5 * static_cast<size_t>(p.D) + 3 * p.K) * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "adapter_block_bwd", [&] {
+  AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_bwd", [&] {
     auto kernel = adapter_block_bwd_kernel<scalar_t>;
     allow_shared(kernel, shared);
     kernel<<<programs, kWarp, shared, stream>>>(

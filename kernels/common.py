@@ -10,23 +10,22 @@ import triton.language as tl
 
 from . import runtime
 
+# Globals a kernel reads must be tl.constexpr objects (triton 3.6 rejects annotated plain numbers).
 # Activation codes, shared with the Python side (ampfuse.ops.activations).
-ACT_IDENTITY: tl.constexpr = 0
-ACT_RELU: tl.constexpr = 1
-ACT_GELU: tl.constexpr = 2
-ACT_GELU_TANH: tl.constexpr = 3
-ACT_SILU: tl.constexpr = 4
-ACT_TANH: tl.constexpr = 5
+ACT_IDENTITY = tl.constexpr(0)
+ACT_RELU = tl.constexpr(1)
+ACT_GELU = tl.constexpr(2)
+ACT_GELU_TANH = tl.constexpr(3)
+ACT_SILU = tl.constexpr(4)
+ACT_TANH = tl.constexpr(5)
 
 # Scaling kinds (constexpr SCALE_MODE).
-SCALE_FLOAT: tl.constexpr = 0  # python float, no gradient
-SCALE_SCALAR: tl.constexpr = 1  # learned scalar tensor
-SCALE_CHANNEL: tl.constexpr = 2  # learned per-channel tensor (D,)
+SCALE_FLOAT = tl.constexpr(0)  # python float, no gradient
+SCALE_SCALAR = tl.constexpr(1)  # learned scalar tensor
+SCALE_CHANNEL = tl.constexpr(2)  # learned per-channel tensor (D,)
 
-_SQRT1_2: tl.constexpr = 0.7071067811865476
-_INV_SQRT_2PI: tl.constexpr = 0.3989422804014327
-_TANH_C: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_A: tl.constexpr = 0.044715
+# Float constants stay literals in the kernels: a float tl.constexpr global breaks the interpreter.
+# 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2 pi), 0.7978845608028654 = sqrt(2/pi).
 
 
 @triton.jit
@@ -40,9 +39,9 @@ def activation(z, ACT: tl.constexpr):
     if ACT == ACT_RELU:
         out = tl.maximum(z, 0.0)
     elif ACT == ACT_GELU:
-        out = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == ACT_GELU_TANH:
-        out = 0.5 * z * (1.0 + tanh_f32(_TANH_C * (z + _TANH_A * z * z * z)))
+        out = 0.5 * z * (1.0 + tanh_f32(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACT == ACT_SILU:
         out = z * tl.sigmoid(z)
     elif ACT == ACT_TANH:
@@ -58,11 +57,11 @@ def activation_grad(z, ACT: tl.constexpr):
     if ACT == ACT_RELU:
         out = tl.where(z > 0.0, 1.0, 0.0)
     elif ACT == ACT_GELU:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
-        out = cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        out = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACT == ACT_GELU_TANH:
-        t = tanh_f32(_TANH_C * (z + _TANH_A * z * z * z))
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _TANH_C * (1.0 + 3.0 * _TANH_A * z * z)
+        t = tanh_f32(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
     elif ACT == ACT_SILU:
         sig = tl.sigmoid(z)
         out = sig * (1.0 + z * (1.0 - sig))

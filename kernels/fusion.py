@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .common import dropout_keep, load_rows
 
-SLOT_WG, SLOT_BG, SLOT_WP, SLOT_BP, SLOT_LNW, SLOT_LNB = 0, 4, 8, 12, 16, 17
+SLOT_WG, SLOT_BG, SLOT_WP, SLOT_BP, SLOT_LNW, SLOT_LNB = map(tl.constexpr, (0, 4, 8, 12, 16, 17))  # read by kernels
 NUM_SLOTS = 18
 
 

@@ -22,9 +22,11 @@ from .common import (SCALE_CHANNEL, SCALE_FLOAT, SCALE_SCALAR, accumulate_partia
 
 MAX_MODALITIES = 4
 # Slots of the offset table: stream j's W, c, LN weight, LN bias at SLOT_W + j, ... (j = 0 text).
-SLOT_W, SLOT_C, SLOT_LG, SLOT_LB = 0, 5, 10, 15
-SLOT_GATE_W, SLOT_GATE_B, SLOT_GMU_W, SLOT_W_UP, SLOT_B_UP, SLOT_SCALE, SLOT_LN_W, SLOT_LN_B = range(20, 28)
-SLOT_DM = 28  # + i - 1 for modality stream i (per-sample modalities only)
+# (tl.constexpr: kernels read them.)
+SLOT_W, SLOT_C, SLOT_LG, SLOT_LB = map(tl.constexpr, (0, 5, 10, 15))
+SLOT_GATE_W, SLOT_GATE_B, SLOT_GMU_W, SLOT_W_UP, SLOT_B_UP, SLOT_SCALE, SLOT_LN_W, SLOT_LN_B = map(tl.constexpr,
+                                                                                                   range(20, 28))
+SLOT_DM = tl.constexpr(28)  # + i - 1 for modality stream i (per-sample modalities only)
 NUM_SLOTS = 32
 
 

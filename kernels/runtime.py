@@ -54,6 +54,6 @@ def pack_layout(entries, num_slots):
     layout, table, offset = [], [-1] * num_slots, 0
     for name, slot, shape in entries:
         layout.append((name, offset, shape))
-        table[slot] = offset
+        table[int(slot)] = offset
         offset += int(torch.Size(shape).numel())
     return layout, table, offset

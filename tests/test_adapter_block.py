@@ -263,8 +263,8 @@ def test_torch_compile_fullgraph_equals_eager(device):
 
 # ----------------------------------------------------------------------------- dispatch and bad input
 
-def test_backend_selection(monkeypatch):
-    tensors, kwargs = testing.adapter_inputs(4, 16, 2)
+def test_backend_selection(monkeypatch, device):
+    tensors, kwargs = testing.adapter_inputs(4, 16, 2, device=device)
     monkeypatch.setenv("AMPFUSE_BACKEND", "torch")
     before = runtime.launch_count
     testing.call(adapter_block, tensors, **kwargs)

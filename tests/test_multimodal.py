@@ -46,12 +46,13 @@ def test_patched_minilm_trains_on_synthetic_aligned_features(minilm, text_batch)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_torch_compile_of_the_multimodal_model_equals_eager(text_batch, backend):
+def test_torch_compile_of_the_multimodal_model_equals_eager(text_batch, backend, device):
     sizes = {"audio": 6, "visual": 5}
     mm = ampfuse.patch_multimodal(tiny_bert(), ampfuse.MultimodalConfig(sizes, zero_init_up=False, gate="softmax",
-                                                                         fusion_layers=[2])).eval()
+                                                                         fusion_layers=[2])).eval().to(device)
     batch = {"input_ids": text_batch["input_ids"] % 120, "attention_mask": text_batch["attention_mask"]}
-    feats = features(batch, sizes)
+    feats = {k: v.to(device) for k, v in features(batch, sizes).items()}
+    batch = {k: v.to(device) for k, v in batch.items()}
     with ampfuse.use_backend(backend):
         eager = mm(**batch, **feats).logits
         compiled = torch.compile(lambda **kw: mm(**kw).logits)(**batch, **feats)

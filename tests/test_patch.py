@@ -186,10 +186,11 @@ def test_task_heads_roberta_and_structure_detection(text_batch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_torch_compile_of_patched_model_equals_eager(text_batch, backend):
-    model = ampfuse.patch(tiny_bert(), ampfuse.AdapterConfig.houlsby(scaling="channel"))
+def test_torch_compile_of_patched_model_equals_eager(text_batch, backend, device):
+    model = ampfuse.patch(tiny_bert().to(device), ampfuse.AdapterConfig.houlsby(scaling="channel"))
     randomize_adapters(model)
     batch = {"input_ids": text_batch["input_ids"] % 120, "attention_mask": text_batch["attention_mask"]}
+    batch = {k: v.to(device) for k, v in batch.items()}
     with ampfuse.use_backend(backend):
         eager = hidden(model, batch)
         compiled = torch.compile(lambda **b: hidden(model, b))(**batch)
@@ -208,14 +209,15 @@ def test_ddp_two_processes_keep_adapters_in_sync(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_autocast_mixed_dtypes_are_promoted_like_eager(text_batch, backend):
+def test_autocast_mixed_dtypes_are_promoted_like_eager(text_batch, backend, device):
     """Under autocast the dense output is 16-bit and the residual fp32: the adapters promote them as
     h + r would, so a patched model trains under autocast and matches the eager composition."""
-    model = ampfuse.patch(tiny_bert(), ampfuse.AdapterConfig.houlsby(scaling="channel"))
+    model = ampfuse.patch(tiny_bert().to(device), ampfuse.AdapterConfig.houlsby(scaling="channel"))
     randomize_adapters(model)
     batch = {"input_ids": text_batch["input_ids"] % 120, "attention_mask": text_batch["attention_mask"]}
+    batch = {k: v.to(device) for k, v in batch.items()}
     reference = copy.deepcopy(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         with ampfuse.use_backend(backend):
             y = hidden(model, batch)
         with ampfuse.use_backend("torch"):

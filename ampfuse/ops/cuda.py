@@ -1,8 +1,10 @@
 """Calls into the compiled CUDA extension (csrc/, torch.ops.ampfuse_C) with the arguments the
 Triton launchers take, so the custom ops switch backends by name only. The CUDA kernels read
-parameters as fp32: other parameter dtypes are converted here (one small copy each)."""
+vector parameters as fp32, and the forward's tensor-core GEMMs read the two weight matrices in
+the activation dtype, zero-padded to multiples of 16: both are prepared here (small copies)."""
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels.runtime import ACTIVATION_CODES  # the codes csrc/adapter_block.cu switches on too
 
@@ -21,10 +23,19 @@ def _params(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_we
                                adapter_ln_bias)]
 
 
+def _padded_weights(w_down, w_up, dtype):
+    """W_down as (KP, DP) and W_up as (DP, KP) in dtype, zero-padded to multiples of 16."""
+    k, d = w_down.shape
+    pad_k, pad_d = -k % 16, -d % 16
+    return (F.pad(w_down.to(dtype), (0, pad_d, 0, pad_k)).contiguous(),
+            F.pad(w_up.to(dtype), (0, pad_k, 0, pad_d)).contiguous())
+
+
 def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
                       adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
                       residual_before_ln, dropout_p, seed):
     params = _params(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
+    params[2], params[4] = _padded_weights(w_down, w_up, h.dtype)
     return _ops().adapter_block_fwd(h, r, *params, float(scale_value), float(ln_eps), float(adapter_ln_eps),
                                     ACTIVATION_CODES[activation], bool(original_ln_before), bool(residual_before_ln),
                                     float(dropout_p), seed if dropout_p > 0 else None)
