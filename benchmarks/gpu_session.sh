@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU runs (device tool, from the repository root; results under $OUT):
-#   STAGES="build tests sanitizer bench" SUITES="adapter gmu fusion e2e" bash benchmarks/gpu_session.sh
+#   STAGES="build tests sanitizer bench" SUITES="adapter:400:headline e2e:120" bash benchmarks/gpu_session.sh
 # build: the CUDA extension in place (sm_90 only, to keep the lease short); tests: the whole suite
 # on the GPU (8 workers); sanitizer: memcheck and racecheck on small cases of every fused kernel;
-# bench: each suite at --sizes headline. Logs and reports are written to a work folder and packed
+# bench: each suite SUITE[:TIMEOUT_S[:SIZES]] (default 400 s, --sizes headline). Logs and reports are written to a work folder and packed
 # into $OUT/session.tar.gz at the end (the device tool returns at most 8 files); stage timeouts
 # keep the whole script inside one 10-minute call.
 # The adapters library (its baseline rows) pins transformers 4.57: carry it and its pins as wheels
@@ -14,7 +14,6 @@ OUT=${OUT:-/tmp/ampfuse-gpu}
 W=$(mktemp -d)
 STAGES=${STAGES:-build tests sanitizer bench}
 SUITES=${SUITES:-adapter gmu fusion e2e}
-SIZES=${SIZES:-headline}
 mkdir -p "$W/bench" "$OUT"
 export PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -26,7 +25,7 @@ if has build; then
     > "$W/build.log" 2>&1; echo "build rc=$?"; grep -E "error|warning: .*(spill|stack)" "$W/build.log" | head -20
 fi
 if has tests; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 240 -rfE \
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -n 14 -p no:cacheprovider --timeout 90 --tb=line -rfE \
     ${TESTS:-tests --ignore=tests/test_benchmarks.py --ignore=tests/test_docs.py} > "$W/pytest-gpu.log" 2>&1
   echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$W/pytest-gpu.log" | tail -25
 fi
@@ -44,8 +43,9 @@ if has bench; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && site=(env PYTHONPATH=/tmp/site)
   fi
-  for suite in $SUITES; do
-    timeout "${BENCH_TIMEOUT:-400}" "${site[@]}" python3 -m benchmarks.run --suite "$suite" --sizes "$SIZES" \
+  for spec in $SUITES; do
+    IFS=: read -r suite limit sizes <<< "$spec"
+    timeout "${limit:-400}" "${site[@]}" python3 -m benchmarks.run --suite "$suite" --sizes "${sizes:-headline}" \
       ${BENCH_ARGS:-} --out "$W/bench/$suite" > "$W/bench-$suite.log" 2>&1
     echo "bench $suite rc=$?"; grep -E "^  " "$W/bench-$suite.log" | grep -v skipped | cut -c1-120
   done

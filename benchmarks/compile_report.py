@@ -1,0 +1,103 @@
+"""Shared memory each Triton kernel needs at the benchmark shapes, compiled for a GPU target
+without a GPU (Triton compiles ahead of time for any target; nothing runs).
+
+    TRITON_INTERPRET=1 python -m benchmarks.compile_report [--arch 90]
+
+Every launch the ops make is intercepted (kernels.runtime.launch), its arguments turned into a
+signature, and the kernel compiled for the target; the launch itself is skipped, so outputs are
+garbage and only the report counts. A kernel needing more shared memory than the target has
+(about 227 KiB on Hopper) would fail at its first GPU launch with OutOfResources.
+"""
+
+import argparse
+import os
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("run without TRITON_INTERPRET=1: compiling needs the kernels as JIT functions")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ampfuse import backend  # noqa: E402
+from ampfuse.kernels import runtime  # noqa: E402
+
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+         torch.int32: "i32", torch.int8: "i8", torch.bool: "i1"}
+OPTIONS = ("num_warps", "num_stages")
+
+
+def compile_launch(kernel, args, meta, target):
+    fn = kernel
+    names, sig, consts = fn.arg_names, {}, {}
+    values = dict(zip(names, args), **{k: v for k, v in meta.items() if k not in OPTIONS})
+    for i, name in enumerate(names):
+        v = values[name]
+        if name in meta or fn.params[i].is_constexpr:
+            sig[name], consts[(i,)] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+        else:
+            sig[name] = "fp32"
+    options = {k: meta[k] for k in OPTIONS if k in meta}
+    return triton.compile(ASTSource(fn, sig, consts), target=target, options=options)
+
+
+def cases():
+    from ampfuse import testing
+    from ampfuse.ops.adapter_block import adapter_block
+    from benchmarks.run import fusion_inputs, gmu_inputs
+    from ampfuse.ops.fusion import fusion_layer
+    from ampfuse.ops.gmu import gmu_adapter
+
+    for d, k in ((384, 64), (768, 64), (1024, 64), (768, 256)):
+        tensors, kwargs = testing.adapter_inputs(16, d, k, dtype=torch.bfloat16, ln_before=True, scale_kind="channel")
+        yield f"adapter d={d} k={k}", lambda t=tensors, kw=kwargs: testing.call(adapter_block, t, backend="triton",
+                                                                                   **kw).sum().backward()
+    for d in (384, 768, 1024):
+        t = gmu_inputs(2, 8, d, 64, torch.bfloat16, "cpu")()
+        yield f"gmu d={d} k=64", lambda t=t: gmu_adapter(**t, gate="softmax", backend="triton").sum().backward()
+        t = fusion_inputs(16, d, torch.bfloat16, "cpu")()
+        yield f"fusion d={d}", lambda t=t: fusion_layer(**t, beta=0.5, backend="triton").sum().backward()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
+    p.add_argument("--limit-kib", type=float, default=227.0, help="shared memory per block of the target")
+    args = p.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    rows, seen = [], set()
+
+    def report(kernel, grid, *a, **meta):
+        meta = runtime.DEFAULT_META | meta
+        key = (kernel.fn.__name__, tuple(sorted((k, v) for k, v in meta.items())))
+        if key in seen:
+            return
+        seen.add(key)
+        compiled = compile_launch(kernel, a, meta, target)
+        rows.append((case, kernel.fn.__name__, meta.get("num_warps", 4), meta.get("num_stages", 3),
+                     compiled.metadata.shared / 1024))
+
+    runtime.launch = report
+    backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors: nothing runs
+    for case, fn in cases():
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - outputs are garbage once launches are skipped
+            pass
+    print(f"{'case':22} {'kernel':34} {'warps':>5} {'stages':>6} {'smem KiB':>9}")
+    for case, name, warps, stages, kib in rows:
+        flag = "  OVER" if kib > args.limit_kib else ""
+        print(f"{case:22} {name:34} {warps:5} {stages:6} {kib:9.1f}{flag}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
