@@ -10,6 +10,7 @@ garbage and only the report counts. A kernel needing more shared memory than the
 """
 
 import argparse
+import itertools
 import os
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -55,9 +56,10 @@ def cases():
     from ampfuse.ops.fusion import fusion_layer
     from ampfuse.ops.gmu import gmu_adapter
 
-    for d, k in ((384, 64), (768, 64), (1024, 64), (768, 256)):
-        tensors, kwargs = testing.adapter_inputs(16, d, k, dtype=torch.bfloat16, ln_before=True, scale_kind="channel")
-        yield f"adapter d={d} k={k}", lambda t=tensors, kw=kwargs: testing.call(adapter_block, t, backend="triton",
+    for (d, k), dtype in itertools.product(((384, 64), (768, 64), (1024, 64), (768, 256)),
+                                           (torch.bfloat16, torch.float32)):
+        tensors, kwargs = testing.adapter_inputs(16, d, k, dtype=dtype, ln_before=True, scale_kind="channel")
+        yield f"adapter d={d} k={k} {TYPES[dtype]}", lambda t=tensors, kw=kwargs: testing.call(adapter_block, t, backend="triton",
                                                                                    **kw).sum().backward()
     for d in (384, 768, 1024):
         t = gmu_inputs(2, 8, d, 64, torch.bfloat16, "cpu")()
@@ -77,7 +79,8 @@ def main(argv=None):
 
     def report(kernel, grid, *a, **meta):
         meta = runtime.DEFAULT_META | meta
-        key = (kernel.fn.__name__, tuple(sorted((k, v) for k, v in meta.items())))
+        key = (kernel.fn.__name__, tuple(sorted((k, v) for k, v in meta.items())),
+               tuple(str(x.dtype) for x in a if isinstance(x, torch.Tensor)))
         if key in seen:
             return
         seen.add(key)
@@ -92,10 +95,10 @@ def main(argv=None):
             fn()
         except Exception:  # noqa: BLE001 - outputs are garbage once launches are skipped
             pass
-    print(f"{'case':22} {'kernel':34} {'warps':>5} {'stages':>6} {'smem KiB':>9}")
+    print(f"{'case':27} {'kernel':29} {'warps':>5} {'stages':>6} {'smem KiB':>9}")
     for case, name, warps, stages, kib in rows:
         flag = "  OVER" if kib > args.limit_kib else ""
-        print(f"{case:22} {name:34} {warps:5} {stages:6} {kib:9.1f}{flag}")
+        print(f"{case:27} {name:29} {warps:5} {stages:6} {kib:9.1f}{flag}")
     return rows
 
 

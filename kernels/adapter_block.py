@@ -260,12 +260,15 @@ import torch  # noqa: E402  (kept below the kernels: the kernels themselves need
 
 from . import runtime  # noqa: E402
 
-def _config(D: int, K: int) -> dict:
+def _config(D: int, K: int, element_size: int) -> dict:
     block_d = runtime.block_width(D)
+    # The dots stage a [BLOCK_K, BLOCK_D] chunk of each weight in shared memory: keep one chunk within
+    # 64 KiB (fp32 at d=768 needs 320 KiB with BLOCK_K=32, over Hopper's 227; compile_report shows it).
+    chunk_limit = max(16, (64 << 10) // (block_d * element_size))
     return dict(
         BLOCK_M=runtime.CONFIG["adapter_block_m"],
         BLOCK_D=block_d,
-        BLOCK_K=min(max(16, triton.next_power_of_2(K)), runtime.CONFIG["adapter_block_k"]),
+        BLOCK_K=min(max(16, triton.next_power_of_2(K)), runtime.CONFIG["adapter_block_k"], chunk_limit),
         num_warps=4 if block_d <= 512 else 8,
     )
 
@@ -296,7 +299,7 @@ def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scal
     y = runtime.empty_output((M, D), h.dtype, h.device)
     pointers, flags = _common_args(h, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias, w_down, b_down,
                                    w_up, b_up, scale, scale_value, seed, dropout_p)
-    cfg = _config(D, K)
+    cfg = _config(D, K, h.element_size())
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     runtime.launch(adapter_block_fwd_kernel, grid, h, r, y, *pointers, M, D, K, float(ln_eps), float(adapter_ln_eps),
                    ORIG_LN_BEFORE=original_ln_before, RESIDUAL_BEFORE_LN=residual_before_ln,
@@ -313,7 +316,7 @@ def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, 
     M, D = h.shape
     K = w_down.shape[0]
     offsets = {name: offset for name, offset, _ in layout}
-    cfg = _config(D, K)
+    cfg = _config(D, K, h.element_size())
     P = max(1, min(triton.cdiv(M, cfg["BLOCK_M"]), runtime.max_programs(h.device)))
     dx_shape = (M, D) if input_grad else (0,)
     dh = runtime.empty_output(dx_shape, h.dtype, h.device)

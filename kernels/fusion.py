@@ -138,7 +138,7 @@ def fusion_fwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < D
         shift, ptrs, cmask = _chunk(y_ptr, rows, row_mask, n, n_mask, D)
-        x_c, _, _ = _chunk(x_ptr, rows, row_mask, n, n_mask, D)
+        x_c, x_c_offs, x_c_mask = _chunk(x_ptr, rows, row_mask, n, n_mask, D)
         tl.debug_barrier()  # every thread has read this chunk of scratch before any overwrites it
         lnw = tl.load(lnw_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
         lnb = tl.load(lnb_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -183,8 +183,8 @@ def fusion_bwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < D
         shift, ptrs, cmask = _chunk(dx_ptr, rows, row_mask, n, n_mask, D)
-        x_c, _, _ = _chunk(x_ptr, rows, row_mask, n, n_mask, D)
-        dln, _, _ = _chunk(dy_ptr, rows, row_mask, n, n_mask, D)
+        x_c, x_c_offs, x_c_mask = _chunk(x_ptr, rows, row_mask, n, n_mask, D)
+        dln, dln_offs, dln_mask = _chunk(dy_ptr, rows, row_mask, n, n_mask, D)
         if DROPOUT:
             dln = tl.where(dropout_keep(tl.load(seed_ptr), ptrs, p_drop), dln / (1.0 - p_drop), 0.0)
         ohat = tl.where(cmask, (x_c + alpha[:, None] * shift - mean[:, None]) * rstd[:, None], 0.0)
@@ -216,8 +216,8 @@ def fusion_bwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < D
         shift, ptrs, cmask = _chunk(dx_ptr, rows, row_mask, n, n_mask, D)
-        x_c, _, _ = _chunk(x_ptr, rows, row_mask, n, n_mask, D)
-        dln, _, _ = _chunk(dy_ptr, rows, row_mask, n, n_mask, D)
+        x_c, x_c_offs, x_c_mask = _chunk(x_ptr, rows, row_mask, n, n_mask, D)
+        dln, dln_offs, dln_mask = _chunk(dy_ptr, rows, row_mask, n, n_mask, D)
         tl.debug_barrier()  # every thread has read this chunk of scratch before any overwrites it
         if DROPOUT:
             dln = tl.where(dropout_keep(tl.load(seed_ptr), ptrs, p_drop), dln / (1.0 - p_drop), 0.0)

@@ -313,7 +313,7 @@ def gmu_bwd_kernel(
         t = (block % blocks_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = t < T
         rows = t.to(tl.int64) + b.to(tl.int64) * T
-        x, offs, mask, _, _ = load_rows(x_ptr, rows, row_mask, D, BLOCK_D)
+        x, offs, mask, x_cols, x_col_mask = load_rows(x_ptr, rows, row_mask, D, BLOCK_D)
         A3, H3, z3, fused, v, wut = _gmu_forward_rows(
             x, rows, row_mask, b, cols, col_mask, D, m1, m2, m3, m4, w0, w1, w2, w3, w4, c0, c1, c2, c3, c4,
             lg0, lg1, lg2, lg3, lg4, lb0, lb1, lb2, lb3, lb4, gw_ptr, gb_ptr, v_ptr, wu_ptr, bu_ptr,
