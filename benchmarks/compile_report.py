@@ -59,8 +59,8 @@ def cases():
     for (d, k), dtype in itertools.product(((384, 64), (768, 64), (1024, 64), (768, 256)),
                                            (torch.bfloat16, torch.float32)):
         tensors, kwargs = testing.adapter_inputs(16, d, k, dtype=dtype, ln_before=True, scale_kind="channel")
-        yield f"adapter d={d} k={k} {TYPES[dtype]}", lambda t=tensors, kw=kwargs: testing.call(adapter_block, t, backend="triton",
-                                                                                   **kw).sum().backward()
+        yield f"adapter d={d} k={k} {TYPES[dtype]}", lambda t=tensors, kw=kwargs: testing.call(
+            adapter_block, t, backend="triton", **kw).sum().backward()
     for d in (384, 768, 1024):
         t = gmu_inputs(2, 8, d, 64, torch.bfloat16, "cpu")()
         yield f"gmu d={d} k=64", lambda t=t: gmu_adapter(**t, gate="softmax", backend="triton").sum().backward()

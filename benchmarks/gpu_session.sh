@@ -2,7 +2,7 @@
 # What a session with a lent GPU runs (device tool, from the repository root; results under $OUT):
 #   STAGES="build tests sanitizer bench" SUITES="adapter:400:headline e2e:120" bash benchmarks/gpu_session.sh
 # build: the CUDA extension in place (sm_90 only, to keep the lease short); tests: the whole suite
-# on the GPU (8 workers); sanitizer: memcheck and racecheck on small cases of every fused kernel;
+# on the GPU (14 workers); sanitizer: memcheck and racecheck on small cases of every fused kernel;
 # bench: each suite SUITE[:TIMEOUT_S[:SIZES]] (default 400 s, --sizes headline). Logs and reports are written to a work folder and packed
 # into $OUT/session.tar.gz at the end (the device tool returns at most 8 files); stage timeouts
 # keep the whole script inside one 10-minute call.

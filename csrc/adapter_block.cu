@@ -281,21 +281,18 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p
         x[j] = in ? to_float(h[row * D + i]) : 0.f;
         rv[j] = in ? to_float(r[row * D + i]) : 0.f;
       }
-      if (p.residual_before_ln) {
+      auto store_residual = [&] {  // X = x + r, with x = h (residual before the LN) or a
 #pragma unroll
         for (int j = 0; j < VPL; ++j)
           if (lane + j * kWarp < DP) X[m * DP + lane + j * kWarp] = x[j] + rv[j];
-      }
+      };
+      if (p.residual_before_ln) store_residual();
       if (p.orig_ln_before) {
 #pragma unroll
         for (int j = 0; j < VPL; ++j) x[j] += rv[j];
         row_layer_norm<VPL>(x, p.gamma, p.beta, D, p.eps, lane);
       }
-      if (!p.residual_before_ln) {
-#pragma unroll
-        for (int j = 0; j < VPL; ++j)
-          if (lane + j * kWarp < DP) X[m * DP + lane + j * kWarp] = x[j] + rv[j];
-      }
+      if (!p.residual_before_ln) store_residual();
       if (p.ln_before) row_layer_norm<VPL>(x, p.ga, p.ba, D, p.eps_a, lane);
 #pragma unroll
       for (int j = 0; j < VPL; ++j) {
@@ -523,8 +520,8 @@ Params make_params(const at::Tensor& h, const at::Tensor& ln_weight, const at::T
   return p;
 }
 
-// Blocks of one warp: `per_sm` of them per multiprocessor, never more than there are rows. The
-// backward keeps it at 2, since each block owns a full slice of the partial-gradient buffer.
+// A persistent grid: `per_sm` blocks per multiprocessor, never more than there are work items (rows
+// or row tiles). The backward keeps it at 2, since each block owns a full partial-gradient slice.
 int grid_size(int64_t rows, int per_sm) {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -565,9 +562,8 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
   at::Tensor y = at::empty_like(h);
   if (p.M == 0) return y;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  int device = 0, sms = 0, optin = 0;
+  int device = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_fwd", [&] {
     using T = typename Native<scalar_t>::type;
@@ -581,9 +577,7 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
       allow_shared(kernel, shared);
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
-      const int64_t tiles = (p.M + tile.BM - 1) / tile.BM;
-      const int grid = static_cast<int>(std::min<int64_t>(tiles, static_cast<int64_t>(std::max(per_sm, 1)) * sms));
-      kernel<<<grid, kThreads, shared, stream>>>(
+      kernel<<<grid_size((p.M + tile.BM - 1) / tile.BM, std::max(per_sm, 1)), kThreads, shared, stream>>>(
           p, tile, reinterpret_cast<const T*>(h.data_ptr<scalar_t>()), reinterpret_cast<const T*>(r.data_ptr<scalar_t>()),
           reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()), reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
           reinterpret_cast<T*>(y.data_ptr<scalar_t>()));

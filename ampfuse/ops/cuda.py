@@ -27,6 +27,7 @@ def _padded_weights(w_down, w_up, dtype):
     """W_down as (KP, DP) and W_up as (DP, KP) in dtype, zero-padded to multiples of 16."""
     k, d = w_down.shape
     pad_k, pad_d = -k % 16, -d % 16
+    # contiguous: a zero pad clones, and a clone keeps a transposed weight's strides
     return (F.pad(w_down.to(dtype), (0, pad_d, 0, pad_k)).contiguous(),
             F.pad(w_up.to(dtype), (0, pad_k, 0, pad_d)).contiguous())
 
@@ -34,11 +35,14 @@ def _padded_weights(w_down, w_up, dtype):
 def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
                       adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
                       residual_before_ln, dropout_p, seed):
-    params = _params(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
-    params[2], params[4] = _padded_weights(w_down, w_up, h.dtype)
-    return _ops().adapter_block_fwd(h, r, *params, float(scale_value), float(ln_eps), float(adapter_ln_eps),
-                                    ACTIVATION_CODES[activation], bool(original_ln_before), bool(residual_before_ln),
-                                    float(dropout_p), seed if dropout_p > 0 else None)
+    # the weight matrices go in padded and in h's dtype, never through the fp32 copy
+    w_down_op, w_up_op = _padded_weights(w_down, w_up, h.dtype)
+    ln_weight, ln_bias, b_down, b_up, scale, adapter_ln_weight, adapter_ln_bias = (
+        _fp32(t) for t in (ln_weight, ln_bias, b_down, b_up, scale, adapter_ln_weight, adapter_ln_bias))
+    return _ops().adapter_block_fwd(h, r, ln_weight, ln_bias, w_down_op, b_down, w_up_op, b_up, scale,
+                                    adapter_ln_weight, adapter_ln_bias, float(scale_value), float(ln_eps),
+                                    float(adapter_ln_eps), ACTIVATION_CODES[activation], bool(original_ln_before),
+                                    bool(residual_before_ln), float(dropout_p), seed if dropout_p > 0 else None)
 
 
 GRADIENT_ORDER = ("w_up", "w_down", "b_up", "b_down", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
