@@ -47,13 +47,16 @@ def _adapter_input(h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr,
 
 
 @triton.jit
-def _load_chunk(wd_ptr, bd_ptr, wu_ptr, kk, k_mask, cols, col_mask, D, K):
-    """W_down[kk, :] as [BLOCK_K, BLOCK_D], W_up[:, kk] transposed to [BLOCK_K, BLOCK_D], b_down[kk]."""
-    mask = k_mask[:, None] & col_mask[None, :]
-    wd = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=mask, other=0.0)
-    wut = tl.load(wu_ptr + cols[None, :] * K + kk[:, None], mask=mask, other=0.0)
-    bd = tl.load(bd_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-    return wd, wut, bd
+def _load_w_down(wd_ptr, bd_ptr, kk, k_mask, cols, col_mask, D):
+    """W_down[kk, :] as [BLOCK_K, BLOCK_D] and b_down[kk]."""
+    wd = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    return wd, tl.load(bd_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_w_up_t(wu_ptr, kk, k_mask, cols, col_mask, K):
+    """W_up[:, kk] transposed to [BLOCK_K, BLOCK_D]."""
+    return tl.load(wu_ptr + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -64,7 +67,8 @@ def _up_projection(an_op, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
     v = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        wd, wut, bd = _load_chunk(wd_ptr, bd_ptr, wu_ptr, kk, kk < K, cols, col_mask, D, K)
+        wd, bd = _load_w_down(wd_ptr, bd_ptr, kk, kk < K, cols, col_mask, D)
+        wut = _load_w_up_t(wu_ptr, kk, kk < K, cols, col_mask, K)
         z = tl.dot(an_op, tl.trans(wd.to(an_op.dtype)), input_precision=PRECISION) + bd[None, :]
         p = activation(z, ACT)
         v = tl.dot(p.to(an_op.dtype), wut.to(an_op.dtype), acc=v, input_precision=PRECISION)
@@ -190,12 +194,14 @@ def adapter_block_bwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_mask = kk < K
-            wd, wut, bd = _load_chunk(wd_ptr, bd_ptr, wu_ptr, kk, k_mask, cols, col_mask, D, K)
+            # W_up's chunk is dead before W_down's is loaded, so the two never share shared memory
+            # (at fp32, d=768 each takes 64 KiB).
+            wut = _load_w_up_t(wu_ptr, kk, k_mask, cols, col_mask, K).to(op_dtype)
+            dp = tl.dot(dv_op, tl.trans(wut), input_precision=PRECISION)
+            wd, bd = _load_w_down(wd_ptr, bd_ptr, kk, k_mask, cols, col_mask, D)
             wd = wd.to(op_dtype)
-            wut = wut.to(op_dtype)
             z = tl.dot(an_op, tl.trans(wd), input_precision=PRECISION) + bd[None, :]
             p = activation(z, ACT)
-            dp = tl.dot(dv_op, tl.trans(wut), input_precision=PRECISION)
             dz = dp * activation_grad(z, ACT)
             dz_op = dz.to(op_dtype)
             w_mask = col_mask[:, None] & k_mask[None, :]
