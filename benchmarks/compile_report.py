@@ -1,7 +1,7 @@
 """Shared memory each Triton kernel needs at the benchmark shapes, compiled for a GPU target
 without a GPU (Triton compiles ahead of time for any target; nothing runs).
 
-    TRITON_INTERPRET=1 python -m benchmarks.compile_report [--arch 90]
+    python -m benchmarks.compile_report [--arch 90] [--only gmu]
 
 Every launch the ops make is intercepted (kernels.runtime.launch), its arguments turned into a
 signature, and the kernel compiled for the target; the launch itself is skipped, so outputs are
@@ -61,11 +61,12 @@ def cases():
         tensors, kwargs = testing.adapter_inputs(16, d, k, dtype=dtype, ln_before=True, scale_kind="channel")
         yield f"adapter d={d} k={k} {TYPES[dtype]}", lambda t=tensors, kw=kwargs: testing.call(
             adapter_block, t, backend="triton", **kw).sum().backward()
-    for d in (384, 768, 1024):
-        t = gmu_inputs(2, 8, d, 64, torch.bfloat16, "cpu")()
-        yield f"gmu d={d} k=64", lambda t=t: gmu_adapter(**t, gate="softmax", backend="triton").sum().backward()
-        t = fusion_inputs(16, d, torch.bfloat16, "cpu")()
-        yield f"fusion d={d}", lambda t=t: fusion_layer(**t, beta=0.5, backend="triton").sum().backward()
+    for d, dtype in itertools.product((384, 768, 1024), (torch.bfloat16, torch.float32)):
+        t = gmu_inputs(2, 8, d, 64, dtype, "cpu")()
+        yield f"gmu d={d} k=64 {TYPES[dtype]}", lambda t=t: gmu_adapter(**t, gate="softmax",
+                                                                         backend="triton").sum().backward()
+        t = fusion_inputs(16, d, dtype, "cpu")()
+        yield f"fusion d={d} {TYPES[dtype]}", lambda t=t: fusion_layer(**t, beta=0.5, backend="triton").sum().backward()
 
 
 def main(argv=None):
@@ -73,6 +74,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     p.add_argument("--limit-kib", type=float, default=227.0, help="shared memory per block of the target")
+    p.add_argument("--only", default="", help="report only cases whose name contains this text (e.g. 'gmu')")
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     rows, seen = [], set()
@@ -90,6 +92,8 @@ def main(argv=None):
     runtime.launch = report
     backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors: nothing runs
     for case, fn in cases():
+        if args.only not in case:
+            continue
         try:
             fn()
         except Exception:  # noqa: BLE001 - outputs are garbage once launches are skipped

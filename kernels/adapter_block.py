@@ -268,13 +268,13 @@ from . import runtime  # noqa: E402
 
 def _config(D: int, K: int, element_size: int) -> dict:
     block_d = runtime.block_width(D)
-    # The dots stage a [BLOCK_K, BLOCK_D] chunk of each weight in shared memory: keep one chunk within
-    # 64 KiB (fp32 at d=768 needs 320 KiB with BLOCK_K=32, over Hopper's 227; compile_report shows it).
-    chunk_limit = max(16, (64 << 10) // (block_d * element_size))
+    # The dots stage a [BLOCK_K, BLOCK_D] chunk of each weight in shared memory (fp32 at d=768 needed
+    # 320 KiB with BLOCK_K=32, over Hopper's 227; compile_report shows it).
     return dict(
         BLOCK_M=runtime.CONFIG["adapter_block_m"],
         BLOCK_D=block_d,
-        BLOCK_K=min(max(16, triton.next_power_of_2(K)), runtime.CONFIG["adapter_block_k"], chunk_limit),
+        BLOCK_K=min(max(16, triton.next_power_of_2(K)), runtime.CONFIG["adapter_block_k"],
+                    runtime.chunk_limit(block_d, element_size)),
         num_warps=4 if block_d <= 512 else 8,
     )
 

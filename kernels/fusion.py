@@ -346,8 +346,10 @@ def gradient_layout(D, widths, ln_grad):
 def _args(x, modalities, gate_w, gate_b, proj_w, proj_b):
     pad = lambda seq: list(seq) + [x] * (4 - len(seq))  # noqa: E731
     widths = [m.shape[-1] for m in modalities] + [1] * (4 - len(modalities))
-    meta = dict(NUM_MOD=len(modalities), BLOCK_M=runtime.CONFIG["fusion_block_m"],
-                BLOCK_D=runtime.block_width(x.shape[-1]), BLOCK_N=runtime.CONFIG["fusion_block_n"],
+    block_d = runtime.block_width(x.shape[-1])
+    meta = dict(NUM_MOD=len(modalities), BLOCK_M=runtime.CONFIG["fusion_block_m"], BLOCK_D=block_d,
+                # a [BLOCK_N, BLOCK_D] chunk of the gate weights is staged in shared memory
+                BLOCK_N=min(runtime.CONFIG["fusion_block_n"], runtime.chunk_limit(block_d, x.element_size())),
                 **{f"BLOCK_D{i + 1}": runtime.block_width(w) for i, w in enumerate(widths)},
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
     return (*pad(modalities), *pad(gate_w), *pad(gate_b), *pad(proj_w), *pad(proj_b)), widths, meta

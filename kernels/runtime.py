@@ -55,6 +55,17 @@ def block_width(width: int) -> int:
     return max(16, 1 << (int(width) - 1).bit_length())
 
 
+# Shared memory a kernel may give one staged dot operand (a weight chunk of [chunk, BLOCK_D]): with
+# the row tiles that are staged too, kernels then stay under Hopper's 227 KiB per block.
+CHUNK_BYTES = 64 << 10
+
+
+def chunk_limit(block_d: int, element_size: int) -> int:
+    """Largest power-of-two chunk (>= 16, tl.dot's least) of rows of a [chunk, block_d] tile of
+    element_size bytes that fits CHUNK_BYTES."""
+    return max(16, 1 << ((CHUNK_BYTES // (block_d * element_size)).bit_length() - 1))
+
+
 def pack_layout(entries, num_slots):
     """Places gradients one after another in a flat buffer. entries: (name, slot, shape). Returns
     ([(name, offset, shape)], table of num_slots offsets with -1 for absent slots, total length)."""
