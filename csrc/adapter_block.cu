@@ -15,6 +15,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -23,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <limits>
 #include <type_traits>
 
 #include "adapter_block.h"
@@ -535,7 +538,21 @@ void allow_shared(Kernel kernel, size_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// Set by the tests (through set_poison_outputs): every output starts as NaN, so an element a kernel
+// forgets to write fails the comparison instead of passing on whatever the allocator left there.
+bool poison_outputs = false;
+
+at::Tensor new_output(const at::Tensor& like) {
+  return poison_outputs ? at::full_like(like, std::numeric_limits<float>::quiet_NaN()) : at::empty_like(like);
+}
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return poison_outputs ? at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options) : at::empty(sizes, options);
+}
+
 }  // namespace
+
+void set_poison_outputs(bool on) { poison_outputs = on; }
 
 // w_down, w_up: padded to (KP, DP) and (DP, KP), in h's dtype (ampfuse/ops/cuda.py prepares them).
 at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at::Tensor& ln_weight,
@@ -559,7 +576,7 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
                   w_up.is_contiguous(),
               "adapter_block_fwd: w_down/w_up must be padded to multiples of 16 and in h's dtype");
   TORCH_CHECK(p.D <= 2048, "the cuda backend supports hidden sizes up to 2048, got ", p.D);
-  at::Tensor y = at::empty_like(h);
+  at::Tensor y = new_output(h);
   if (p.M == 0) return y;
   auto stream = c10::cuda::getCurrentCUDAStream();
   int device = 0, optin = 0;
@@ -606,11 +623,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
                          residual_before_ln, dropout_p, seed);
   const Offsets off{offsets[0], offsets[1], offsets[2], offsets[3], offsets[4],
                     offsets[5], offsets[6], offsets[7], offsets[8]};
-  at::Tensor dh = input_grad ? at::empty_like(h) : at::empty({0}, h.options());
-  at::Tensor dr = input_grad ? at::empty_like(r) : at::empty({0}, r.options());
+  at::Tensor dh = input_grad ? new_output(h) : at::empty({0}, h.options());
+  at::Tensor dr = input_grad ? new_output(r) : at::empty({0}, r.options());
   const int programs = std::max(1, grid_size(p.M, 2));
-  at::Tensor part = at::empty({programs, total}, h.options().dtype(at::kFloat));
-  at::Tensor flat = at::empty({total}, h.options().dtype(at::kFloat));
+  at::Tensor part = new_output({programs, total}, h.options().dtype(at::kFloat));
+  at::Tensor flat = new_output({total}, h.options().dtype(at::kFloat));
   const size_t shared = (5 * static_cast<size_t>(p.D) + 3 * p.K) * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_bwd", [&] {

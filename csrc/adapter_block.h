@@ -18,6 +18,9 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
                              double adapter_ln_eps, int64_t activation, bool original_ln_before,
                              bool residual_before_ln, double dropout_p, const c10::optional<at::Tensor>& seed);
 
+// Tests only: fill every output with NaN before the kernels run (see kernels.runtime.POISON_OUTPUTS).
+void set_poison_outputs(bool on);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
     const at::Tensor& dy, const at::Tensor& h, const at::Tensor& r, const at::Tensor& ln_weight,
     const at::Tensor& ln_bias, const at::Tensor& w_down, const at::Tensor& b_down, const at::Tensor& w_up,

@@ -26,6 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd_op(
 TORCH_LIBRARY(ampfuse_C, m) {
   m.def("adapter_block_fwd", &ampfuse::adapter_block_fwd);
   m.def("adapter_block_bwd", &adapter_block_bwd_op);
+  m.def("set_poison_outputs", &ampfuse::set_poison_outputs);
 }
 
 extern "C" PyObject* PyInit__C(void) {

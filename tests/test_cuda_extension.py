@@ -31,6 +31,7 @@ def test_extension_is_built_and_registers_every_op():
     assert len(fwd.arguments) == 19 and len(fwd.returns) == 1
     assert len(bwd.arguments) == 24 and len(bwd.returns) == 3
     assert len(cuda_ops.GRADIENT_ORDER) == 9
+    assert len(ops.set_poison_outputs.default._schema.arguments) == 1
 
 
 def test_info_says_why_cuda_is_unavailable():

@@ -6,12 +6,20 @@ the activation dtype, zero-padded to multiples of 16: both are prepared here (sm
 import torch
 import torch.nn.functional as F
 
-from ..kernels.runtime import ACTIVATION_CODES  # the codes csrc/adapter_block.cu switches on too
+from ..kernels import runtime  # ACTIVATION_CODES: the codes csrc/adapter_block.cu switches on too
+
+
+_poison_sent = False  # the extension's copy of runtime.POISON_OUTPUTS
 
 
 def _ops():
+    global _poison_sent
     from .. import _C  # noqa: F401 - loading the library registers torch.ops.ampfuse_C
-    return torch.ops.ampfuse_C
+    ops = torch.ops.ampfuse_C
+    if runtime.POISON_OUTPUTS != _poison_sent:  # the tests' NaN-filled outputs, for the CUDA kernels too
+        ops.set_poison_outputs(runtime.POISON_OUTPUTS)
+        _poison_sent = runtime.POISON_OUTPUTS
+    return ops
 
 
 def _fp32(t):
@@ -41,8 +49,9 @@ def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scal
         _fp32(t) for t in (ln_weight, ln_bias, b_down, b_up, scale, adapter_ln_weight, adapter_ln_bias))
     return _ops().adapter_block_fwd(h, r, ln_weight, ln_bias, w_down_op, b_down, w_up_op, b_up, scale,
                                     adapter_ln_weight, adapter_ln_bias, float(scale_value), float(ln_eps),
-                                    float(adapter_ln_eps), ACTIVATION_CODES[activation], bool(original_ln_before),
-                                    bool(residual_before_ln), float(dropout_p), seed if dropout_p > 0 else None)
+                                    float(adapter_ln_eps), runtime.ACTIVATION_CODES[activation],
+                                    bool(original_ln_before), bool(residual_before_ln), float(dropout_p),
+                                    seed if dropout_p > 0 else None)
 
 
 GRADIENT_ORDER = ("w_up", "w_down", "b_up", "b_down", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
@@ -55,6 +64,7 @@ def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, 
     params = _params(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
     offsets = {name: offset for name, offset, _ in layout}
     return _ops().adapter_block_bwd(
-        dy, h, r, *params, float(scale_value), float(ln_eps), float(adapter_ln_eps), ACTIVATION_CODES[activation],
-        bool(original_ln_before), bool(residual_before_ln), float(dropout_p), seed if dropout_p > 0 else None,
-        bool(ln_grad), bool(input_grad), [offsets.get(name, -1) for name in GRADIENT_ORDER], int(total))
+        dy, h, r, *params, float(scale_value), float(ln_eps), float(adapter_ln_eps),
+        runtime.ACTIVATION_CODES[activation], bool(original_ln_before), bool(residual_before_ln), float(dropout_p),
+        seed if dropout_p > 0 else None, bool(ln_grad), bool(input_grad),
+        [offsets.get(name, -1) for name in GRADIENT_ORDER], int(total))
