@@ -85,9 +85,14 @@ def main(argv=None):
         if key in seen:
             return
         seen.add(key)
-        compiled = compile_launch(kernel, a, meta, target)
-        rows.append((case, kernel.fn.__name__, meta.get("num_warps", 4), meta.get("num_stages", 3),
-                     compiled.metadata.shared / 1024))
+        try:
+            kib = compile_launch(kernel, a, meta, target).metadata.shared / 1024
+        except Exception as error:  # noqa: BLE001 - a kernel that does not compile is the worst finding
+            root = error
+            while root.__cause__ or root.__context__:
+                root = root.__cause__ or root.__context__
+            kib = f"{type(root).__name__}: {str(root).splitlines()[-1][:200] if str(root) else ''}"
+        rows.append((case, kernel.fn.__name__, meta.get("num_warps", 4), meta.get("num_stages", 3), kib))
 
     runtime.launch = report
     backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors: nothing runs
@@ -99,11 +104,17 @@ def main(argv=None):
         except Exception:  # noqa: BLE001 - outputs are garbage once launches are skipped
             pass
     print(f"{'case':27} {'kernel':29} {'warps':>5} {'stages':>6} {'smem KiB':>9}")
+    failed = 0
     for case, name, warps, stages, kib in rows:
+        if isinstance(kib, str):
+            failed += 1
+            print(f"{case:27} {name:29} {warps:5} {stages:6}  COMPILE ERROR {kib}")
+            continue
+        failed += kib > args.limit_kib
         flag = "  OVER" if kib > args.limit_kib else ""
         print(f"{case:27} {name:29} {warps:5} {stages:6} {kib:9.1f}{flag}")
-    return rows
+    return rows, failed
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main()[1] else 0)

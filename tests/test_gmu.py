@@ -83,6 +83,16 @@ def test_triton_half_precision_d384(dtype, device):
     check(tensors, options, activation="gelu")
 
 
+@pytest.mark.parametrize("form", ["direct", "gmu"])
+def test_triton_bottleneck_in_several_chunks(form, device, monkeypatch):
+    # k=40 pads to 64 features, walked in four chunks of 16: stream projections, gate columns and
+    # the up-projection each cross chunk boundaries, and the last chunk is partly padding.
+    monkeypatch.setitem(runtime.CONFIG, "gmu_block_kc", 16)
+    tensors, options = gmu_inputs(B=2, T=11, d=72, k=40, widths=(20, 9), aligned=(True, False), gate="softmax",
+                                  form=form, device=device)
+    check(tensors, options, activation="gelu")
+
+
 def test_triton_ragged_tokens_and_k1(device):
     tensors, options = gmu_inputs(B=3, T=37, d=40, k=1, widths=(6,), aligned=(True,), device=device)
     check(tensors, options)
