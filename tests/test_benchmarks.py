@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at small sizes (on the CPU in CI: numbers labelled CPU)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -22,3 +23,15 @@ def test_every_suite_runs_and_writes_its_report(tmp_path):
     if report["device"] == "cpu":
         assert "CPU numbers" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kernels_compile_for_hopper_within_shared_memory():
+    # The kernels compiled for sm_90 (no GPU needed; the interpreter never compiles) at BERT-base width:
+    # a kernel that does not compile or needs more than Hopper's 227 KiB of shared memory per block
+    # fails here rather than at its first launch on a GPU. bf16 and fp32 (autocast promotes to fp32).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--only", "d=768 k=64"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    kernels = {word for word in done.stdout.split() if word.endswith("_kernel")}
+    assert {"adapter_block_fwd_kernel", "adapter_block_bwd_kernel", "gmu_fwd_kernel", "gmu_bwd_kernel"} <= kernels
