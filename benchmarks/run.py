@@ -162,8 +162,8 @@ def adapter_inputs(n, d, k, dtype, device):
     return make
 
 
-def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log):
-    rows = []
+def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log, emit):
+    """Times every implementation on every case; each row goes to emit as soon as it is measured."""
     impls = impls_for(device, dtype, sizes)
     for case in cases:
         rot = Rotating(inputs_for(*case, dtype, device), device)
@@ -179,13 +179,10 @@ def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, devic
                 nbytes = bytes_for(*case, dtype, mode)
                 flops = flops_for(*case, mode)
                 roof_ms = max(nbytes / ceil["copy_GBps"] / 1e6, flops / ceil["matmul_TFLOPs"] / 1e9)
-                rows.append(dict(suite=name, op=name, mode=mode, backend=impl, dtype=str(dtype).replace("torch.", ""),
-                                 shape=list(case), median_ms=ms, GBps=nbytes / ms / 1e6,
-                                 roofline_pct=100 * roof_ms / ms, launches=launches))
-                log(f"  {name:8} {mode:17} {str(case):22} {impl:28} {ms:9.4f} ms  "
-                    f"{rows[-1]['roofline_pct']:6.1f}% roof")
-    add_ratios(rows, key=("suite", "mode", "dtype"))
-    return rows
+                emit(dict(suite=name, op=name, mode=mode, backend=impl, dtype=str(dtype).replace("torch.", ""),
+                          shape=list(case), median_ms=ms, GBps=nbytes / ms / 1e6, roofline_pct=100 * roof_ms / ms,
+                          launches=launches))
+                log(f"  {name:8} {mode:17} {str(case):22} {impl:28} {ms:9.4f} ms  {100 * roof_ms / ms:6.1f}% roof")
 
 
 def _call(fn, rot, mode):
@@ -321,7 +318,7 @@ def fusion_flops(n, d, mode):
 
 # ----------------------------------------------------------------------------- end to end
 
-def run_e2e(device, sizes, log):
+def run_e2e(device, sizes, log, emit):
     import copy
 
     import transformers
@@ -357,7 +354,6 @@ def run_e2e(device, sizes, log):
         variants["adapters library all layers"] = hub
     except Exception as exc:  # noqa: BLE001
         log(f"  e2e: adapters library unavailable ({exc})")
-    rows = []
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for name, build in variants.items():
         model = copy.deepcopy(base)
@@ -387,18 +383,17 @@ def run_e2e(device, sizes, log):
                 torch.cuda.reset_peak_memory_stats()
             ms = bench(fn, device, reps=20 if device.type == "cuda" else 3)
             peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-            rows.append(dict(suite="e2e", op="bert", mode=mode, backend=name, dtype="bf16 autocast" if
-                             device.type == "cuda" else "fp32", shape=[batch, seq, config.hidden_size,
-                                                                       config.num_hidden_layers],
-                             median_ms=ms, peak_memory_bytes=peak, launches=count_launches(fn, device)))
+            emit(dict(suite="e2e", op="bert", mode=mode, backend=name,
+                      dtype="bf16 autocast" if device.type == "cuda" else "fp32",
+                      shape=[batch, seq, config.hidden_size, config.num_hidden_layers], median_ms=ms,
+                      peak_memory_bytes=peak, launches=count_launches(fn, device)))
             log(f"  e2e      {mode:17} {name:34} {ms:9.3f} ms")
-    add_ratios(rows, key=("suite", "mode", "dtype"))
-    return rows
 
 
 # ----------------------------------------------------------------------------- report
 
-def write_report(rows, header, out):
+def write_report(rows, header, out, with_plot=True):
+    add_ratios(rows, key=("suite", "mode", "dtype"))
     os.makedirs(out, exist_ok=True)
     stem = "results"
     with open(os.path.join(out, f"{stem}.json"), "w") as f:
@@ -420,7 +415,8 @@ def write_report(rows, header, out):
                      f"{'' if vs is None else f'{1 / vs:.2f}x time'} |")
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(rows, os.path.join(out, f"{stem}.png"), header)
+    if with_plot:
+        plot(rows, os.path.join(out, f"{stem}.png"), header)
 
 
 def plot(rows, path, header):
@@ -466,19 +462,6 @@ def main(argv=None):
     copy_gbps, mm_tflops = ceilings(device)
     ceil = {"copy_GBps": copy_gbps, "matmul_TFLOPs": mm_tflops}
     log(f"device {device}: copy {copy_gbps:.0f} GB/s, matmul {mm_tflops:.2f} TFLOP/s")
-    suites = SUITES if args.suite == "all" else [args.suite]
-    rows = []
-    if "adapter" in suites:
-        rows += run_op_suite("adapter", adapter_cases(args.sizes, device), adapter_implementations, adapter_inputs,
-                             adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log)
-    if "gmu" in suites:
-        rows += run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_inputs, gmu_bytes,
-                             gmu_flops, device, dtype, args.sizes, ceil, log)
-    if "fusion" in suites:
-        rows += run_op_suite("fusion", fusion_cases(args.sizes, device), fusion_implementations, fusion_inputs,
-                             fusion_bytes, fusion_flops, device, dtype, args.sizes, ceil, log)
-    if "e2e" in suites:
-        rows += run_e2e(device, args.sizes, log)
     import transformers
 
     try:
@@ -494,6 +477,25 @@ def main(argv=None):
     out = args.out or os.path.join("benchmarks", "results",
                                    f"{name.replace(' ', '-')}-{header['date']}" if device.type == "cuda"
                                    else "cpu-smoke")
+    rows = []
+
+    def emit(row):
+        # the report is rewritten after every row, so a run cut by a time limit keeps what it measured
+        rows.append(row)
+        write_report(rows, header, out, with_plot=False)
+
+    suites = SUITES if args.suite == "all" else [args.suite]
+    if "adapter" in suites:
+        run_op_suite("adapter", adapter_cases(args.sizes, device), adapter_implementations, adapter_inputs,
+                     adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log, emit)
+    if "gmu" in suites:
+        run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_inputs, gmu_bytes, gmu_flops,
+                     device, dtype, args.sizes, ceil, log, emit)
+    if "fusion" in suites:
+        run_op_suite("fusion", fusion_cases(args.sizes, device), fusion_implementations, fusion_inputs, fusion_bytes,
+                     fusion_flops, device, dtype, args.sizes, ceil, log, emit)
+    if "e2e" in suites:
+        run_e2e(device, args.sizes, log, emit)
     write_report(rows, header, out)
     log(f"wrote {out}/results.json, results.md, results.png")
     return rows
