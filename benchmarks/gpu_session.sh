@@ -25,9 +25,11 @@ if has build; then
     > "$W/build.log" 2>&1; echo "build rc=$?"; grep -E "error|warning: .*(spill|stack)" "$W/build.log" | head -20
 fi
 if has tests; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -n 14 -p no:cacheprovider --timeout 90 --tb=line -rfE \
+  # -v: xdist prints each test's outcome as it finishes, so a run cut by the time limit still names
+  # its failures (with -q they are only listed in the summary, which a killed run never prints)
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -v -n 14 -p no:cacheprovider --timeout 90 --tb=line -rfE \
     ${TESTS:-tests --ignore=tests/test_benchmarks.py --ignore=tests/test_docs.py} > "$W/pytest-gpu.log" 2>&1
-  echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$W/pytest-gpu.log" | tail -25
+  echo "pytest rc=$?"; grep -E " (FAILED|ERROR) |^(FAILED|ERROR)| passed| failed" "$W/pytest-gpu.log" | tail -40
 fi
 if has sanitizer; then
   for tool in memcheck racecheck; do
