@@ -1,17 +1,22 @@
-"""Shared memory each Triton kernel needs at the benchmark shapes, compiled for a GPU target
-without a GPU (Triton compiles ahead of time for any target; nothing runs).
+"""Shared memory, registers and spills of each Triton kernel at the benchmark shapes, compiled for a
+GPU target without a GPU (Triton compiles ahead of time for any target; nothing runs).
 
-    python -m benchmarks.compile_report [--arch 90] [--only gmu]
+    python -m benchmarks.compile_report [--arch 90] [--only gmu] [--warps 16]
 
 Every launch the ops make is intercepted (kernels.runtime.launch), its arguments turned into a
 signature, and the kernel compiled for the target; the launch itself is skipped, so outputs are
 garbage and only the report counts. A kernel needing more shared memory than the target has
-(about 227 KiB on Hopper) would fail at its first GPU launch with OutOfResources.
+(about 227 KiB on Hopper) would fail at its first GPU launch with OutOfResources. Registers and
+the stack frame come from the cubin (cuobjdump): a stack frame in these kernels is spilled
+registers, read and written through local memory.
 """
 
 import argparse
 import itertools
 import os
+import re
+import subprocess
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("run without TRITON_INTERPRET=1: compiling needs the kernels as JIT functions")
@@ -49,6 +54,22 @@ def compile_launch(kernel, args, meta, target):
     return triton.compile(ASTSource(fn, sig, consts), target=target, options=options)
 
 
+def resources(cubin):
+    """(registers, stack frame bytes) per thread of a compiled kernel, or (None, None) without cuobjdump."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            dump = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name], capture_output=True,
+                                  text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError, AttributeError):
+            return None, None
+    found = re.search(r"REG:(\d+) STACK:(\d+)", dump)
+    return (int(found[1]), int(found[2])) if found else (None, None)
+
+
 def cases():
     from ampfuse import testing
     from ampfuse.ops.adapter_block import adapter_block
@@ -74,6 +95,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     p.add_argument("--limit-kib", type=float, default=227.0, help="shared memory per block of the target")
+    p.add_argument("--warps", type=int, default=0, help="compile every kernel with this many warps (tuning)")
     p.add_argument("--only", default="", help="report only cases whose name contains this text (e.g. 'gmu')")
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
@@ -85,14 +107,19 @@ def main(argv=None):
         if key in seen:
             return
         seen.add(key)
+        if args.warps:
+            meta["num_warps"] = args.warps
+        regs = stack = None
         try:
-            kib = compile_launch(kernel, a, meta, target).metadata.shared / 1024
+            compiled = compile_launch(kernel, a, meta, target)
+            kib = compiled.metadata.shared / 1024
+            regs, stack = resources(compiled.asm["cubin"])
         except Exception as error:  # noqa: BLE001 - a kernel that does not compile is the worst finding
             root = error
             while root.__cause__ or root.__context__:
                 root = root.__cause__ or root.__context__
             kib = f"{type(root).__name__}: {str(root).splitlines()[-1][:200] if str(root) else ''}"
-        rows.append((case, kernel.fn.__name__, meta.get("num_warps", 4), meta.get("num_stages", 3), kib))
+        rows.append((case, kernel.fn.__name__, meta.get("num_warps", 4), meta.get("num_stages", 3), kib, regs, stack))
 
     runtime.launch = report
     backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors: nothing runs
@@ -103,16 +130,17 @@ def main(argv=None):
             fn()
         except Exception:  # noqa: BLE001 - outputs are garbage once launches are skipped
             pass
-    print(f"{'case':27} {'kernel':29} {'warps':>5} {'stages':>6} {'smem KiB':>9}")
+    print(f"{'case':27} {'kernel':29} {'warps':>5} {'stages':>6} {'smem KiB':>9} {'regs':>5} {'stack B':>8}")
     failed = 0
-    for case, name, warps, stages, kib in rows:
+    for case, name, warps, stages, kib, regs, stack in rows:
         if isinstance(kib, str):
             failed += 1
             print(f"{case:27} {name:29} {warps:5} {stages:6}  COMPILE ERROR {kib}")
             continue
         failed += kib > args.limit_kib
         flag = "  OVER" if kib > args.limit_kib else ""
-        print(f"{case:27} {name:29} {warps:5} {stages:6} {kib:9.1f}{flag}")
+        print(f"{case:27} {name:29} {warps:5} {stages:6} {kib:9.1f} {regs if regs else '?':>5} "
+              f"{stack if stack is not None else '?':>8}{flag}")
     return rows, failed
 
 
