@@ -47,6 +47,17 @@ def _adapter_input(h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr,
 
 
 @triton.jit
+def _normalized_inputs(h_ptr, r_ptr, offs, mask, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a,
+                       ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr):
+    """(x1_hat, rstd1, a_hat, rstd_a) of a row block, from h and r read again."""
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _, _, x1hat, rstd1, _, ahat, rstd_a, _ = _adapter_input(
+        h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE, LN_BEFORE)
+    return x1hat, rstd1, ahat, rstd_a
+
+
+@triton.jit
 def _load_w_down(wd_ptr, bd_ptr, kk, k_mask, cols, col_mask, D):
     """W_down[kk, :] as [BLOCK_K, BLOCK_D] and b_down[kk]."""
     wd = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
@@ -86,6 +97,11 @@ def _adapter_rows(h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr,
     gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an = _adapter_input(
         h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE, LN_BEFORE)
     an_op = an.to(op_dtype)
+    # The residual is summed before the bottleneck loop, so one tile stays live through it, not h and r.
+    if RESIDUAL_BEFORE_LN:
+        res = h + r
+    else:
+        res = a + r
     v = _up_projection(an_op, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
                        BLOCK_M, BLOCK_D, BLOCK_K, ACT, PRECISION)
     u = v * s
@@ -93,10 +109,7 @@ def _adapter_rows(h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr,
     if DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), offs, p_drop)
         u = tl.where(keep, u / (1.0 - p_drop), 0.0)
-    if RESIDUAL_BEFORE_LN:
-        o = u + h + r
-    else:
-        o = u + a + r
+    o = u + res
     return gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an_op, v, keep, o
 
 
@@ -167,7 +180,7 @@ def adapter_block_bwd_kernel(
         # ---- recompute the forward of these rows ----
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an_op, v, keep, o = _adapter_rows(
+        gamma, beta, _, _, _, _, _, an_op, v, keep, o = _adapter_rows(
             h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, s,
             seed_ptr, p_drop, eps, eps_a, op_dtype, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, ACT, DROPOUT,
             PRECISION, BLOCK_M, BLOCK_D, BLOCK_K)
@@ -213,6 +226,11 @@ def adapter_block_bwd_kernel(
             dan = tl.dot(dz_op, wd, acc=dan, input_precision=PRECISION)
 
         # ---- adapter LayerNorm, residual, frozen LayerNorm before the adapter ----
+        # x1_hat and a_hat are recomputed from h and r (just read, so in cache): held through the
+        # bottleneck loop they were spilled to local memory
+        x1hat, rstd1, ahat, rstd_a = _normalized_inputs(h_ptr, r_ptr, offs, mask, cols, col_mask, D, gamma_ptr,
+                                                        beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE,
+                                                        LN_BEFORE)
         if LN_BEFORE:
             ga = tl.load(ga_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             d_ga += tl.sum(dan * ahat, axis=0)
