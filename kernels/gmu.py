@@ -416,6 +416,9 @@ def gmu_bwd_kernel(
         dA_cat = tl.reshape(dA3, [BLOCK_M, S_PAD * BLOCK_K])
 
         # ---- streams ----
+        # x read again (it is in cache) rather than held through the gate and up-projection, where it
+        # was spilled
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dx = do + _stream_bwd(x, _chunk(dA_cat, 0, S_PAD, BLOCK_K), cols, col_mask, D, w0, c0, lg0, lb0, K,
                               stream_eps, op_dtype, part, table, 0, first, True, STREAM_LN, ACT, PRECISION, NKC,
                               BLOCK_KC)
