@@ -351,7 +351,7 @@ def _args(x, modalities, gate_w, gate_b, proj_w, proj_b):
                 # a [BLOCK_N, BLOCK_D] chunk of the gate weights is staged in shared memory
                 BLOCK_N=min(runtime.CONFIG["fusion_block_n"], runtime.chunk_limit(block_d, x.element_size())),
                 **{f"BLOCK_D{i + 1}": runtime.block_width(w) for i, w in enumerate(widths)},
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4 if block_d <= 512 else 8)
     return (*pad(modalities), *pad(gate_w), *pad(gate_b), *pad(proj_w), *pad(proj_b)), widths, meta
 
 
