@@ -2,14 +2,15 @@
 //
 // Forward: row tiles per block of 8 warps, LayerNorms a warp per row with the row in registers,
 // the two bottleneck GEMMs on tensor cores (WMMA) for fp16/bf16 (see adapter_block_fwd_kernel).
-// Backward: still the first, correctness-first version: one warp owns one row at a time, the
-// bottleneck as warp-wide dot products (CUDA cores), each one-warp block adding its rows'
-// parameter gradients to its own fp32 slice of a [P, T] buffer (no atomics: deterministic),
-// then a reduction kernel. It is far slower than the Triton backward (benchmarks/results/).
+// Backward: 16-row tiles per block of 8 warps, recomputing the forward; row phases column-owner
+// (a thread holds some columns of all 16 rows), the four GEMMs and the two weight-gradient
+// products on tensor cores, each block adding its gradients to its own fp32 slice of a partial
+// buffer (no atomics: deterministic), then a reduction kernel (see adapter_block_bwd_kernel).
 // Dropout uses the same Philox4x32-10 stream and counter layout as Triton's tl.rand, so masks
 // match the Triton kernels bit for bit.
 //
-// Vector parameters arrive as fp32 (the Python side converts), hidden states as fp32/fp16/bf16.
+// Vector parameters arrive as fp32 and the two weight matrices padded and in the activation
+// dtype (ampfuse/ops/cuda.py prepares both); hidden states are fp32/fp16/bf16.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -27,6 +28,7 @@
 
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "adapter_block.h"
 
@@ -90,7 +92,7 @@ __device__ __forceinline__ float act_grad(float z, int code) {
 }
 
 struct Params {
-  const float *gamma, *beta, *ga, *ba, *wd, *bd, *wu, *bu, *scale;
+  const float *gamma, *beta, *ga, *ba, *bd, *bu, *scale;
   const int64_t* seed;
   float scale_value, eps, eps_a, p_drop;
   int64_t M;
@@ -106,52 +108,6 @@ __device__ __forceinline__ float keep_factor(const Params& p, int64_t index) {
   if (!p.dropout) return 1.f;
   return philox_uniform(static_cast<uint64_t>(*p.seed), static_cast<uint64_t>(index)) >= p.p_drop
              ? 1.f / (1.f - p.p_drop) : 0.f;
-}
-
-// Row statistics of buf[0..D) (mean, 1/std), two passes over shared memory.
-__device__ __forceinline__ void row_stats(const float* buf, int D, float eps, int lane, float& mean, float& rstd) {
-  float s = 0.f;
-  for (int i = lane; i < D; i += kWarp) s += buf[i];
-  mean = warp_sum(s) / D;
-  float v = 0.f;
-  for (int i = lane; i < D; i += kWarp) { const float c = buf[i] - mean; v += c * c; }
-  rstd = rsqrtf(warp_sum(v) / D + eps);
-}
-
-// Forward of one row up to v: fills a, an (D floats each) and z, pk (K floats each) in shared memory.
-template <typename T>
-__device__ void row_forward(const Params& p, const T* h, const T* r, float* a, float* an, float* z, float* pk,
-                            int lane, float& mean1, float& rstd1, float& mean_a, float& rstd_a) {
-  const int D = p.D;
-  for (int i = lane; i < D; i += kWarp)
-    a[i] = static_cast<float>(h[i]) + (p.orig_ln_before ? static_cast<float>(r[i]) : 0.f);
-  __syncwarp();
-  if (p.orig_ln_before) {
-    row_stats(a, D, p.eps, lane, mean1, rstd1);
-    for (int i = lane; i < D; i += kWarp) a[i] = (a[i] - mean1) * rstd1 * p.gamma[i] + p.beta[i];
-  }
-  __syncwarp();
-  if (p.ln_before) {
-    row_stats(a, D, p.eps_a, lane, mean_a, rstd_a);
-    for (int i = lane; i < D; i += kWarp) an[i] = (a[i] - mean_a) * rstd_a * p.ga[i] + p.ba[i];
-  } else {
-    for (int i = lane; i < D; i += kWarp) an[i] = a[i];
-  }
-  __syncwarp();
-  for (int j = 0; j < p.K; ++j) {
-    float s = 0.f;
-    for (int i = lane; i < D; i += kWarp) s += an[i] * p.wd[static_cast<int64_t>(j) * D + i];
-    s = warp_sum(s) + p.bd[j];
-    if (lane == 0) { z[j] = s; pk[j] = act(s, p.act); }
-  }
-  __syncwarp();
-}
-
-__device__ __forceinline__ float up_projection(const Params& p, const float* pk, int i) {
-  float v = p.bu[i];
-  const float* w = p.wu + static_cast<int64_t>(i) * p.K;
-  for (int j = 0; j < p.K; ++j) v += pk[j] * w[j];
-  return v;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -186,9 +142,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 
 // acc(16x16 fp32, stored row-major with leading dimension ldc) = A[16 x kdim] (row-major in shared
-// memory, leading dimension lda) times B, where B(k, n) = b[n * ldb + k] (a row-major weight read
-// as its transpose; global memory). One warp per call; kdim a multiple of 16.
-template <typename T>
+// memory, leading dimension lda) times B [kdim x 16] (global memory): B(k, n) = b[k * ldb + n] when
+// kBRowMajor, else b[n * ldb + k] (a row-major weight read as its transpose). One warp per call;
+// kdim a multiple of 16.
+template <typename T, bool kBRowMajor>
 __device__ __forceinline__ void warp_tile_gemm(const T* a, int lda, const T* b, int ldb, int kdim, float* c,
                                                int ldc, int lane) {
   if constexpr (std::is_same_v<T, float>) {
@@ -198,19 +155,20 @@ __device__ __forceinline__ void warp_tile_gemm(const T* a, int lda, const T* b, 
     for (int k = 0; k < kdim; ++k) {
       const float av = a[row * lda + k];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[j] += av * b[(col0 + j) * ldb + k];
+      for (int j = 0; j < 8; ++j) acc[j] += av * (kBRowMajor ? b[k * ldb + col0 + j] : b[(col0 + j) * ldb + k]);
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j) c[row * ldc + col0 + j] = acc[j];
   } else {
     namespace wmma = nvcuda::wmma;
+    using BLayout = std::conditional_t<kBRowMajor, wmma::row_major, wmma::col_major>;
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
     wmma::fill_fragment(acc, 0.f);
     for (int k = 0; k < kdim; k += 16) {
       wmma::load_matrix_sync(fa, a + k, lda);
-      wmma::load_matrix_sync(fb, b + k, ldb);
+      wmma::load_matrix_sync(fb, kBRowMajor ? b + static_cast<int64_t>(k) * ldb : b + k, ldb);
       wmma::mma_sync(acc, fa, fb, acc);
     }
     wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
@@ -308,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p
     const int mt = BM / 16, nt1 = KP / 16, nt2 = DP / 16;
     for (int job = warp; job < mt * nt1; job += kWarps) {
       const int m0 = (job % mt) * 16, n0 = (job / mt) * 16;
-      warp_tile_gemm<T>(AN + m0 * DP, DP, wd_op + static_cast<int64_t>(n0) * DP, DP, DP, Z + m0 * KP + n0, KP, lane);
+      warp_tile_gemm<T, false>(AN + m0 * DP, DP, wd_op + static_cast<int64_t>(n0) * DP, DP, DP, Z + m0 * KP + n0, KP, lane);
     }
     __syncthreads();
     for (int e = threadIdx.x; e < BM * KP; e += kThreads) {
@@ -320,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p
     float* stg = STG + warp * 256;
     for (int job = warp; job < mt * nt2; job += kWarps) {
       const int m0 = (job % mt) * 16, n0 = (job / mt) * 16;
-      warp_tile_gemm<T>(PK + m0 * KP, KP, wu_op + static_cast<int64_t>(n0) * KP, KP, KP, stg, 16, lane);
+      warp_tile_gemm<T, false>(PK + m0 * KP, KP, wu_op + static_cast<int64_t>(n0) * KP, KP, KP, stg, 16, lane);
       __syncwarp();
       for (int e = lane; e < 256; e += kWarp) {
         const int m = m0 + e / 16, i = n0 + e % 16;
@@ -351,139 +309,464 @@ struct Offsets {  // into a program's slice of the partial buffer; -1 when not c
   int64_t w_up, w_down, b_up, b_down, scale, gamma, beta, ga, ba;
 };
 
+// ---------------------------------------------------------------------------------------------
+// Backward: tiles of kBM = 16 rows per block of 8 warps, persistent over tiles; it recomputes the
+// forward of its rows (nothing but the inputs is saved). Row phases run column-owner: thread t
+// holds columns t, t + 256, ... (CPT of them) of all 16 rows, so the D-wide parameter gradients
+// are per-thread sums over rows kept in registers across tiles (fixed order: deterministic), and
+// row statistics are block reductions. The GEMMs run on tensor cores as in the forward:
+//   z = an W_down^T, v = p W_up^T, dp = dv W_up, dan = dz W_down (block x weight),
+//   dW_up += dv^T p, dW_down += dz^T an (read-modify-write of this block's padded fp32 slice).
+// Shared memory per block:
+//   X  fp32 [16][DP]  a_res + r, then o, then d o       V  fp32 [16][DP]  v, then d an
+//   AD T    [16][DP]  an = LN_a(a) for GEMM 1, then d v, then an again (recomputed) for dW_down
+//   Z  fp32 [16][KP]  z, then d z     PK, DZ T [16][KP]  f(z), d z      STG, RED, stats: staging,
+//   reductions, row statistics. In all 16 (10 d + 8 k) bytes for fp16/bf16, 16 (12 d + 12 k) for fp32,
+//   plus 8.75 KiB: bf16 fits Hopper's 227 KiB up to d = 1280 (k = 64), fp32 up to d = 1024, k = 128.
+// Each block's slice of the [P, W] partial buffer holds the flat gradient layout (vectors at their
+// offsets), then dW_up as [DP][KP] and dW_down as [KP][DP] (padded: every WMMA access is aligned);
+// reduce_partials_kernel sums the slices and unpads.
+
+constexpr int kBM = 16;
+
 template <typename T>
-__global__ void adapter_block_bwd_kernel(Params p, Offsets off, int64_t T_width, bool ln_grad, bool input_grad,
-                                         const T* __restrict__ dy, const T* __restrict__ h,
-                                         const T* __restrict__ r, T* __restrict__ dh, T* __restrict__ dr,
-                                         float* __restrict__ part) {
-  extern __shared__ float smem[];
-  const int lane = threadIdx.x;
-  const int D = p.D, K = p.K;
-  float *a = smem, *an = a + D, *o = an + D, *g = o + D, *dan = g + D, *z = dan + D, *pk = z + K, *dz = pk + K;
-  float* slice = part + blockIdx.x * T_width;
-  for (int64_t t = lane; t < T_width; t += kWarp) slice[t] = 0.f;
-  float d_scale = 0.f;
-  __syncwarp();
-  for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
-    const T *hr = h + row * D, *rr = r + row * D, *dyr = dy + row * D;
-    float mean1 = 0.f, rstd1 = 1.f, mean_a = 0.f, rstd_a = 1.f;
-    row_forward(p, hr, rr, a, an, z, pk, lane, mean1, rstd1, mean_a, rstd_a);
-    for (int i = lane; i < D; i += kWarp) {
-      const float v = up_projection(p, pk, i);
-      o[i] = scale_at(p, i) * v * keep_factor(p, row * D + i) +
-             (p.residual_before_ln ? static_cast<float>(hr[i]) : a[i]) + static_cast<float>(rr[i]);
-    }
-    __syncwarp();
-    float mean_o, rstd_o;
-    row_stats(o, D, p.eps, lane, mean_o, rstd_o);
-    // output LayerNorm: o <- o_hat, g <- dy * gamma
-    float c1 = 0.f, c2 = 0.f;
-    for (int i = lane; i < D; i += kWarp) {
-      const float ohat = (o[i] - mean_o) * rstd_o, d = static_cast<float>(dyr[i]);
-      o[i] = ohat;
-      g[i] = d * p.gamma[i];
-      c1 += g[i];
-      c2 += g[i] * ohat;
-      if (ln_grad) { slice[off.gamma + i] += d * ohat; slice[off.beta + i] += d; }
-    }
-    c1 = warp_sum(c1) / D;
-    c2 = warp_sum(c2) / D;
-    __syncwarp();
-    // g <- d o; dan <- d v (scaled, dropped out); up-projection weight gradients
-    for (int i = lane; i < D; i += kWarp) {
-      const float d_o = (g[i] - c1 - o[i] * c2) * rstd_o;
-      const float du = d_o * keep_factor(p, row * D + i);
-      const float v = up_projection(p, pk, i);
-      if (p.scale_mode == 2) slice[off.scale + i] += du * v;
-      if (p.scale_mode == 1) d_scale += du * v;
-      const float dv = du * scale_at(p, i);
-      g[i] = d_o;
-      dan[i] = dv;
-      slice[off.b_up + i] += dv;
-      float* dwu = slice + off.w_up + static_cast<int64_t>(i) * K;
-      for (int j = 0; j < K; ++j) dwu[j] += dv * pk[j];
-    }
-    __syncwarp();
-    for (int j = 0; j < K; ++j) {
-      float s = 0.f;
-      for (int i = lane; i < D; i += kWarp) s += dan[i] * p.wu[static_cast<int64_t>(i) * K + j];
-      s = warp_sum(s) * act_grad(z[j], p.act);
-      if (lane == 0) { dz[j] = s; slice[off.b_down + j] += s; }
-    }
-    __syncwarp();
-    // dan <- d an; down-projection weight gradients
-    for (int i = lane; i < D; i += kWarp) {
-      float s = 0.f;
-      for (int j = 0; j < K; ++j) {
-        s += dz[j] * p.wd[static_cast<int64_t>(j) * D + i];
-        slice[off.w_down + static_cast<int64_t>(j) * D + i] += dz[j] * an[i];
-      }
-      dan[i] = s;
-    }
-    __syncwarp();
-    // adapter LayerNorm: dan <- d a
-    if (p.ln_before) {
-      float s1 = 0.f, s2 = 0.f;
-      for (int i = lane; i < D; i += kWarp) {
-        const float ahat = (a[i] - mean_a) * rstd_a, gd = dan[i] * p.ga[i];
-        slice[off.ga + i] += dan[i] * ahat;
-        slice[off.ba + i] += dan[i];
-        s1 += gd;
-        s2 += gd * ahat;
-      }
-      s1 = warp_sum(s1) / D;
-      s2 = warp_sum(s2) / D;
-      __syncwarp();
-      for (int i = lane; i < D; i += kWarp) {
-        const float ahat = (a[i] - mean_a) * rstd_a;
-        dan[i] = (dan[i] * p.ga[i] - s1 - ahat * s2) * rstd_a;
-      }
-      __syncwarp();
-    }
-    // residual and the LayerNorm before the adapter: an <- d x1 (reusing the buffer)
-    if (!p.residual_before_ln)
-      for (int i = lane; i < D; i += kWarp) dan[i] += g[i];
-    __syncwarp();
-    if (p.orig_ln_before) {
-      float s1 = 0.f, s2 = 0.f;
-      for (int i = lane; i < D; i += kWarp) {
-        const float xh = (static_cast<float>(hr[i]) + static_cast<float>(rr[i]) - mean1) * rstd1;
-        const float gd = dan[i] * p.gamma[i];
-        if (ln_grad) { slice[off.gamma + i] += dan[i] * xh; slice[off.beta + i] += dan[i]; }
-        s1 += gd;
-        s2 += gd * xh;
-      }
-      s1 = warp_sum(s1) / D;
-      s2 = warp_sum(s2) / D;
-      __syncwarp();
-      for (int i = lane; i < D; i += kWarp) {
-        const float xh = (static_cast<float>(hr[i]) + static_cast<float>(rr[i]) - mean1) * rstd1;
-        an[i] = (dan[i] * p.gamma[i] - s1 - xh * s2) * rstd1;
-      }
-    } else {
-      for (int i = lane; i < D; i += kWarp) an[i] = dan[i];
-    }
-    __syncwarp();
-    if (input_grad) {
-      for (int i = lane; i < D; i += kWarp) {
-        const float direct = p.residual_before_ln ? g[i] : 0.f;
-        dh[row * D + i] = static_cast<T>(direct + an[i]);
-        dr[row * D + i] = static_cast<T>(g[i] + (p.orig_ln_before ? an[i] : 0.f));
-      }
-    }
-    __syncwarp();
-  }
-  d_scale = warp_sum(d_scale);
-  if (p.scale_mode == 1 && lane == 0) slice[off.scale] = d_scale;
+__host__ __device__ inline size_t bwd_shared_bytes(int DP, int KP) {
+  return 2 * align128(sizeof(float) * kBM * DP) + align128(sizeof(T) * kBM * DP) +
+         align128(sizeof(float) * kBM * KP) + 2 * align128(sizeof(T) * kBM * KP) + sizeof(float) * kWarps * 256 +
+         sizeof(float) * kWarps * kBM + sizeof(float) * 4 * kBM;
 }
 
-__global__ void reduce_partials_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t P,
-                                       int64_t T_width) {
+struct Slice {  // where a block's partial gradients live in its slice (floats)
+  int64_t width, wu, wd;
+};
+
+// out[m] = sum over the block's threads of in[m], for the 16 rows at once (fixed order).
+__device__ __forceinline__ void block_row_sums(float (&v)[kBM], float* red) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) {
+    const float s = warp_sum(v[m]);
+    if (lane == 0) red[warp * kBM + m] = s;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) {
+    float s = 0.f;
+    for (int w = 0; w < kWarps; ++w) s += red[w * kBM + m];
+    v[m] = s;
+  }
+  __syncthreads();  // red is reused by the next call
+}
+
+// Column-owner tile of 16 rows: x[m][c] is row m, column threadIdx.x + 256 c.
+template <int CPT>
+using ColTile = float[kBM][CPT];
+
+__device__ __forceinline__ int col_of(int c) { return threadIdx.x + c * kThreads; }
+
+// (mean, rstd) of each row of x over its D columns (x holds 0 beyond D).
+template <int CPT>
+__device__ __forceinline__ void tile_row_stats(const ColTile<CPT>& x, int D, float eps, float* red, float (&mean)[kBM],
+                                               float (&rstd)[kBM]) {
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) {
+    float s = 0.f;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) s += x[m][c];
+    mean[m] = s;
+  }
+  block_row_sums(mean, red);
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) {
+    mean[m] /= D;
+    float q = 0.f;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const float d = col_of(c) < D ? x[m][c] - mean[m] : 0.f;
+      q += d * d;
+    }
+    rstd[m] = q;
+  }
+  block_row_sums(rstd, red);
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) rstd[m] = rsqrtf(rstd[m] / D + eps);
+}
+
+// x <- (x - mean) * rstd, 0 beyond D.
+template <int CPT>
+__device__ __forceinline__ void tile_normalize(ColTile<CPT>& x, const float* mean, const float* rstd, int D) {
+#pragma unroll
+  for (int m = 0; m < kBM; ++m)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) x[m][c] = col_of(c) < D ? (x[m][c] - mean[m]) * rstd[m] : 0.f;
+}
+
+// LayerNorm backward in place: g (= dL/dx_hat, 0 beyond D) <- dL/dx, given x_hat.
+template <int CPT>
+__device__ __forceinline__ void tile_layer_norm_bwd(ColTile<CPT>& g, const ColTile<CPT>& xhat, const float* rstd,
+                                                    int D, float* red) {
+  float c1[kBM], c2[kBM];
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) {
+    c1[m] = 0.f;
+    c2[m] = 0.f;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      c1[m] += g[m][c];
+      c2[m] += g[m][c] * xhat[m][c];
+    }
+  }
+  block_row_sums(c1, red);
+  block_row_sums(c2, red);
+#pragma unroll
+  for (int m = 0; m < kBM; ++m)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c)
+      g[m][c] = col_of(c) < D ? (g[m][c] - c1[m] / D - xhat[m][c] * c2[m] / D) * rstd[m] : 0.f;
+}
+
+// dst[0..16) = mean, dst[16..32) = rstd (static indices: the arrays stay in registers).
+__device__ __forceinline__ void save_stats(float* dst, const float (&mean)[kBM], const float (&rstd)[kBM]) {
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) {
+    dst[m] = mean[m];
+    dst[kBM + m] = rstd[m];
+  }
+}
+
+template <typename T, int CPT>
+__device__ __forceinline__ void load_tile(const T* src, int64_t row0, const Params& p, ColTile<CPT>& x) {
+#pragma unroll
+  for (int m = 0; m < kBM; ++m)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const int64_t row = row0 + m;
+      x[m][c] = row < p.M && col_of(c) < p.D ? to_float(src[row * p.D + col_of(c)]) : 0.f;
+    }
+}
+
+// The normalised inputs of a tile: x1 <- LN(h + r) statistics applied (x1_hat), a <- a, a_hat.
+// h and r are read again from global memory (in cache), so nothing of them is held between phases.
+template <typename T, int CPT>
+__device__ __forceinline__ void tile_inputs(const Params& p, const T* h, const T* r, int64_t row0, const float* stats,
+                                            ColTile<CPT>& x1hat, ColTile<CPT>& ahat) {
+  ColTile<CPT> rv;
+  load_tile<T, CPT>(h, row0, p, x1hat);
+  load_tile<T, CPT>(r, row0, p, rv);
+#pragma unroll
+  for (int m = 0; m < kBM; ++m)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const int i = col_of(c);
+      float a = x1hat[m][c];
+      if (p.orig_ln_before && i < p.D) {
+        x1hat[m][c] = (a + rv[m][c] - stats[2 * kBM + m]) * stats[3 * kBM + m];
+        a = x1hat[m][c] * p.gamma[i] + p.beta[i];
+      }
+      ahat[m][c] = p.ln_before && i < p.D ? (a - stats[m]) * stats[kBM + m] : a;
+    }
+}
+
+// dst (16x16 fp32, global, row-major with leading dimension ldd) = [dst +] A^T B, where A(m, i) =
+// a[m * lda + i] and B(m, n) = b[m * ldb + n] over the 16 rows m of a tile. One warp per call.
+template <typename T>
+__device__ __forceinline__ void warp_tile_grad(const T* a, int lda, const T* b, int ldb, float* dst, int ldd,
+                                               bool first, int lane) {
+  if constexpr (std::is_same_v<T, float>) {
+    const int i = lane >> 1, n0 = (lane & 1) * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int m = 0; m < kBM; ++m) {
+      const float av = a[m * lda + i];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] += av * b[m * ldb + n0 + j];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dst[i * ldd + n0 + j] = acc[j] + (first ? 0.f : dst[i * ldd + n0 + j]);
+  } else {
+    namespace wmma = nvcuda::wmma;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc, old;
+    wmma::fill_fragment(acc, 0.f);
+    wmma::load_matrix_sync(fa, a, lda);
+    wmma::load_matrix_sync(fb, b, ldb);
+    wmma::mma_sync(acc, fa, fb, acc);
+    if (!first) {
+      wmma::load_matrix_sync(old, dst, ldd, wmma::mem_row_major);
+#pragma unroll
+      for (int t = 0; t < acc.num_elements; ++t) acc.x[t] += old.x[t];
+    }
+    wmma::store_matrix_sync(dst, acc, ldd, wmma::mem_row_major);
+  }
+}
+
+template <typename T, int CPT>
+__global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
+    Params p, int DP, int KP, Offsets off, Slice sl, bool ln_grad, bool input_grad, const T* __restrict__ dy,
+    const T* __restrict__ h, const T* __restrict__ r, const T* __restrict__ wd_op, const T* __restrict__ wu_op,
+    T* __restrict__ dh, T* __restrict__ dr, float* __restrict__ part) {
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  unsigned char* at = shared_raw;
+  auto carve = [&](size_t bytes) { unsigned char* q = at; at += align128(bytes); return q; };
+  float* X = reinterpret_cast<float*>(carve(sizeof(float) * kBM * DP));
+  float* V = reinterpret_cast<float*>(carve(sizeof(float) * kBM * DP));
+  T* AD = reinterpret_cast<T*>(carve(sizeof(T) * kBM * DP));
+  float* Z = reinterpret_cast<float*>(carve(sizeof(float) * kBM * KP));
+  T* PK = reinterpret_cast<T*>(carve(sizeof(T) * kBM * KP));
+  T* DZ = reinterpret_cast<T*>(carve(sizeof(T) * kBM * KP));
+  float* STG = reinterpret_cast<float*>(at);
+  float* RED = STG + kWarps * 256;
+  float* stats = RED + kWarps * kBM;  // per row: mean_a, rstd_a, mean1, rstd1
+  const int D = p.D, K = p.K, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  float* slice = part + blockIdx.x * sl.width;
+  // this thread's columns of the D-wide parameter gradients, summed over all rows of the block
+  float g_bu[CPT] = {}, g_gamma[CPT] = {}, g_beta[CPT] = {}, g_ga[CPT] = {}, g_ba[CPT] = {}, g_s[CPT] = {};
+  float g_s1 = 0.f;  // learned scalar scaling
+  const int64_t tiles = (p.M + kBM - 1) / kBM;
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * kBM;
+    const bool first = tile == blockIdx.x;
+    // ---- forward rows: X = a_res + r, AD = LN_a(a) ----
+    {
+      ColTile<CPT> x, rv;
+      float mean[kBM], rstd[kBM];
+      load_tile<T, CPT>(h, row0, p, x);
+      load_tile<T, CPT>(r, row0, p, rv);
+      auto store_residual = [&] {
+#pragma unroll
+        for (int m = 0; m < kBM; ++m)
+#pragma unroll
+          for (int c = 0; c < CPT; ++c)
+            if (col_of(c) < DP) X[m * DP + col_of(c)] = x[m][c] + rv[m][c];
+      };
+      if (p.residual_before_ln) store_residual();
+      if (p.orig_ln_before) {
+#pragma unroll
+        for (int m = 0; m < kBM; ++m)
+#pragma unroll
+          for (int c = 0; c < CPT; ++c) x[m][c] += rv[m][c];
+        tile_row_stats<CPT>(x, D, p.eps, RED, mean, rstd);
+        tile_normalize<CPT>(x, mean, rstd, D);
+#pragma unroll
+        for (int m = 0; m < kBM; ++m)
+#pragma unroll
+          for (int c = 0; c < CPT; ++c)
+            if (col_of(c) < D) x[m][c] = x[m][c] * p.gamma[col_of(c)] + p.beta[col_of(c)];
+        if (threadIdx.x == 0) save_stats(stats + 2 * kBM, mean, rstd);
+      }
+      if (!p.residual_before_ln) store_residual();
+      if (p.ln_before) {
+        tile_row_stats<CPT>(x, D, p.eps_a, RED, mean, rstd);
+        tile_normalize<CPT>(x, mean, rstd, D);
+#pragma unroll
+        for (int m = 0; m < kBM; ++m)
+#pragma unroll
+          for (int c = 0; c < CPT; ++c)
+            if (col_of(c) < D) x[m][c] = x[m][c] * p.ga[col_of(c)] + p.ba[col_of(c)];
+        if (threadIdx.x == 0) save_stats(stats, mean, rstd);
+      }
+#pragma unroll
+      for (int m = 0; m < kBM; ++m)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c)
+          if (col_of(c) < DP) AD[m * DP + col_of(c)] = from_float<T>(row0 + m < p.M ? x[m][c] : 0.f);
+    }
+    __syncthreads();
+    // ---- z = an W_down^T + b_down, p = f(z); v = p W_up^T ----
+    for (int n0 = warp * 16; n0 < KP; n0 += kWarps * 16)
+      warp_tile_gemm<T, false>(AD, DP, wd_op + static_cast<int64_t>(n0) * DP, DP, DP, Z + n0, KP, lane);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kBM * KP; e += kThreads) {
+      const int k = e % KP;
+      const float z = k < K ? Z[e] + p.bd[k] : 0.f;
+      Z[e] = z;
+      PK[e] = from_float<T>(k < K ? act(z, p.act) : 0.f);
+    }
+    __syncthreads();
+    for (int n0 = warp * 16; n0 < DP; n0 += kWarps * 16)
+      warp_tile_gemm<T, false>(PK, KP, wu_op + static_cast<int64_t>(n0) * KP, KP, KP, V + n0, DP, lane);
+    __syncthreads();
+    // ---- output LayerNorm and the scaled, dropped-out up-projection: X <- d o, AD <- d v ----
+    {
+      ColTile<CPT> o, d;
+      float mean[kBM], rstd[kBM];
+#pragma unroll
+      for (int m = 0; m < kBM; ++m)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          const int i = col_of(c);
+          const int64_t row = row0 + m;
+          const bool in = row < p.M && i < D;
+          const float v = in ? V[m * DP + i] + p.bu[i] : 0.f;
+          o[m][c] = in ? X[m * DP + i] + scale_at(p, i) * v * keep_factor(p, row * D + i) : 0.f;
+          d[m][c] = in ? to_float(dy[row * D + i]) : 0.f;
+          if (in) V[m * DP + i] = v;
+        }
+      tile_row_stats<CPT>(o, D, p.eps, RED, mean, rstd);
+      tile_normalize<CPT>(o, mean, rstd, D);  // o <- o_hat
+#pragma unroll
+      for (int m = 0; m < kBM; ++m)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          const int i = col_of(c);
+          if (ln_grad && i < D) {
+            g_gamma[c] += d[m][c] * o[m][c];
+            g_beta[c] += d[m][c];
+          }
+          d[m][c] = i < D ? d[m][c] * p.gamma[i] : 0.f;
+        }
+      tile_layer_norm_bwd<CPT>(d, o, rstd, D, RED);  // d <- d o
+#pragma unroll
+      for (int m = 0; m < kBM; ++m)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          const int i = col_of(c);
+          const int64_t row = row0 + m;
+          const bool in = row < p.M && i < D;
+          const float du = in ? d[m][c] * keep_factor(p, row * D + i) : 0.f;
+          const float dv = in ? du * scale_at(p, i) : 0.f;
+          if (in) {
+            const float v = V[m * DP + i];
+            if (p.scale_mode == 2) g_s[c] += du * v;
+            if (p.scale_mode == 1) g_s1 += du * v;
+            g_bu[c] += dv;
+          }
+          if (i < DP) {
+            X[m * DP + i] = in ? d[m][c] : 0.f;
+            AD[m * DP + i] = from_float<T>(dv);
+          }
+        }
+    }
+    __syncthreads();
+    // ---- dz = (dv W_up) f'(z); W_up partials ----
+    for (int n0 = warp * 16; n0 < KP; n0 += kWarps * 16) {
+      float* stg = STG + warp * 256;
+      warp_tile_gemm<T, true>(AD, DP, wu_op + n0, KP, DP, stg, 16, lane);
+      __syncwarp();
+      for (int e = lane; e < 256; e += kWarp) {
+        const int m = e / 16, k = n0 + e % 16;
+        const float dz = k < K && row0 + m < p.M ? stg[e] * act_grad(Z[m * KP + k], p.act) : 0.f;
+        Z[m * KP + k] = dz;
+        DZ[m * KP + k] = from_float<T>(dz);
+      }
+      __syncwarp();
+    }
+    for (int job = warp; job < (DP / 16) * (KP / 16); job += kWarps) {
+      const int i0 = (job / (KP / 16)) * 16, k0 = (job % (KP / 16)) * 16;
+      warp_tile_grad<T>(AD + i0, DP, PK + k0, KP, slice + sl.wu + static_cast<int64_t>(i0) * KP + k0, KP, first,
+                        lane);
+    }
+    __syncthreads();
+    // ---- b_down partials; dan = dz W_down ----
+    for (int k = threadIdx.x; k < K; k += kThreads) {
+      float s = 0.f;
+      for (int m = 0; m < kBM; ++m) s += Z[m * KP + k];
+      slice[off.b_down + k] = s + (first ? 0.f : slice[off.b_down + k]);
+    }
+    for (int n0 = warp * 16; n0 < DP; n0 += kWarps * 16)
+      warp_tile_gemm<T, true>(DZ, KP, wd_op + n0, DP, KP, V + n0, DP, lane);
+    __syncthreads();
+    // ---- adapter LayerNorm, residual, LayerNorm before the adapter: dh, dr ----
+    {
+      ColTile<CPT> x1hat, ahat, g;
+      tile_inputs<T, CPT>(p, h, r, row0, stats, x1hat, ahat);
+      // an again, for dW_down += dz^T an (AD held d v until now)
+#pragma unroll
+      for (int m = 0; m < kBM; ++m)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          const int i = col_of(c);
+          const float an = p.ln_before && i < D ? ahat[m][c] * p.ga[i] + p.ba[i] : ahat[m][c];
+          if (i < DP) AD[m * DP + i] = from_float<T>(row0 + m < p.M ? an : 0.f);
+        }
+      __syncthreads();
+      for (int job = warp; job < (DP / 16) * (KP / 16); job += kWarps) {
+        const int k0 = (job / (DP / 16)) * 16, i0 = (job % (DP / 16)) * 16;
+        warp_tile_grad<T>(DZ + k0, KP, AD + i0, DP, slice + sl.wd + static_cast<int64_t>(k0) * DP + i0, DP, first,
+                          lane);
+      }
+#pragma unroll
+      for (int m = 0; m < kBM; ++m)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          const int i = col_of(c);
+          g[m][c] = i < D && row0 + m < p.M ? V[m * DP + i] : 0.f;  // d an
+          if (p.ln_before && i < D) {
+            g_ga[c] += g[m][c] * ahat[m][c];
+            g_ba[c] += g[m][c];
+            g[m][c] *= p.ga[i];
+          }
+        }
+      if (p.ln_before) tile_layer_norm_bwd<CPT>(g, ahat, stats + kBM, D, RED);  // g <- d a
+#pragma unroll
+      for (int m = 0; m < kBM; ++m)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          const int i = col_of(c);
+          if (!p.residual_before_ln && i < D) g[m][c] += X[m * DP + i];
+          if (p.orig_ln_before && i < D) {
+            if (ln_grad) {
+              g_gamma[c] += g[m][c] * x1hat[m][c];
+              g_beta[c] += g[m][c];
+            }
+            g[m][c] *= p.gamma[i];
+          }
+        }
+      if (p.orig_ln_before) tile_layer_norm_bwd<CPT>(g, x1hat, stats + 3 * kBM, D, RED);  // g <- d (h + r)
+      if (input_grad) {
+#pragma unroll
+        for (int m = 0; m < kBM; ++m)
+#pragma unroll
+          for (int c = 0; c < CPT; ++c) {
+            const int i = col_of(c);
+            const int64_t row = row0 + m;
+            if (row >= p.M || i >= D) continue;
+            const float d_o = X[m * DP + i];
+            const float through_ln = p.orig_ln_before ? g[m][c] : 0.f;  // (h + r) reaches both inputs
+            dh[row * D + i] = from_float<T>((p.residual_before_ln ? d_o : 0.f) + (p.orig_ln_before ? through_ln : g[m][c]));
+            dr[row * D + i] = from_float<T>(d_o + through_ln);
+          }
+      }
+    }
+    __syncthreads();  // the next tile rewrites every buffer
+  }
+  // ---- this block's D-wide gradients ----
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) {
+    const int i = col_of(c);
+    if (i >= D) continue;
+    slice[off.b_up + i] = g_bu[c];
+    if (ln_grad) {
+      slice[off.gamma + i] = g_gamma[c];
+      slice[off.beta + i] = g_beta[c];
+    }
+    if (p.ln_before) {
+      slice[off.ga + i] = g_ga[c];
+      slice[off.ba + i] = g_ba[c];
+    }
+    if (p.scale_mode == 2) slice[off.scale + i] = g_s[c];
+  }
+  if (p.scale_mode == 1) {  // one block-wide sum (block_row_sums sums 16 rows; only row 0 is used)
+    float s[kBM] = {};
+    s[0] = g_s1;
+    block_row_sums(s, RED);
+    if (threadIdx.x == 0) slice[off.scale] = s[0];
+  }
+}
+
+// flat[t] = sum over the P slices of gradient t; W_up and W_down are read from their padded places.
+__global__ void reduce_partials_kernel(const float* __restrict__ part, float* __restrict__ flat, int64_t P,
+                                       int64_t total, Slice sl, Offsets off, int D, int K, int DP, int KP) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (t >= T_width) return;
+  if (t >= total) return;
+  const int64_t DK = static_cast<int64_t>(D) * K;
+  int64_t src = t;
+  if (t >= off.w_up && t < off.w_up + DK) src = sl.wu + (t - off.w_up) / K * KP + (t - off.w_up) % K;
+  if (t >= off.w_down && t < off.w_down + DK) src = sl.wd + (t - off.w_down) / D * DP + (t - off.w_down) % D;
   float acc = 0.f;
-  for (int64_t q = 0; q < P; ++q) acc += part[q * T_width + t];
-  out[t] = acc;
+  for (int64_t q = 0; q < P; ++q) acc += part[q * sl.width + src];
+  flat[t] = acc;
 }
 
 const float* fp32_ptr(const c10::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
@@ -500,10 +783,7 @@ Params make_params(const at::Tensor& h, const at::Tensor& ln_weight, const at::T
   p.beta = ln_bias.data_ptr<float>();
   p.ga = fp32_ptr(adapter_ln_weight);
   p.ba = fp32_ptr(adapter_ln_bias);
-  const bool fp32_weights = w_down.scalar_type() == at::kFloat;  // the backward's; the forward's are padded
-  p.wd = fp32_weights ? w_down.data_ptr<float>() : nullptr;
   p.bd = b_down.data_ptr<float>();
-  p.wu = fp32_weights ? w_up.data_ptr<float>() : nullptr;
   p.bu = b_up.data_ptr<float>();
   p.scale = fp32_ptr(scale);
   p.scale_mode = !scale ? 0 : (scale->numel() > 1 ? 2 : 1);
@@ -550,6 +830,28 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return poison_outputs ? at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options) : at::empty(sizes, options);
 }
 
+// Checks the arguments both entry points share; returns the padded widths (DP, KP) of the weights.
+std::pair<int, int> check_inputs(const char* op, const at::Tensor& h, const at::Tensor& r, const at::Tensor& w_down,
+                                 const at::Tensor& w_up, const Params& p) {
+  TORCH_CHECK(h.is_cuda() && h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(r.sizes() == h.sizes() && r.scalar_type() == h.scalar_type() && r.is_contiguous(), op,
+              ": r must match h in shape and dtype and be contiguous");
+  const int DP = static_cast<int>(w_down.size(1)), KP = static_cast<int>(w_down.size(0));
+  TORCH_CHECK(w_down.scalar_type() == h.scalar_type() && w_up.scalar_type() == h.scalar_type() && DP % 16 == 0 &&
+                  KP % 16 == 0 && DP >= p.D && KP >= p.K && w_up.size(0) == DP && w_up.size(1) == KP &&
+                  w_down.is_contiguous() && w_up.is_contiguous(),
+              op, ": w_down/w_up must be padded to multiples of 16 and in h's dtype");
+  TORCH_CHECK(p.D <= 2048, "the cuda backend supports hidden sizes up to 2048, got ", p.D);
+  return {DP, KP};
+}
+
+int max_shared_per_block() {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return optin;
+}
+
 }  // namespace
 
 void set_poison_outputs(bool on) { poison_outputs = on; }
@@ -562,26 +864,16 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
                              const c10::optional<at::Tensor>& adapter_ln_bias, double scale_value, double ln_eps,
                              double adapter_ln_eps, int64_t activation, bool original_ln_before,
                              bool residual_before_ln, double dropout_p, const c10::optional<at::Tensor>& seed) {
-  TORCH_CHECK(h.is_cuda() && h.dim() == 2 && h.is_contiguous(), "h must be a contiguous 2-D CUDA tensor");
-  TORCH_CHECK(r.sizes() == h.sizes() && r.scalar_type() == h.scalar_type() && r.is_contiguous(),
-              "r must match h in shape and dtype and be contiguous");
   const c10::cuda::CUDAGuard guard(h.device());
   Params p = make_params(h, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
                          adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
                          residual_before_ln, dropout_p, seed);
-  const TileShape shape{16, static_cast<int>(w_down.size(1)), static_cast<int>(w_down.size(0))};
-  TORCH_CHECK(w_down.scalar_type() == h.scalar_type() && w_up.scalar_type() == h.scalar_type() &&
-                  shape.DP % 16 == 0 && shape.KP % 16 == 0 && shape.DP >= p.D && shape.KP >= p.K &&
-                  w_up.size(0) == shape.DP && w_up.size(1) == shape.KP && w_down.is_contiguous() &&
-                  w_up.is_contiguous(),
-              "adapter_block_fwd: w_down/w_up must be padded to multiples of 16 and in h's dtype");
-  TORCH_CHECK(p.D <= 2048, "the cuda backend supports hidden sizes up to 2048, got ", p.D);
+  const auto [DP, KP] = check_inputs("adapter_block_fwd", h, r, w_down, w_up, p);
+  const TileShape shape{16, DP, KP};
   at::Tensor y = new_output(h);
   if (p.M == 0) return y;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int optin = max_shared_per_block();
   AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_fwd", [&] {
     using T = typename Native<scalar_t>::type;
     // 32-row tiles while two blocks still fit on a multiprocessor, else 16.
@@ -608,6 +900,8 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
   return y;
 }
 
+// w_down, w_up: padded and in h's dtype, as for the forward. Returns (dh, dr, flat): flat holds the
+// parameter gradients in fp32 at `offsets` (order of ops/cuda.py's GRADIENT_ORDER), total floats.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
     const at::Tensor& dy, const at::Tensor& h, const at::Tensor& r, const at::Tensor& ln_weight,
     const at::Tensor& ln_bias, const at::Tensor& w_down, const at::Tensor& b_down, const at::Tensor& w_up,
@@ -621,28 +915,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
   Params p = make_params(h, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
                          adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
                          residual_before_ln, dropout_p, seed);
+  const auto [DP, KP] = check_inputs("adapter_block_bwd", h, r, w_down, w_up, p);
+  TORCH_CHECK(dy.sizes() == h.sizes() && dy.scalar_type() == h.scalar_type() && dy.is_contiguous(),
+              "adapter_block_bwd: dy must match h in shape and dtype and be contiguous");
   const Offsets off{offsets[0], offsets[1], offsets[2], offsets[3], offsets[4],
                     offsets[5], offsets[6], offsets[7], offsets[8]};
+  TORCH_CHECK(off.w_up >= 0 && off.w_down >= 0 && off.b_up >= 0 && off.b_down >= 0,
+              "adapter_block_bwd: the weight and bias gradients need offsets");
   at::Tensor dh = input_grad ? new_output(h) : at::empty({0}, h.options());
   at::Tensor dr = input_grad ? new_output(r) : at::empty({0}, r.options());
-  const int programs = std::max(1, grid_size(p.M, 2));
-  at::Tensor part = new_output({programs, total}, h.options().dtype(at::kFloat));
   at::Tensor flat = new_output({total}, h.options().dtype(at::kFloat));
-  const size_t shared = (5 * static_cast<size_t>(p.D) + 3 * p.K) * sizeof(float);
+  if (p.M == 0) return {dh, dr, flat.zero_()};
+  Slice sl{};
+  sl.wu = (total + 7) / 8 * 8;  // 32-byte aligned, as WMMA accesses need
+  sl.wd = sl.wu + static_cast<int64_t>(DP) * KP;
+  sl.width = sl.wd + static_cast<int64_t>(KP) * DP;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int optin = max_shared_per_block();
   AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_bwd", [&] {
-    auto kernel = adapter_block_bwd_kernel<scalar_t>;
-    allow_shared(kernel, shared);
-    kernel<<<programs, kWarp, shared, stream>>>(
-        p, off, total, ln_grad, input_grad, dy.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
-        input_grad ? dh.data_ptr<scalar_t>() : nullptr, input_grad ? dr.data_ptr<scalar_t>() : nullptr,
-        part.data_ptr<float>());
+    using T = typename Native<scalar_t>::type;
+    const size_t shared = bwd_shared_bytes<T>(DP, KP);
+    TORCH_CHECK(shared <= static_cast<size_t>(optin), "adapter_block_bwd: d=", p.D, ", k=", p.K, " in ",
+                h.scalar_type(), " needs ", shared / 1024, " KiB of shared memory, more than this GPU has; use the "
+                "triton backend");
+    auto launch = [&](auto kernel) {
+      allow_shared(kernel, shared);
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
+      const int programs = grid_size((p.M + kBM - 1) / kBM, std::max(per_sm, 1));
+      at::Tensor part = new_output({programs, sl.width}, h.options().dtype(at::kFloat));
+      kernel<<<programs, kThreads, shared, stream>>>(
+          p, DP, KP, off, sl, ln_grad, input_grad, reinterpret_cast<const T*>(dy.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(h.data_ptr<scalar_t>()), reinterpret_cast<const T*>(r.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()), reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
+          input_grad ? reinterpret_cast<T*>(dh.data_ptr<scalar_t>()) : nullptr,
+          input_grad ? reinterpret_cast<T*>(dr.data_ptr<scalar_t>()) : nullptr, part.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int threads = 256;
+      reduce_partials_kernel<<<static_cast<int>((total + threads - 1) / threads), threads, 0, stream>>>(
+          part.data_ptr<float>(), flat.data_ptr<float>(), programs, total, sl, off, p.D, p.K, DP, KP);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (DP <= 256) launch(adapter_block_bwd_kernel<T, 1>);
+    else if (DP <= 512) launch(adapter_block_bwd_kernel<T, 2>);
+    else if (DP <= 1024) launch(adapter_block_bwd_kernel<T, 4>);
+    else launch(adapter_block_bwd_kernel<T, 8>);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int threads = 256;
-  reduce_partials_kernel<<<static_cast<int>((total + threads - 1) / threads), threads, 0, stream>>>(
-      part.data_ptr<float>(), flat.data_ptr<float>(), programs, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dh, dr, flat};
 }
 
