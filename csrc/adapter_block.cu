@@ -445,8 +445,9 @@ __device__ __forceinline__ void load_tile(const T* src, int64_t row0, const Para
     }
 }
 
-// The normalised inputs of a tile: x1 <- LN(h + r) statistics applied (x1_hat), a <- a, a_hat.
-// h and r are read again from global memory (in cache), so nothing of them is held between phases.
+// x1_hat = (h + r - mean1) rstd1 (h itself without the LayerNorm before the adapter) and a_hat =
+// (a - mean_a) rstd_a (a itself without LN_a) of a tile, from the saved row statistics. h and r are
+// read again (in cache), so nothing of them is held between phases.
 template <typename T, int CPT>
 __device__ __forceinline__ void tile_inputs(const Params& p, const T* h, const T* r, int64_t row0, const float* stats,
                                             ColTile<CPT>& x1hat, ColTile<CPT>& ahat) {
