@@ -141,33 +141,38 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
-// acc(16x16 fp32, stored row-major with leading dimension ldc) = A[16 x kdim] (row-major in shared
-// memory, leading dimension lda) times B [kdim x 16] (global memory): B(k, n) = b[k * ldb + n] when
-// kBRowMajor, else b[n * ldb + k] (a row-major weight read as its transpose). One warp per call;
-// kdim a multiple of 16.
-template <typename T, bool kBRowMajor>
+// c (16x16 fp32, row-major, leading dimension ldc; shared or global memory) = [c +] A B, with
+// A [16 x kdim] in shared memory: A(m, k) = a[m * lda + k], or a[k * lda + m] when kATransposed;
+// B [kdim x 16]: B(k, n) = b[k * ldb + n] when kBRowMajor, else b[n * ldb + k] (a row-major
+// weight read as its transpose). One warp per call; kdim a multiple of 16.
+template <typename T, bool kATransposed, bool kBRowMajor>
 __device__ __forceinline__ void warp_tile_gemm(const T* a, int lda, const T* b, int ldb, int kdim, float* c,
-                                               int ldc, int lane) {
+                                               int ldc, bool accumulate, int lane) {
   if constexpr (std::is_same_v<T, float>) {
     // CUDA cores: lane owns row lane / 2, columns (lane % 2) * 8 .. + 8.
     const int row = lane >> 1, col0 = (lane & 1) * 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int k = 0; k < kdim; ++k) {
-      const float av = a[row * lda + k];
+      const float av = kATransposed ? a[k * lda + row] : a[row * lda + k];
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[j] += av * (kBRowMajor ? b[k * ldb + col0 + j] : b[(col0 + j) * ldb + k]);
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) c[row * ldc + col0 + j] = acc[j];
+    for (int j = 0; j < 8; ++j) c[row * ldc + col0 + j] = acc[j] + (accumulate ? c[row * ldc + col0 + j] : 0.f);
   } else {
     namespace wmma = nvcuda::wmma;
+    using ALayout = std::conditional_t<kATransposed, wmma::col_major, wmma::row_major>;
     using BLayout = std::conditional_t<kBRowMajor, wmma::row_major, wmma::col_major>;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa;
     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
+    if (accumulate) {
+      wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
+    } else {
+      wmma::fill_fragment(acc, 0.f);
+    }
     for (int k = 0; k < kdim; k += 16) {
-      wmma::load_matrix_sync(fa, a + k, lda);
+      wmma::load_matrix_sync(fa, kATransposed ? a + static_cast<int64_t>(k) * lda : a + k, lda);
       wmma::load_matrix_sync(fb, kBRowMajor ? b + static_cast<int64_t>(k) * ldb : b + k, ldb);
       wmma::mma_sync(acc, fa, fb, acc);
     }
@@ -266,7 +271,8 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p
     const int mt = BM / 16, nt1 = KP / 16, nt2 = DP / 16;
     for (int job = warp; job < mt * nt1; job += kWarps) {
       const int m0 = (job % mt) * 16, n0 = (job / mt) * 16;
-      warp_tile_gemm<T, false>(AN + m0 * DP, DP, wd_op + static_cast<int64_t>(n0) * DP, DP, DP, Z + m0 * KP + n0, KP, lane);
+      warp_tile_gemm<T, false, false>(AN + m0 * DP, DP, wd_op + static_cast<int64_t>(n0) * DP, DP, DP, Z + m0 * KP + n0,
+                                      KP, false, lane);
     }
     __syncthreads();
     for (int e = threadIdx.x; e < BM * KP; e += kThreads) {
@@ -278,7 +284,8 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p
     float* stg = STG + warp * 256;
     for (int job = warp; job < mt * nt2; job += kWarps) {
       const int m0 = (job % mt) * 16, n0 = (job / mt) * 16;
-      warp_tile_gemm<T, false>(PK + m0 * KP, KP, wu_op + static_cast<int64_t>(n0) * KP, KP, KP, stg, 16, lane);
+      warp_tile_gemm<T, false, false>(PK + m0 * KP, KP, wu_op + static_cast<int64_t>(n0) * KP, KP, KP, stg, 16, false,
+                                      lane);
       __syncwarp();
       for (int e = lane; e < 256; e += kWarp) {
         const int m = m0 + e / 16, i = n0 + e % 16;
@@ -468,39 +475,6 @@ __device__ __forceinline__ void tile_inputs(const Params& p, const T* h, const T
     }
 }
 
-// dst (16x16 fp32, global, row-major with leading dimension ldd) = [dst +] A^T B, where A(m, i) =
-// a[m * lda + i] and B(m, n) = b[m * ldb + n] over the 16 rows m of a tile. One warp per call.
-template <typename T>
-__device__ __forceinline__ void warp_tile_grad(const T* a, int lda, const T* b, int ldb, float* dst, int ldd,
-                                               bool first, int lane) {
-  if constexpr (std::is_same_v<T, float>) {
-    const int i = lane >> 1, n0 = (lane & 1) * 8;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int m = 0; m < kBM; ++m) {
-      const float av = a[m * lda + i];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[j] += av * b[m * ldb + n0 + j];
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) dst[i * ldd + n0 + j] = acc[j] + (first ? 0.f : dst[i * ldd + n0 + j]);
-  } else {
-    namespace wmma = nvcuda::wmma;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc, old;
-    wmma::fill_fragment(acc, 0.f);
-    wmma::load_matrix_sync(fa, a, lda);
-    wmma::load_matrix_sync(fb, b, ldb);
-    wmma::mma_sync(acc, fa, fb, acc);
-    if (!first) {
-      wmma::load_matrix_sync(old, dst, ldd, wmma::mem_row_major);
-#pragma unroll
-      for (int t = 0; t < acc.num_elements; ++t) acc.x[t] += old.x[t];
-    }
-    wmma::store_matrix_sync(dst, acc, ldd, wmma::mem_row_major);
-  }
-}
-
 template <typename T, int CPT>
 __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
     Params p, int DP, int KP, Offsets off, Slice sl, bool ln_grad, bool input_grad, const T* __restrict__ dy,
@@ -576,7 +550,7 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
     __syncthreads();
     // ---- z = an W_down^T + b_down, p = f(z); v = p W_up^T ----
     for (int n0 = warp * 16; n0 < KP; n0 += kWarps * 16)
-      warp_tile_gemm<T, false>(AD, DP, wd_op + static_cast<int64_t>(n0) * DP, DP, DP, Z + n0, KP, lane);
+      warp_tile_gemm<T, false, false>(AD, DP, wd_op + static_cast<int64_t>(n0) * DP, DP, DP, Z + n0, KP, false, lane);
     __syncthreads();
     for (int e = threadIdx.x; e < kBM * KP; e += kThreads) {
       const int k = e % KP;
@@ -586,7 +560,7 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
     }
     __syncthreads();
     for (int n0 = warp * 16; n0 < DP; n0 += kWarps * 16)
-      warp_tile_gemm<T, false>(PK, KP, wu_op + static_cast<int64_t>(n0) * KP, KP, KP, V + n0, DP, lane);
+      warp_tile_gemm<T, false, false>(PK, KP, wu_op + static_cast<int64_t>(n0) * KP, KP, KP, V + n0, DP, false, lane);
     __syncthreads();
     // ---- output LayerNorm and the scaled, dropped-out up-projection: X <- d o, AD <- d v ----
     {
@@ -643,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
     // ---- dz = (dv W_up) f'(z); W_up partials ----
     for (int n0 = warp * 16; n0 < KP; n0 += kWarps * 16) {
       float* stg = STG + warp * 256;
-      warp_tile_gemm<T, true>(AD, DP, wu_op + n0, KP, DP, stg, 16, lane);
+      warp_tile_gemm<T, false, true>(AD, DP, wu_op + n0, KP, DP, stg, 16, false, lane);
       __syncwarp();
       for (int e = lane; e < 256; e += kWarp) {
         const int m = e / 16, k = n0 + e % 16;
@@ -655,8 +629,8 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
     }
     for (int job = warp; job < (DP / 16) * (KP / 16); job += kWarps) {
       const int i0 = (job / (KP / 16)) * 16, k0 = (job % (KP / 16)) * 16;
-      warp_tile_grad<T>(AD + i0, DP, PK + k0, KP, slice + sl.wu + static_cast<int64_t>(i0) * KP + k0, KP, first,
-                        lane);
+      warp_tile_gemm<T, true, true>(AD + i0, DP, PK + k0, KP, kBM, slice + sl.wu + static_cast<int64_t>(i0) * KP + k0,
+                                    KP, !first, lane);  // dW_up tile += dv^T p
     }
     __syncthreads();
     // ---- b_down partials; dan = dz W_down ----
@@ -666,7 +640,7 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
       slice[off.b_down + k] = s + (first ? 0.f : slice[off.b_down + k]);
     }
     for (int n0 = warp * 16; n0 < DP; n0 += kWarps * 16)
-      warp_tile_gemm<T, true>(DZ, KP, wd_op + n0, DP, KP, V + n0, DP, lane);
+      warp_tile_gemm<T, false, true>(DZ, KP, wd_op + n0, DP, KP, V + n0, DP, false, lane);
     __syncthreads();
     // ---- adapter LayerNorm, residual, LayerNorm before the adapter: dh, dr ----
     {
@@ -684,8 +658,9 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
       __syncthreads();
       for (int job = warp; job < (DP / 16) * (KP / 16); job += kWarps) {
         const int k0 = (job / (DP / 16)) * 16, i0 = (job % (DP / 16)) * 16;
-        warp_tile_grad<T>(DZ + k0, KP, AD + i0, DP, slice + sl.wd + static_cast<int64_t>(k0) * DP + i0, DP, first,
-                          lane);
+        // dW_down tile += dz^T an
+        warp_tile_gemm<T, true, true>(DZ + k0, KP, AD + i0, DP, kBM, slice + sl.wd + static_cast<int64_t>(k0) * DP + i0,
+                                      DP, !first, lane);
       }
 #pragma unroll
       for (int m = 0; m < kBM; ++m)
@@ -725,7 +700,8 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
             if (row >= p.M || i >= D) continue;
             const float d_o = X[m * DP + i];
             const float through_ln = p.orig_ln_before ? g[m][c] : 0.f;  // (h + r) reaches both inputs
-            dh[row * D + i] = from_float<T>((p.residual_before_ln ? d_o : 0.f) + (p.orig_ln_before ? through_ln : g[m][c]));
+            const float via_a = p.orig_ln_before ? through_ln : g[m][c];  // without LN(h + r), a is h
+            dh[row * D + i] = from_float<T>((p.residual_before_ln ? d_o : 0.f) + via_a);
             dr[row * D + i] = from_float<T>(d_o + through_ln);
           }
       }
@@ -888,8 +864,9 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
       kernel<<<grid_size((p.M + tile.BM - 1) / tile.BM, std::max(per_sm, 1)), kThreads, shared, stream>>>(
-          p, tile, reinterpret_cast<const T*>(h.data_ptr<scalar_t>()), reinterpret_cast<const T*>(r.data_ptr<scalar_t>()),
-          reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()), reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
+          p, tile, reinterpret_cast<const T*>(h.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(r.data_ptr<scalar_t>()), reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
           reinterpret_cast<T*>(y.data_ptr<scalar_t>()));
     };
     if (p.D <= 128) launch(adapter_block_fwd_kernel<T, 4>);
@@ -948,7 +925,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
       kernel<<<programs, kThreads, shared, stream>>>(
           p, DP, KP, off, sl, ln_grad, input_grad, reinterpret_cast<const T*>(dy.data_ptr<scalar_t>()),
           reinterpret_cast<const T*>(h.data_ptr<scalar_t>()), reinterpret_cast<const T*>(r.data_ptr<scalar_t>()),
-          reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()), reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
           input_grad ? reinterpret_cast<T*>(dh.data_ptr<scalar_t>()) : nullptr,
           input_grad ? reinterpret_cast<T*>(dr.data_ptr<scalar_t>()) : nullptr, part.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
