@@ -441,6 +441,21 @@ __device__ __forceinline__ void save_stats(float* dst, const float (&mean)[kBM],
   }
 }
 
+// x <- LN(x) * w + b over each row's D columns (0 beyond D); the rows' (mean, rstd) go to stats.
+template <int CPT>
+__device__ __forceinline__ void tile_layer_norm(ColTile<CPT>& x, const float* w, const float* b, int D, float eps,
+                                                float* red, float* stats) {
+  float mean[kBM], rstd[kBM];
+  tile_row_stats<CPT>(x, D, eps, red, mean, rstd);
+  tile_normalize<CPT>(x, mean, rstd, D);
+#pragma unroll
+  for (int m = 0; m < kBM; ++m)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c)
+      if (col_of(c) < D) x[m][c] = x[m][c] * w[col_of(c)] + b[col_of(c)];
+  if (threadIdx.x == 0) save_stats(stats, mean, rstd);
+}
+
 template <typename T, int CPT>
 __device__ __forceinline__ void load_tile(const T* src, int64_t row0, const Params& p, ColTile<CPT>& x) {
 #pragma unroll
@@ -505,7 +520,6 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
     // ---- forward rows: X = a_res + r, AD = LN_a(a) ----
     {
       ColTile<CPT> x, rv;
-      float mean[kBM], rstd[kBM];
       load_tile<T, CPT>(h, row0, p, x);
       load_tile<T, CPT>(r, row0, p, rv);
       auto store_residual = [&] {
@@ -521,26 +535,10 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
         for (int m = 0; m < kBM; ++m)
 #pragma unroll
           for (int c = 0; c < CPT; ++c) x[m][c] += rv[m][c];
-        tile_row_stats<CPT>(x, D, p.eps, RED, mean, rstd);
-        tile_normalize<CPT>(x, mean, rstd, D);
-#pragma unroll
-        for (int m = 0; m < kBM; ++m)
-#pragma unroll
-          for (int c = 0; c < CPT; ++c)
-            if (col_of(c) < D) x[m][c] = x[m][c] * p.gamma[col_of(c)] + p.beta[col_of(c)];
-        if (threadIdx.x == 0) save_stats(stats + 2 * kBM, mean, rstd);
+        tile_layer_norm<CPT>(x, p.gamma, p.beta, D, p.eps, RED, stats + 2 * kBM);
       }
       if (!p.residual_before_ln) store_residual();
-      if (p.ln_before) {
-        tile_row_stats<CPT>(x, D, p.eps_a, RED, mean, rstd);
-        tile_normalize<CPT>(x, mean, rstd, D);
-#pragma unroll
-        for (int m = 0; m < kBM; ++m)
-#pragma unroll
-          for (int c = 0; c < CPT; ++c)
-            if (col_of(c) < D) x[m][c] = x[m][c] * p.ga[col_of(c)] + p.ba[col_of(c)];
-        if (threadIdx.x == 0) save_stats(stats, mean, rstd);
-      }
+      if (p.ln_before) tile_layer_norm<CPT>(x, p.ga, p.ba, D, p.eps_a, RED, stats);
 #pragma unroll
       for (int m = 0; m < kBM; ++m)
 #pragma unroll
