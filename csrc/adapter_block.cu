@@ -209,11 +209,23 @@ struct TileShape {
 
 __host__ __device__ inline size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
+// Hands out consecutive 128-byte-aligned buffers of a kernel's dynamic shared memory, in the order
+// (and with the sizes) the kernel's *_shared_bytes function adds up.
+struct SharedCarver {
+  unsigned char* at;
+  template <typename U>
+  __device__ U* take(size_t count) {
+    U* q = reinterpret_cast<U*>(at);
+    at += align128(sizeof(U) * count);
+    return q;
+  }
+};
+
 template <typename T>
 __host__ __device__ inline size_t fwd_shared_bytes(TileShape t) {
   return align128(sizeof(float) * t.BM * t.DP) + align128(sizeof(T) * t.BM * t.DP) +
          align128(sizeof(float) * t.BM * t.KP) + align128(sizeof(T) * t.BM * t.KP) +
-         sizeof(float) * kWarps * 256;
+         align128(sizeof(float) * kWarps * 256);
 }
 
 template <typename T, int VPL>
@@ -223,11 +235,12 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p
                                                                      const T* __restrict__ wu_op, T* __restrict__ y) {
   extern __shared__ __align__(128) unsigned char shared_raw[];
   const int BM = t.BM, DP = t.DP, KP = t.KP, D = p.D;
-  float* X = reinterpret_cast<float*>(shared_raw);
-  T* AN = reinterpret_cast<T*>(shared_raw + align128(sizeof(float) * BM * DP));
-  float* Z = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(AN) + align128(sizeof(T) * BM * DP));
-  T* PK = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(Z) + align128(sizeof(float) * BM * KP));
-  float* STG = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(PK) + align128(sizeof(T) * BM * KP));
+  SharedCarver carve{shared_raw};
+  float* X = carve.take<float>(BM * DP);
+  T* AN = carve.take<T>(BM * DP);
+  float* Z = carve.take<float>(BM * KP);
+  T* PK = carve.take<T>(BM * KP);
+  float* STG = carve.take<float>(kWarps * 256);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t tiles = (p.M + BM - 1) / BM;
 
@@ -339,8 +352,9 @@ constexpr int kBM = 16;
 template <typename T>
 __host__ __device__ inline size_t bwd_shared_bytes(int DP, int KP) {
   return 2 * align128(sizeof(float) * kBM * DP) + align128(sizeof(T) * kBM * DP) +
-         align128(sizeof(float) * kBM * KP) + 2 * align128(sizeof(T) * kBM * KP) + sizeof(float) * kWarps * 256 +
-         sizeof(float) * kWarps * kBM + sizeof(float) * 4 * kBM;
+         align128(sizeof(float) * kBM * KP) + 2 * align128(sizeof(T) * kBM * KP) +
+         align128(sizeof(float) * kWarps * 256) + align128(sizeof(float) * kWarps * kBM) +
+         align128(sizeof(float) * 4 * kBM);
 }
 
 struct Slice {  // where a block's partial gradients live in its slice (floats)
@@ -496,17 +510,16 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
     const T* __restrict__ h, const T* __restrict__ r, const T* __restrict__ wd_op, const T* __restrict__ wu_op,
     T* __restrict__ dh, T* __restrict__ dr, float* __restrict__ part) {
   extern __shared__ __align__(128) unsigned char shared_raw[];
-  unsigned char* at = shared_raw;
-  auto carve = [&](size_t bytes) { unsigned char* q = at; at += align128(bytes); return q; };
-  float* X = reinterpret_cast<float*>(carve(sizeof(float) * kBM * DP));
-  float* V = reinterpret_cast<float*>(carve(sizeof(float) * kBM * DP));
-  T* AD = reinterpret_cast<T*>(carve(sizeof(T) * kBM * DP));
-  float* Z = reinterpret_cast<float*>(carve(sizeof(float) * kBM * KP));
-  T* PK = reinterpret_cast<T*>(carve(sizeof(T) * kBM * KP));
-  T* DZ = reinterpret_cast<T*>(carve(sizeof(T) * kBM * KP));
-  float* STG = reinterpret_cast<float*>(at);
-  float* RED = STG + kWarps * 256;
-  float* stats = RED + kWarps * kBM;  // per row: mean_a, rstd_a, mean1, rstd1
+  SharedCarver carve{shared_raw};
+  float* X = carve.take<float>(kBM * DP);
+  float* V = carve.take<float>(kBM * DP);
+  T* AD = carve.take<T>(kBM * DP);
+  float* Z = carve.take<float>(kBM * KP);
+  T* PK = carve.take<T>(kBM * KP);
+  T* DZ = carve.take<T>(kBM * KP);
+  float* STG = carve.take<float>(kWarps * 256);
+  float* RED = carve.take<float>(kWarps * kBM);
+  float* stats = carve.take<float>(4 * kBM);  // per row: mean_a, rstd_a, mean1, rstd1
   const int D = p.D, K = p.K, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   float* slice = part + blockIdx.x * sl.width;
   // this thread's columns of the D-wide parameter gradients, summed over all rows of the block
@@ -696,11 +709,10 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
             const int i = col_of(c);
             const int64_t row = row0 + m;
             if (row >= p.M || i >= D) continue;
+            // g is d(h + r) after the LayerNorm before the adapter, else d a = d h (a is h then)
             const float d_o = X[m * DP + i];
-            const float through_ln = p.orig_ln_before ? g[m][c] : 0.f;  // (h + r) reaches both inputs
-            const float via_a = p.orig_ln_before ? through_ln : g[m][c];  // without LN(h + r), a is h
-            dh[row * D + i] = from_float<T>((p.residual_before_ln ? d_o : 0.f) + via_a);
-            dr[row * D + i] = from_float<T>(d_o + through_ln);
+            dh[row * D + i] = from_float<T>((p.residual_before_ln ? d_o : 0.f) + g[m][c]);
+            dr[row * D + i] = from_float<T>(d_o + (p.orig_ln_before ? g[m][c] : 0.f));
           }
       }
     }
