@@ -8,21 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import runtime
+from . import codes, runtime
 
 # Globals a kernel reads must be tl.constexpr objects (triton 3.6 rejects annotated plain numbers).
-# Activation codes, shared with the Python side (ampfuse.ops.activations).
-ACT_IDENTITY = tl.constexpr(0)
-ACT_RELU = tl.constexpr(1)
-ACT_GELU = tl.constexpr(2)
-ACT_GELU_TANH = tl.constexpr(3)
-ACT_SILU = tl.constexpr(4)
-ACT_TANH = tl.constexpr(5)
-
-# Scaling kinds (constexpr SCALE_MODE).
-SCALE_FLOAT = tl.constexpr(0)  # python float, no gradient
-SCALE_SCALAR = tl.constexpr(1)  # learned scalar tensor
-SCALE_CHANNEL = tl.constexpr(2)  # learned per-channel tensor (D,)
+# The codes themselves live in kernels/codes.py, shared with the Python ops and the CUDA sources.
+ACT_IDENTITY, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_TANH = (
+    tl.constexpr(codes.code(codes.ACTIVATIONS, name))
+    for name in ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh"))
+# Scaling kinds (constexpr SCALE_MODE): a Python float (no gradient), a learned scalar, per channel.
+SCALE_FLOAT, SCALE_SCALAR, SCALE_CHANNEL = (tl.constexpr(codes.code(codes.SCALE_MODES, name))
+                                            for name in ("float", "scalar", "channel"))
 
 # Float constants stay literals in the kernels: a float tl.constexpr global breaks the interpreter.
 # 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2 pi), 0.7978845608028654 = sqrt(2/pi).

@@ -2,6 +2,8 @@
 
 import torch
 
+from . import codes
+
 # Block sizes: defaults that are right in the interpreter; to be tuned on a GPU.
 CONFIG = {"adapter_block_m": 16, "adapter_block_k": 32, "gmu_block_m": 16, "gmu_block_kc": 64, "fusion_block_m": 16,
           "fusion_block_n": 32, "fusion_block_t": 32}
@@ -9,8 +11,8 @@ CONFIG = {"adapter_block_m": 16, "adapter_block_k": 32, "gmu_block_m": 16, "gmu_
 # Tests set this to fill every output with NaN before a kernel runs, so unwritten elements fail.
 POISON_OUTPUTS = False
 
-# Activation codes of kernels/common.py, by name.
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
+# Activation codes by name (kernels/codes.py is the one source).
+ACTIVATION_CODES = {name: index for index, name in enumerate(codes.ACTIVATIONS)}
 
 # Number of Triton launches made through `launch` since import (tests read the difference).
 launch_count = 0
@@ -46,8 +48,8 @@ def launch(kernel, grid, *args, **meta):
 def scale_args(scale, scale_value, dummy):
     """(SCALE_MODE, pointer, value) for a float scaling (scale None) or a learned scalar/channel tensor."""
     if scale is None:
-        return 0, dummy, float(scale_value)  # SCALE_FLOAT
-    return (2 if scale.numel() > 1 else 1), scale, 1.0  # SCALE_CHANNEL, SCALE_SCALAR
+        return codes.code(codes.SCALE_MODES, "float"), dummy, float(scale_value)
+    return codes.code(codes.SCALE_MODES, "channel" if scale.numel() > 1 else "scalar"), scale, 1.0
 
 
 def block_width(width: int) -> int:

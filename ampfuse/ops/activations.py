@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from ..kernels import codes
+
 ACTIVATIONS = {
     "identity": lambda x: x,
     "relu": F.relu,
@@ -11,6 +13,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "tanh": torch.tanh,
 }
+assert tuple(ACTIVATIONS) == codes.ACTIVATIONS, "kernels/codes.py and this table must list the same activations"
 
 # Names other libraries use for the same functions (the adapters library says "swish").
 ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "linear": "identity"}
