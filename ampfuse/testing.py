@@ -14,12 +14,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def adapter_inputs(M, d, k, *, dtype=torch.float32, param_dtype=None, device="cpu", scale_kind="float",
-                   ln_before=False, lead=None, generator=None):
+def adapter_inputs(M, d, k, *, dtype=torch.float32, param_dtype=None, r_dtype=None, device="cpu",
+                   scale_kind="float", ln_before=False, lead=None, row_offset=0.0, generator=None):
     """Fresh random inputs of the adapter block: (tensors, kwargs). Every tensor requires grad.
 
     Weights are scaled so that the adapter's output is of the same order as h (the bottleneck is
-    not a near-zero perturbation, so errors in it show in y and in every gradient)."""
+    not a near-zero perturbation, so errors in it show in y and in every gradient). ``r_dtype``
+    gives r its own dtype (autocast hands the op a 16-bit h and an fp32 r). ``row_offset`` adds to
+    each row of h a common value of that standard deviation, and to each column a fixed outlier
+    pattern, as BERT's hidden states have: large means that must not cancel a row's variance."""
     param_dtype = param_dtype or dtype
     g = generator or torch.Generator().manual_seed(0)
 
@@ -28,8 +31,12 @@ def adapter_inputs(M, d, k, *, dtype=torch.float32, param_dtype=None, device="cp
         return t.to(device=device, dtype=dt).requires_grad_()
 
     shape = (M, d) if lead is None else (*lead, d)
+    h = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if row_offset:
+        h += row_offset * (torch.randn(*shape[:-1], 1, generator=g, dtype=torch.float64)
+                           + (torch.arange(d) % 97 == 3).double() * 2.0)
     tensors = dict(
-        h=rand(*shape, dt=dtype), r=rand(*shape, dt=dtype),
+        h=h.to(device=device, dtype=dtype).requires_grad_(), r=rand(*shape, dt=r_dtype or dtype),
         ln_weight=rand(d, std=0.2, mean=1.0), ln_bias=rand(d, std=0.2),
         w_down=rand(k, d, std=d ** -0.5), b_down=rand(k, std=0.5),
         w_up=rand(d, k, std=k ** -0.5), b_up=rand(d, std=0.5),
@@ -67,7 +74,7 @@ def check_adapter_block(tensors, kwargs, backend="triton", tol=None, **op_kwargs
     y = call(adapter_block, tensors, backend=backend, **kwargs, **op_kwargs)
     ref64 = float64_copy(tensors)
     y64 = call(adapter_block_reference, ref64, **kwargs, **op_kwargs)
-    assert y.shape == tensors["h"].shape and y.dtype == tensors["h"].dtype
+    assert y.shape == tensors["h"].shape and y.dtype == torch.promote_types(tensors["h"].dtype, tensors["r"].dtype)
     assert rel_err(y, y64) < tol, ("y", rel_err(y, y64))
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     names = [n for n, t in tensors.items() if t.requires_grad]

@@ -1,273 +1,707 @@
-"""Fused bottleneck adapter block (DESIGN.md section 2): one forward launch, two backward launches.
+"""Fused bottleneck adapter block (docs/design.md section 2), streamed over the hidden width.
 
-Every program owns BLOCK_M whole rows (tokens) of width D, held in registers as
-[BLOCK_M, BLOCK_D] fp32 tiles (BLOCK_D = next power of two >= D, padded columns masked to 0).
-The bottleneck is walked in chunks of BLOCK_K columns, so the k-wide activations never leave
-the chip and only a [BLOCK_K, BLOCK_D] slice of each weight is live at a time.
+No d-wide row lives in registers (design rule 1). A program owns BLOCK_M rows and walks the
+hidden width d in chunks of BLOCK_D columns, once per pass; passes after the first re-read h and
+r from L2. Between chunks only k-wide tiles ([BLOCK_M, BLOCK_K]) and per-row scalars stay on chip.
 
-Backward recomputes the forward of its rows (LayerNorm statistics, z = an W_down^T + b_down,
-v = f(z) W_up^T + b_up) instead of saving anything but the inputs. Kernel 1 runs a grid of
-P programs; program p walks row blocks p, p + P, ... writing dh and dr, and accumulates its
-weight gradients in its own fp32 slice of a [P, T] partial buffer (no atomics, so results are
-deterministic). Kernel 2 sums the P slices.
+forward, 2 launches
+  adapter_constants_kernel  per-call constants of the parameters, in one fp32 buffer (layout
+                            below): the vector parameters (a float scaling becomes a vector), the
+                            LayerNorm fold vectors W_down gamma and W_down beta + b_down, and the
+                            centred Gram matrix of s o W_up that gives the output LayerNorm's
+                            variance without another pass.
+  adapter_fwd_kernel        [moments of x1 = h + r] [moments of a]  (only when a must be exact)
+                            down: z = an W_down^T + b_down on tensor cores; for the Pfeiffer
+                                  placement LN(x1) is folded into the product,
+                                  LN(x1) W^T = rstd (((x1 - c) o gamma) W^T - (mean - c) W gamma) + W beta,
+                                  with c a per-row shift (the first chunk's mean) so the 16-bit
+                                  operand does not carry the row's mean; the residual's moments and
+                                  its product with s o W_up (the output moments, algebraically)
+                            [exact output moments, with dropout]
+                            out:  y = LN(dropout(s (f(z) W_up^T + b_up)) + residual)
+                            It saves z (tokens x k, fp32) and six row statistics for backward.
+backward, 3 launches
+  adapter_bwd_rows_kernel   one pass over dy, h, r per row block: the output LayerNorm's row sums
+                            and dp = dv W_up, folded as rstd_o (g W' - mean(g) W' 1 - mean(g ohat) ohat W')
+                            with W' = s o W_up (three dots per chunk, none of them needing the row
+                            sums first); dz = dp f'(z); the LayerNorm row scalars below the adapter
+                            (algebraic for Pfeiffer and Houlsby, one more pass otherwise). Writes
+                            dz and six row scalars.
+  adapter_bwd_cols_kernel   grid of column chunks x token splits: dh (and dr where it differs),
+                            elementwise from the row scalars, and the weight gradients as GEMMs
+                            over the split's tokens accumulated on chip ([BLOCK_D, k] each), the
+                            d-wide vector gradients as column sums; one fp32 partial per split.
+  reduce_partials_kernel    sums the splits in a fixed order (deterministic), casting to the
+                            parameters' dtype.
 """
 
 import triton
 import triton.language as tl
 
-from .common import (SCALE_CHANNEL, SCALE_FLOAT, SCALE_SCALAR, accumulate_partial, activation, activation_grad,
-                     dropout_keep, layer_norm_bwd, layer_norm_stats, load_scale, normalize, sum_partials)
+from .common import SCALE_FLOAT, activation, activation_grad, dropout_keep, merge_moments, sum_partials
+
+# Rows of the constants buffer's vector blocks (offsets: row * D for VEC_*, 6 * D + row * K for KVEC_*,
+# then the K x K Gram matrix, then two scalars).
+VEC_GAMMA, VEC_BETA, VEC_GA, VEC_BA, VEC_S, VEC_BU = map(tl.constexpr, range(6))
+NUM_VEC = tl.constexpr(6)  # (host code below uses plain ints: constexpr arithmetic is slow in Python)
+KVEC_BD, KVEC_F1, KVEC_F2, KVEC_ASUM, KVEC_GBC = map(tl.constexpr, range(5))
+NUM_KVEC = tl.constexpr(5)
+# What the forward saves for backward, one fp32 buffer: z (M, K), then 6 rows of M statistics (mean
+# and rstd of o, of x1, of a). The backward's row kernel hands the column kernel dz (M, K), then 8 rows
+# of row scalars: mean(g), mean(g ohat), the adapter LayerNorm's two, the frozen one's two, and the
+# exact mean and rstd of o as backward recomputes it (with the same rounded operands as the forward's
+# last pass: the forward's own statistics come from fp32 algebra and differ at the rounding level).
+SAVED_ROWS, ROWGRAD_ROWS = 6, 8
+# Parameter gradients in the backward's flat buffer, in the order of ampfuse.ops.adapter_block.GRAD_SLOTS
+# (w_down, b_down, w_up, b_up, scale, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias; see
+# _grad_offset); slots of gradients not computed stay unwritten.
+G_WD, G_BD, G_WU, G_BU, G_S, G_LNW, G_LNB, G_AW, G_AB = map(tl.constexpr, range(9))
+
+
+# ----------------------------------------------------------------------------- shared pieces
 
 @triton.jit
-def _adapter_input(h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a,
-                   ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr):
-    """a = LN(h + r) or h; an = LN_a(a) or a. Returns the tiles backward needs too."""
-    gamma = tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+def _vec(consts, row, cols, col_mask, D):
+    """Row ``row`` of the constants' d-vector block, at ``cols``."""
+    return tl.load(consts + row * D + cols, mask=col_mask, other=0.0)
+
+
+@triton.jit
+def _kvec(consts, row, kk, k_mask, D, K):
+    return tl.load(consts + NUM_VEC * D + row * K + kk, mask=k_mask, other=0.0)
+
+
+@triton.jit
+def _row_scalar(buf, i, rows, row_mask, M, K):
+    """Row scalar i of a saved buffer (its k-wide tile first, then the rows of scalars) at ``rows``."""
+    return tl.load(buf + M * K + i * M + rows, mask=row_mask, other=0.0)
+
+
+@triton.jit
+def _row_scalars(buf, rows, row_mask, M, K):
+    """The first six row scalars of a saved buffer at ``rows``."""
+    return (_row_scalar(buf, 0, rows, row_mask, M, K), _row_scalar(buf, 1, rows, row_mask, M, K),
+            _row_scalar(buf, 2, rows, row_mask, M, K), _row_scalar(buf, 3, rows, row_mask, M, K),
+            _row_scalar(buf, 4, rows, row_mask, M, K), _row_scalar(buf, 5, rows, row_mask, M, K))
+
+
+@triton.jit
+def _store_row_scalars(buf, rows, row_mask, M, K, v0, v1, v2, v3, v4, v5):
+    base = buf + M * K + rows
+    tl.store(base, v0, mask=row_mask)
+    tl.store(base + M, v1, mask=row_mask)
+    tl.store(base + 2 * M, v2, mask=row_mask)
+    tl.store(base + 3 * M, v3, mask=row_mask)
+    tl.store(base + 4 * M, v4, mask=row_mask)
+    tl.store(base + 5 * M, v5, mask=row_mask)
+
+
+@triton.jit
+def _grad_offset(slot, D, K):
+    """Offset of GRAD_SLOTS[slot] in the flat gradient buffer: two K x D matrices and K + 6 D vectors."""
+    if slot == G_WD:
+        off = 0
+    elif slot == G_BD:
+        off = K * D
+    elif slot == G_WU:
+        off = K * D + K
+    else:
+        off = 2 * K * D + K + (slot - G_BU) * D
+    return off
+
+
+@triton.jit
+def _chunk(ptr, rows, row_mask, cols, col_mask, D):
+    """[BLOCK_M, BLOCK_D] fp32 chunk of a (M, D) row-major tensor, 0 outside."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    return tl.load(ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
+            ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr):
+    """One chunk of the adapter's inputs, exact given the row statistics it needs:
+    (x1 = h + r, x1_hat, a, a_hat, an, residual); padded columns hold 0. Unused ones cost nothing
+    (the compiler drops them)."""
+    h = _chunk(h_ptr, rows, row_mask, cols, col_mask, D)
+    r = _chunk(r_ptr, rows, row_mask, cols, col_mask, D)
+    x1 = h + r
+    x1hat = tl.where(col_mask[None, :], (x1 - mean1[:, None]) * rstd1[:, None], 0.0)
     if ORIG_LN_BEFORE:
-        x1 = h + r
-        mean1, rstd1 = layer_norm_stats(x1, col_mask, D, eps)
-        x1hat = normalize(x1, mean1, rstd1, col_mask)
-        a = x1hat * gamma[None, :] + beta[None, :]
+        a = x1hat * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :] + _vec(consts, VEC_BETA, cols, col_mask,
+                                                                               D)[None, :]
     else:
-        x1hat = h
-        rstd1 = tl.sum(h, axis=1)  # unused placeholder
         a = h
+    ahat = tl.where(col_mask[None, :], (a - mean_a[:, None]) * rstd_a[:, None], 0.0)
     if LN_BEFORE:
-        ga = tl.load(ga_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        ba = tl.load(ba_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        mean_a, rstd_a = layer_norm_stats(a, col_mask, D, eps_a)
-        ahat = normalize(a, mean_a, rstd_a, col_mask)
-        an = ahat * ga[None, :] + ba[None, :]
+        an = ahat * _vec(consts, VEC_GA, cols, col_mask, D)[None, :] + _vec(consts, VEC_BA, cols, col_mask, D)[None, :]
     else:
-        ahat = a
-        rstd_a = rstd1
         an = a
-    return gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an
-
-
-@triton.jit
-def _normalized_inputs(h_ptr, r_ptr, offs, mask, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a,
-                       ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr):
-    """(x1_hat, rstd1, a_hat, rstd_a) of a row block, from h and r read again."""
-    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    _, _, x1hat, rstd1, _, ahat, rstd_a, _ = _adapter_input(
-        h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE, LN_BEFORE)
-    return x1hat, rstd1, ahat, rstd_a
-
-
-@triton.jit
-def _load_w_down(wd_ptr, bd_ptr, kk, k_mask, cols, col_mask, D):
-    """W_down[kk, :] as [BLOCK_K, BLOCK_D] and b_down[kk]."""
-    wd = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-    return wd, tl.load(bd_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_w_up_t(wu_ptr, kk, k_mask, cols, col_mask, K):
-    """W_up[:, kk] transposed to [BLOCK_K, BLOCK_D]."""
-    return tl.load(wu_ptr + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-
-
-@triton.jit
-def _up_projection(an_op, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ACT: tl.constexpr, PRECISION: tl.constexpr):
-    """v = f(an W_down^T + b_down) W_up^T + b_up, the bottleneck kept on chip chunk by chunk."""
-    v = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        wd, bd = _load_w_down(wd_ptr, bd_ptr, kk, kk < K, cols, col_mask, D)
-        wut = _load_w_up_t(wu_ptr, kk, kk < K, cols, col_mask, K)
-        z = tl.dot(an_op, tl.trans(wd.to(an_op.dtype)), input_precision=PRECISION) + bd[None, :]
-        p = activation(z, ACT)
-        v = tl.dot(p.to(an_op.dtype), wut.to(an_op.dtype), acc=v, input_precision=PRECISION)
-    bu = tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    return v + bu[None, :]
-
-
-@triton.jit
-def _adapter_rows(h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, wd_ptr, bd_ptr, wu_ptr,
-                  bu_ptr, s, seed_ptr, p_drop, eps, eps_a, op_dtype,
-                  ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
-                  ACT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The forward of a row block up to o = dropout(s v) + a_res + r, and what backward reuses."""
-    gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an = _adapter_input(
-        h, r, cols, col_mask, D, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE, LN_BEFORE)
-    an_op = an.to(op_dtype)
-    # The residual is summed before the bottleneck loop, so one tile stays live through it, not h and r.
     if RESIDUAL_BEFORE_LN:
-        res = h + r
+        res = x1
     else:
         res = a + r
-    v = _up_projection(an_op, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cols, col_mask, D, K,
-                       BLOCK_M, BLOCK_D, BLOCK_K, ACT, PRECISION)
-    u = v * s
-    keep = u == u  # all kept without dropout
+    return x1, x1hat, a, ahat, an, res
+
+
+@triton.jit
+def _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K, seed_ptr, p_drop,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """(w, v, keep) of one chunk: v = p W_up^T + b_up, w = dropout(s v) (keep: the dropout mask)."""
+    wut = tl.load(wu_ptr + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    v = tl.dot(p_op, wut.to(p_op.dtype), input_precision=PRECISION) + _vec(consts, VEC_BU, cols, col_mask, D)[None, :]
+    w = v * _vec(consts, VEC_S, cols, col_mask, D)[None, :]
+    keep = w == w  # all kept without dropout
     if DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), offs, p_drop)
-        u = tl.where(keep, u / (1.0 - p_drop), 0.0)
-    o = u + res
-    return gamma, beta, x1hat, rstd1, a, ahat, rstd_a, an_op, v, keep, o
+        keep = dropout_keep(tl.load(seed_ptr), rows[:, None] * D + cols[None, :], p_drop)
+        w = tl.where(keep, w / (1.0 - p_drop), 0.0)
+    return w, v, keep
 
 
 @triton.jit
-def adapter_block_fwd_kernel(
-    h_ptr, r_ptr, y_ptr,
-    gamma_ptr, beta_ptr, ga_ptr, ba_ptr,
-    wd_ptr, bd_ptr, wu_ptr, bu_ptr, s_ptr, s_value,
-    seed_ptr, p_drop,
+def _scaled_w_up(wu_ptr, consts, cols, col_mask, kk, k_mask, D, K):
+    """W' = s o W_up for one chunk, [BLOCK_D, BLOCK_K] fp32."""
+    wu = tl.load(wu_ptr + cols[:, None] * K + kk[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+    return wu.to(tl.float32) * _vec(consts, VEC_S, cols, col_mask, D)[:, None]
+
+
+@triton.jit
+def _first_chunk_mean(h_ptr, r_ptr, consts, rows, row_mask, D, mean1, rstd1, mean_a, rstd_a, WHICH: tl.constexpr,
+                      ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Per-row mean of the first chunk of x1 (WHICH 0) or of the residual (WHICH 1): the shift that
+    keeps a row's common offset out of 16-bit dot operands."""
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
+                                              mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+    if WHICH == 0:
+        t = x1
+    else:
+        t = res
+    return tl.sum(t, axis=1) / tl.minimum(D, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def adapter_constants_kernel(
+    gamma_ptr, beta_ptr,            # frozen LayerNorm (d)
+    ga_ptr, ba_ptr,                 # adapter LayerNorm (d), read when LN_BEFORE
+    wd_ptr, bd_ptr,                 # W_down (k, d), b_down (k)
+    wu_ptr, bu_ptr,                 # W_up (d, k), b_up (d)
+    s_ptr, s_value,                 # scaling: tensor (SCALE_MODE scalar/channel) or float
+    consts,                         # out: fp32 constants buffer (layout at the top of this file)
+    D, K,
+    LN_BEFORE: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    GRAM: tl.constexpr,             # the Gram block (the forward's algebraic output moments)
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,          # Gram tile; program (i, j) owns rows i, columns j of it
+):
+    pi = tl.program_id(0)
+    pj = tl.program_id(1)
+    gi = pi * BLOCK_G + tl.arange(0, BLOCK_G)
+    gj = pj * BLOCK_G + tl.arange(0, BLOCK_G)
+    i_mask, j_mask = gi < K, gj < K
+    kvec = consts + NUM_VEC * D
+    # W' = s o W_up as rows of A = W'^T: A[i, c] = s_c W_up[c, i]; centred rows Ac = A - mean_c(A)
+    sum_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    sum_j = tl.zeros([BLOCK_G], dtype=tl.float32)
+    f1 = tl.zeros([BLOCK_G], dtype=tl.float32)
+    f2 = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        s = _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE)
+        a_i = _a_rows(wu_ptr, s, gi, i_mask, cols, col_mask, K)
+        sum_i += tl.sum(a_i, axis=1)
+        sum_j += tl.sum(_a_rows(wu_ptr, s, gj, j_mask, cols, col_mask, K), axis=1)
+        if LN_BEFORE:  # fold vectors of the LayerNorm right before W_down
+            lam = tl.load(ga_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            mu = tl.load(ba_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        else:
+            lam = tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            mu = tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        wd = tl.load(wd_ptr + gi[:, None] * D + cols[None, :], mask=i_mask[:, None] & col_mask[None, :],
+                     other=0.0).to(tl.float32)
+        f1 += tl.sum(wd * lam[None, :], axis=1)
+        f2 += tl.sum(wd * mu[None, :], axis=1)
+    mean_i, mean_j = sum_i / D, sum_j / D
+
+    gram = tl.zeros([BLOCK_G, BLOCK_G], dtype=tl.float32)
+    gbc = tl.zeros([BLOCK_G], dtype=tl.float32)
+    bsum = tl.sum(tl.zeros([BLOCK_G], dtype=tl.float32), axis=0)
+    bsq = bsum
+    if GRAM:
+        for c0 in range(0, D, BLOCK_D):  # b = s o b_up; its mean, for the centred b
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            s = _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE)
+            bsum += tl.sum(s * tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32), axis=0)
+        bmean = bsum / D
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            s = _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE)
+            ac_i = tl.where(col_mask[None, :], _a_rows(wu_ptr, s, gi, i_mask, cols, col_mask, K) - mean_i[:, None], 0.0)
+            ac_j = tl.where(col_mask[None, :], _a_rows(wu_ptr, s, gj, j_mask, cols, col_mask, K) - mean_j[:, None], 0.0)
+            gram = tl.dot(ac_i, tl.trans(ac_j), acc=gram, input_precision=PRECISION)
+            bc = tl.where(col_mask, s * tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) - bmean, 0.0)
+            gbc += tl.sum(ac_i * bc[None, :], axis=1)
+            bsq += tl.sum(bc * bc, axis=0)
+        tl.store(kvec + NUM_KVEC * K + gi[:, None] * K + gj[None, :], gram, mask=i_mask[:, None] & j_mask[None, :])
+
+    if pj == 0:  # the k-vectors of rows gi
+        tl.store(kvec + KVEC_BD * K + gi, tl.load(bd_ptr + gi, mask=i_mask, other=0.0).to(tl.float32), mask=i_mask)
+        tl.store(kvec + KVEC_F1 * K + gi, f1, mask=i_mask)
+        tl.store(kvec + KVEC_F2 * K + gi, f2 + tl.load(bd_ptr + gi, mask=i_mask, other=0.0).to(tl.float32),
+                 mask=i_mask)
+        tl.store(kvec + KVEC_ASUM * K + gi, sum_i, mask=i_mask)
+        tl.store(kvec + KVEC_GBC * K + gi, gbc, mask=i_mask)
+    if (pi == 0) & (pj == 0):  # the d-vectors, and the scalars |b - mean b|^2, sum b
+        tail = kvec + NUM_KVEC * K + K * K
+        tl.store(tail, bsq)
+        tl.store(tail + 1, bsum)
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            tl.store(consts + VEC_GAMMA * D + cols, tl.load(gamma_ptr + cols, mask=col_mask), mask=col_mask)
+            tl.store(consts + VEC_BETA * D + cols, tl.load(beta_ptr + cols, mask=col_mask), mask=col_mask)
+            if LN_BEFORE:
+                tl.store(consts + VEC_GA * D + cols, tl.load(ga_ptr + cols, mask=col_mask), mask=col_mask)
+                tl.store(consts + VEC_BA * D + cols, tl.load(ba_ptr + cols, mask=col_mask), mask=col_mask)
+            tl.store(consts + VEC_S * D + cols, _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE), mask=col_mask)
+            tl.store(consts + VEC_BU * D + cols, tl.load(bu_ptr + cols, mask=col_mask), mask=col_mask)
+
+
+@triton.jit
+def _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE: tl.constexpr):
+    """The scaling s at ``cols`` as an fp32 vector, whatever its kind."""
+    if SCALE_MODE == SCALE_FLOAT:
+        s = tl.where(col_mask, s_value, 0.0)
+    elif SCALE_MODE == 1:  # learned scalar
+        s = tl.where(col_mask, tl.load(s_ptr).to(tl.float32), 0.0)
+    else:
+        s = tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _a_rows(wu_ptr, s, rows_k, k_mask, cols, col_mask, K):
+    """Rows rows_k of A = (s o W_up)^T at ``cols``: [len(rows_k), BLOCK_D] fp32."""
+    wu = tl.load(wu_ptr + cols[None, :] * K + rows_k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    return wu.to(tl.float32) * s[None, :]
+
+
+@triton.jit
+def adapter_fwd_kernel(
+    h_ptr, r_ptr,                   # (M, D) inputs: dense output h, residual r (dtypes may differ: autocast)
+    y_ptr,                          # (M, D) out, in the dtype of h + r
+    saved_ptr,                      # out when SAVE: z (M, K) then SAVED_ROWS rows of M statistics, fp32
+    consts,                         # adapter_constants_kernel's buffer
+    wd_ptr, wu_ptr,                 # W_down (K, D), W_up (D, K)
+    seed_ptr, p_drop,               # dropout: Philox seed (int64[1]) and probability
     M, D, K, eps, eps_a,
-    ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
-    ACT: tl.constexpr, SCALE_MODE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ORIG_LN_BEFORE: tl.constexpr,   # a = LN(h + r) (Pfeiffer) or a = h (Houlsby)
+    LN_BEFORE: tl.constexpr,        # the adapter's own LayerNorm on a
+    RESIDUAL_BEFORE_LN: tl.constexpr,
+    ACT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    SAVE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    offs = rows[:, None] * D + cols[None, :]
+    # LN(x1) folded into the down-projection: a itself is then never needed (Pfeiffer placement)
+    FOLD: tl.constexpr = ORIG_LN_BEFORE and RESIDUAL_BEFORE_LN and not LN_BEFORE
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    kk = tl.arange(0, BLOCK_K)
+    k_mask = kk < K
+    # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
+    if h_ptr.dtype.element_ty == tl.float32:
+        op = r_ptr.dtype.element_ty
+    else:
+        op = h_ptr.dtype.element_ty
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mean1, rstd1, mean_a, rstd_a = zero, zero, zero, zero
 
-    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gamma, beta, _, _, _, _, _, _, _, _, o = _adapter_rows(
-        h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
-        load_scale(s_ptr, s_value, cols, col_mask, SCALE_MODE), seed_ptr, p_drop, eps, eps_a, h_ptr.dtype.element_ty,
-        ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, ACT, DROPOUT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_K)
-    mean_o, rstd_o = layer_norm_stats(o, col_mask, D, eps)
-    y = normalize(o, mean_o, rstd_o, col_mask) * gamma[None, :] + beta[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    # ---- exact statistics a needs: of x1 (when a = LN(x1) is used as is), then of a (adapter LN) ----
+    if ORIG_LN_BEFORE and not FOLD:
+        mean1, m2 = zero, zero
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            x1, _x1hat, _a, _ahat, _an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, zero,
+                                                       zero, zero, zero, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+            mean1, m2 = merge_moments(mean1, m2, x1, col_mask, c0, D)
+        rstd1 = 1.0 / tl.sqrt(m2 / D + eps)
+    if LN_BEFORE:
+        mean_a, m2 = zero, zero
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            _x1, _x1hat, a, _ahat, _an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D,
+                                                       mean1, rstd1, zero, zero, ORIG_LN_BEFORE, LN_BEFORE,
+                                                       RESIDUAL_BEFORE_LN)
+            mean_a, m2 = merge_moments(mean_a, m2, a, col_mask, c0, D)
+        rstd_a = 1.0 / tl.sqrt(m2 / D + eps_a)
+
+    # ---- down: z, and (without dropout) the residual's moments and its product with W' = s o W_up ----
+    shift = _first_chunk_mean(h_ptr, r_ptr, consts, rows, row_mask, D, mean1, rstd1, mean_a, rstd_a, 1,
+                              ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, BLOCK_D)  # FOLD: res is x1
+    acc_z = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # sum_c (res_c - shift) W'[c, :]
+    acc_b = zero  # sum_c (res_c - shift) s_c b_up_c
+    mean_r, m2_r = zero, zero
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        x1, _x1hat, _a, _ahat, an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1,
+                                                 rstd1, mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+        wd = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                     other=0.0).to(tl.float32)
+        res_c = tl.where(col_mask[None, :], res - shift[:, None], 0.0)
+        if FOLD:  # gamma joins the activation side: W_down stays exact when it is 16-bit already
+            gx = res_c * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
+            acc_z = tl.dot(gx.to(op), tl.trans(wd.to(op)), acc=acc_z, input_precision=PRECISION)
+        else:
+            acc_z = tl.dot(an.to(op), tl.trans(wd.to(op)), acc=acc_z, input_precision=PRECISION)
+        if FOLD or not DROPOUT:
+            mean_r, m2_r = merge_moments(mean_r, m2_r, res, col_mask, c0, D)
+        if not DROPOUT:
+            acc_t = tl.dot(res_c.to(op), _scaled_w_up(wu_ptr, consts, cols, col_mask, kk, k_mask, D, K).to(op),
+                           acc=acc_t, input_precision=PRECISION)
+            b = _vec(consts, VEC_S, cols, col_mask, D) * _vec(consts, VEC_BU, cols, col_mask, D)
+            acc_b += tl.sum(res_c * b[None, :], axis=1)
+
+    f1 = _kvec(consts, KVEC_F1, kk, k_mask, D, K)
+    f2 = _kvec(consts, KVEC_F2, kk, k_mask, D, K)
+    if FOLD:
+        mean1 = mean_r
+        rstd1 = 1.0 / tl.sqrt(m2_r / D + eps)
+        z = rstd1[:, None] * (acc_z + (shift - mean1)[:, None] * f1[None, :]) + f2[None, :]
+    else:
+        z = acc_z + _kvec(consts, KVEC_BD, kk, k_mask, D, K)[None, :]
+    p = activation(z, ACT)
+    p_op = p.to(op)
+    if SAVE:
+        tl.store(saved_ptr + rows[:, None] * K + kk[None, :], z, mask=row_mask[:, None] & k_mask[None, :])
+
+    # ---- the output LayerNorm's statistics: o = w + res with w = s o v (and dropout) ----
+    if DROPOUT:  # the mask breaks the algebra: one exact pass
+        mean_o, m2 = zero, zero
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D,
+                                                       mean1, rstd1, mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE,
+                                                       RESIDUAL_BEFORE_LN)
+            w, _v, _keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
+                                     seed_ptr, p_drop, DROPOUT, PRECISION)
+            mean_o, m2 = merge_moments(mean_o, m2, w + res, col_mask, c0, D)
+        rstd_o = 1.0 / tl.sqrt(m2 / D + eps)
+    else:
+        # with Ac = centred rows of W'^T, bc = centred s o b_up, T = sum_c (res_c - mean_r) W'[c, :]:
+        #   sum_c (w_c - mean w)^2 = p Gc p^T + 2 p . (Ac bc) + |bc|^2
+        #   sum_c (w_c - mean w)(res_c - mean_r) = p . T + sum_c (res_c - mean_r) b_c
+        asum = _kvec(consts, KVEC_ASUM, kk, k_mask, D, K)
+        gram = tl.load(consts + NUM_VEC * D + NUM_KVEC * K + kk[:, None] * K + kk[None, :],
+                       mask=k_mask[:, None] & k_mask[None, :], other=0.0)
+        tail = consts + NUM_VEC * D + NUM_KVEC * K + K * K
+        bsq, bsum = tl.load(tail), tl.load(tail + 1)
+        t = acc_t + (shift - mean_r)[:, None] * asum[None, :]
+        cross = tl.sum(p * t, axis=1) + acc_b + (shift - mean_r) * bsum
+        quad = tl.sum(tl.dot(p, gram, input_precision=PRECISION) * p, axis=1)
+        quad += 2.0 * tl.sum(p * _kvec(consts, KVEC_GBC, kk, k_mask, D, K)[None, :], axis=1) + bsq
+        mean_o = mean_r + (tl.sum(p * asum[None, :], axis=1) + bsum) / D
+        rstd_o = 1.0 / tl.sqrt(tl.maximum(quad + 2.0 * cross + m2_r, 0.0) / D + eps)
+
+    # ---- out ----
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1,
+                                                   rstd1, mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE,
+                                                   RESIDUAL_BEFORE_LN)
+        w, _v, _keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
+                                 seed_ptr, p_drop, DROPOUT, PRECISION)
+        y = ((w + res) - mean_o[:, None]) * rstd_o[:, None] * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :] \
+            + _vec(consts, VEC_BETA, cols, col_mask, D)[None, :]
+        tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+    if SAVE:
+        _store_row_scalars(saved_ptr, rows, row_mask, M, K, mean_o, rstd_o, mean1, rstd1, mean_a, rstd_a)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def adapter_bwd_rows_kernel(
+    dy_ptr, h_ptr, r_ptr,           # (M, D)
+    saved_ptr,                      # the forward's saved buffer
+    rowgrad_ptr,                    # out: dz (M, K) then ROWGRAD_ROWS rows of M row scalars, fp32
+    consts, wd_ptr, wu_ptr,
+    seed_ptr, p_drop,
+    M, D, K, eps,
+    ORIG_LN_BEFORE: tl.constexpr,
+    LN_BEFORE: tl.constexpr,
+    RESIDUAL_BEFORE_LN: tl.constexpr,
+    ACT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    LN_SWEEP: tl.constexpr,         # the LayerNorm below the adapter needs an exact pass (see below)
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    kk = tl.arange(0, BLOCK_K)
+    k_mask = kk < K
+    # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
+    if h_ptr.dtype.element_ty == tl.float32:
+        op = r_ptr.dtype.element_ty
+    else:
+        op = h_ptr.dtype.element_ty
+    tile_mask = row_mask[:, None] & k_mask[None, :]
+    z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
+    p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), ACT).to(op)
+    shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr, rows, row_mask, M, K)
+
+    # ---- output LayerNorm: g = dy o gamma, do = rstd_o (g - mean(g) - ohat mean(g ohat)); with
+    # kappa the dropout scale and W' = s o W_up, dp = dv W_up = sum_c kappa_c do_c W'[c, :]
+    #   = rstd_o (xg - mean(g) xk - mean(g ohat) xo),  xg = (kappa g) W', xk = kappa W', xo = (kappa ohat) W'.
+    # o's statistics are taken exactly in this same pass, so ohat = rstd_o ((o - shift) - (mean_o - shift))
+    # with shift the forward's mean of o: sums over o - shift now, the correction after.
+    mean_o = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2_o = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sum_go = tl.zeros([BLOCK_M], dtype=tl.float32)
+    xg = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    xk = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    xo = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1,
+                                                   rstd1, mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE,
+                                                   RESIDUAL_BEFORE_LN)
+        w, _v, keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K, seed_ptr,
+                                p_drop, DROPOUT, PRECISION)
+        mean_o, m2_o = merge_moments(mean_o, m2_o, w + res, col_mask, c0, D)
+        oc = tl.where(col_mask[None, :], w + res - shift[:, None], 0.0)
+        g = _chunk(dy_ptr, rows, row_mask, cols, col_mask, D) * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
+        sum_g += tl.sum(g, axis=1)
+        sum_go += tl.sum(g * oc, axis=1)
+        wp = _scaled_w_up(wu_ptr, consts, cols, col_mask, kk, k_mask, D, K).to(op)
+        if DROPOUT:
+            kappa = tl.where(keep & col_mask[None, :], 1.0 / (1.0 - p_drop), 0.0)
+            g = g * kappa
+            oc = oc * kappa
+            xk = tl.dot(kappa.to(op), wp, acc=xk, input_precision=PRECISION)
+        xg = tl.dot(g.to(op), wp, acc=xg, input_precision=PRECISION)
+        xo = tl.dot(oc.to(op), wp, acc=xo, input_precision=PRECISION)
+    if not DROPOUT:
+        xk = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + _kvec(consts, KVEC_ASUM, kk, k_mask, D, K)[None, :]
+    rstd_o = 1.0 / tl.sqrt(m2_o / D + eps)
+    delta = mean_o - shift
+    mg = sum_g / D
+    mgo = rstd_o * (sum_go - delta * sum_g) / D
+    xo = rstd_o[:, None] * (xo - delta[:, None] * xk)
+    dp = rstd_o[:, None] * (xg - mg[:, None] * xk - mgo[:, None] * xo)
+    z = tl.load(z_ptrs, mask=tile_mask, other=0.0)  # again (a cache hit) rather than held through the sweep
+    dz = dp * activation_grad(z, ACT)
+    tl.store(rowgrad_ptr + rows[:, None] * K + kk[None, :], dz, mask=tile_mask)
+
+    # ---- LayerNorms below the adapter. f1 = W_down lam, f2 = W_down mu + b_down for the LayerNorm
+    # (lam, mu) right before W_down, whose normalised input nhat satisfies nhat (lam o W_down)^T =
+    # z - f2; so mean(dan o lam) = dz . f1 / D and mean(dan o lam o nhat) = dz . (z - f2) / D.
+    f1 = _kvec(consts, KVEC_F1, kk, k_mask, D, K)
+    f2 = _kvec(consts, KVEC_F2, kk, k_mask, D, K)
+    ma1 = tl.sum(dz * f1[None, :], axis=1) / D
+    ma2 = tl.sum(dz * (z - f2[None, :]), axis=1) / D
+    c1, c2 = ma1, ma2  # Pfeiffer: the frozen LayerNorm is the one right before W_down
+    if LN_SWEEP:  # adapter LayerNorm in between, or do joins da: exact sums over da
+        c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        dz_op = dz.to(op)
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            do = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            if not RESIDUAL_BEFORE_LN:
+                do, _dy, _ohat, _v, _keep = _output_grad(
+                    dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
+                    mean1, rstd1, mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, ORIG_LN_BEFORE,
+                    LN_BEFORE, RESIDUAL_BEFORE_LN, DROPOUT, PRECISION)
+            wd_op = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                            other=0.0).to(op)
+            da, _dan, x1hat, _ahat, _an = _input_grad(
+                h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a,
+                rstd_a, ma1, ma2, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, PRECISION)
+            gda = da * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
+            c1 += tl.sum(gda, axis=1)
+            c2 += tl.sum(gda * x1hat, axis=1)
+        c1 = c1 / D
+        c2 = c2 / D
+    _store_row_scalars(rowgrad_ptr, rows, row_mask, M, K, mg, mgo, ma1, ma2, c1, c2)
+    tl.store(rowgrad_ptr + M * K + 6 * M + rows, mean_o, mask=row_mask)
+    tl.store(rowgrad_ptr + M * K + 7 * M + rows, rstd_o, mask=row_mask)
 
 
 @triton.jit
-def adapter_block_bwd_kernel(
-    dy_ptr, h_ptr, r_ptr, dh_ptr, dr_ptr, part_ptr,
-    gamma_ptr, beta_ptr, ga_ptr, ba_ptr,
-    wd_ptr, bd_ptr, wu_ptr, bu_ptr, s_ptr, s_value,
+def _output_grad(dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
+                 mean1, rstd1, mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop,
+                 ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
+                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of the output LayerNorm's backward, exact from the row scalars:
+    (do: gradient of o, dy, o_hat, v, the dropout mask)."""
+    _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
+                                               mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+    w, v, keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K, seed_ptr, p_drop,
+                           DROPOUT, PRECISION)
+    ohat = tl.where(col_mask[None, :], (w + res - mean_o[:, None]) * rstd_o[:, None], 0.0)
+    dy = _chunk(dy_ptr, rows, row_mask, cols, col_mask, D)
+    g = dy * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
+    do = tl.where(col_mask[None, :], (g - mg[:, None] - ohat * mgo[:, None]) * rstd_o[:, None], 0.0)
+    return do, dy, ohat, v, keep
+
+
+@triton.jit
+def _input_grad(h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a,
+                rstd_a, ma1, ma2, ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr,
+                RESIDUAL_BEFORE_LN: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of the gradient below the bottleneck, exact from the row scalars, given do:
+    (da: gradient of a, dan: of the adapter's input an, x1_hat, a_hat, an). h and r are read again
+    here (cache hits) rather than held through the output's backward."""
+    _x1, x1hat, _a, ahat, an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
+                                             mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+    dan = tl.dot(dz_op, wd_op, input_precision=PRECISION)
+    if LN_BEFORE:
+        ga = _vec(consts, VEC_GA, cols, col_mask, D)
+        da = tl.where(col_mask[None, :], (dan * ga[None, :] - ma1[:, None] - ahat * ma2[:, None]) * rstd_a[:, None],
+                      0.0)
+    else:
+        da = dan
+    if not RESIDUAL_BEFORE_LN:
+        da += do
+    return da, dan, x1hat, ahat, an
+
+
+@triton.jit
+def adapter_bwd_cols_kernel(
+    dy_ptr, h_ptr, r_ptr,           # (M, D)
+    dh_ptr, dr_ptr,                 # out (INPUT_GRAD): (M, D) in h's and r's dtypes; dr unused when DR_IS_DH
+    saved_ptr,                      # the forward's saved buffer
+    rowgrad_ptr,                    # adapter_bwd_rows_kernel's buffer
+    part_ptr,                       # out: (splits, T) fp32 partial gradients, placed by GRAD_SLOTS
+    consts, wd_ptr, wu_ptr,
     seed_ptr, p_drop,
-    M, D, K, eps, eps_a, T,
-    OFF_WU, OFF_WD, OFF_BU, OFF_BD, OFF_S, OFF_GAMMA, OFF_BETA, OFF_GA, OFF_BA,
+    M, D, K, tiles_per_split,
     ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
     ACT: tl.constexpr, SCALE_MODE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    LN_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr,
+    INPUT_GRAD: tl.constexpr,       # dh (and dr) wanted
+    DR_IS_DH: tl.constexpr,         # Pfeiffer placement, h and r of one dtype: dr equals dh, written once
+    LN_GRAD: tl.constexpr,          # the frozen LayerNorm's parameters want gradients
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    part = part_ptr + pid.to(tl.int64) * T
-    op_dtype = h_ptr.dtype.element_ty
-    s = load_scale(s_ptr, s_value, cols, col_mask, SCALE_MODE)
+    split = tl.program_id(1)
+    kk = tl.arange(0, BLOCK_K)
+    k_mask = kk < K
+    # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
+    if h_ptr.dtype.element_ty == tl.float32:
+        op = r_ptr.dtype.element_ty
+    else:
+        op = h_ptr.dtype.element_ty
+    gamma = _vec(consts, VEC_GAMMA, cols, col_mask, D)
+    s = _vec(consts, VEC_S, cols, col_mask, D)
+    wd_op = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(op)
+    acc_wu = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)  # dW_up[cols, :] = dv^T p
+    acc_wd = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # dW_down[:, cols] = dz^T an
+    acc_bd = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_bu = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_lnw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_lnb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_aw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_ab = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = split * tiles_per_split
+    for tile in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(M, BLOCK_M))):
+        rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile * BLOCK_M
+        row_mask = rows < M
+        tile_mask = row_mask[:, None] & k_mask[None, :]
+        z = tl.load(saved_ptr + rows[:, None] * K + kk[None, :], mask=tile_mask, other=0.0)
+        p_op = activation(z, ACT).to(op)
+        dz = tl.load(rowgrad_ptr + rows[:, None] * K + kk[None, :], mask=tile_mask, other=0.0)
+        dz_op = dz.to(op)
+        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr, rows, row_mask, M, K)
+        mg, mgo, ma1, ma2, c1, c2 = _row_scalars(rowgrad_ptr, rows, row_mask, M, K)
+        mean_o, rstd_o = _row_scalar(rowgrad_ptr, 6, rows, row_mask, M, K), _row_scalar(rowgrad_ptr, 7, rows,
+                                                                                      row_mask, M, K)
 
-    # Per-program accumulators of the D-wide gradients (rows beyond M have dy = 0, so they add 0).
-    d_bu = tl.zeros([BLOCK_D], dtype=tl.float32)
-    d_gamma = tl.zeros([BLOCK_D], dtype=tl.float32)
-    d_beta = tl.zeros([BLOCK_D], dtype=tl.float32)
-    d_ga = tl.zeros([BLOCK_D], dtype=tl.float32)
-    d_ba = tl.zeros([BLOCK_D], dtype=tl.float32)
-    d_s = tl.zeros([BLOCK_D], dtype=tl.float32)
-
-    for block in range(pid, tl.cdiv(M, BLOCK_M), num_programs):
-        first = block == pid
-        rows = tl.arange(0, BLOCK_M).to(tl.int64) + block * BLOCK_M
-        mask = (rows < M)[:, None] & col_mask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-
-        # ---- recompute the forward of these rows ----
-        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gamma, beta, _, _, _, _, _, an_op, v, keep, o = _adapter_rows(
-            h, r, offs, cols, col_mask, D, K, gamma_ptr, beta_ptr, ga_ptr, ba_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, s,
-            seed_ptr, p_drop, eps, eps_a, op_dtype, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, ACT, DROPOUT,
-            PRECISION, BLOCK_M, BLOCK_D, BLOCK_K)
-        mean_o, rstd_o = layer_norm_stats(o, col_mask, D, eps)
-        ohat = normalize(o, mean_o, rstd_o, col_mask)
-
-        # ---- output LayerNorm and the scaled, dropped-out up-projection ----
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # ---- the output LayerNorm and the up-projection ----
+        do, dy, ohat, v, keep = _output_grad(
+            dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K, mean1, rstd1,
+            mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN,
+            DROPOUT, PRECISION)
         if LN_GRAD:
-            d_gamma += tl.sum(dy * ohat, axis=0)
-            d_beta += tl.sum(dy, axis=0)
-        do = layer_norm_bwd(dy * gamma[None, :], ohat, rstd_o, col_mask, D)
+            acc_lnw += tl.sum(dy * ohat, axis=0)
+            acc_lnb += tl.sum(dy, axis=0)
         du = do
         if DROPOUT:
             du = tl.where(keep, do / (1.0 - p_drop), 0.0)
-        if SCALE_MODE != SCALE_FLOAT:
-            d_s += tl.sum(du * v, axis=0)
-        dv = du * s
-        d_bu += tl.sum(dv, axis=0)
+        acc_s += tl.sum(du * v, axis=0)
+        dv = du * s[None, :]
+        acc_bu += tl.sum(dv, axis=0)
+        acc_wu = tl.dot(tl.trans(dv.to(op)), p_op, acc=acc_wu, input_precision=PRECISION)
 
-        # ---- bottleneck, chunk by chunk: weight-gradient partials and d(an) ----
-        dv_op = dv.to(op_dtype)
-        dan = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = kk < K
-            # W_up's chunk is dead before W_down's is loaded, so the two never share shared memory
-            # (at fp32, d=768 each takes 64 KiB).
-            wut = _load_w_up_t(wu_ptr, kk, k_mask, cols, col_mask, K).to(op_dtype)
-            dp = tl.dot(dv_op, tl.trans(wut), input_precision=PRECISION)
-            wd, bd = _load_w_down(wd_ptr, bd_ptr, kk, k_mask, cols, col_mask, D)
-            wd = wd.to(op_dtype)
-            z = tl.dot(an_op, tl.trans(wd), input_precision=PRECISION) + bd[None, :]
-            p = activation(z, ACT)
-            dz = dp * activation_grad(z, ACT)
-            dz_op = dz.to(op_dtype)
-            w_mask = col_mask[:, None] & k_mask[None, :]
-            accumulate_partial(part + OFF_WU + cols[:, None] * K + kk[None, :],
-                                tl.dot(tl.trans(dv_op), p.to(op_dtype), input_precision=PRECISION), w_mask, first)
-            accumulate_partial(part + OFF_WD + kk[:, None] * D + cols[None, :],
-                                tl.dot(tl.trans(dz_op), an_op, input_precision=PRECISION), tl.trans(w_mask), first)
-            accumulate_partial(part + OFF_BD + kk, tl.sum(dz, axis=0), k_mask, first)
-            dan = tl.dot(dz_op, wd, acc=dan, input_precision=PRECISION)
-
-        # ---- adapter LayerNorm, residual, frozen LayerNorm before the adapter ----
-        # x1_hat and a_hat are recomputed from h and r (just read, so in cache): held through the
-        # bottleneck loop they were spilled to local memory
-        x1hat, rstd1, ahat, rstd_a = _normalized_inputs(h_ptr, r_ptr, offs, mask, cols, col_mask, D, gamma_ptr,
-                                                        beta_ptr, ga_ptr, ba_ptr, eps, eps_a, ORIG_LN_BEFORE,
-                                                        LN_BEFORE)
+        # ---- the down-projection and the LayerNorms below it ----
+        da, dan, x1hat, ahat, an = _input_grad(
+            h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
+            ma1, ma2, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, PRECISION)
+        acc_wd = tl.dot(tl.trans(dz_op), an.to(op), acc=acc_wd, input_precision=PRECISION)
+        acc_bd += tl.sum(dz, axis=0)
         if LN_BEFORE:
-            ga = tl.load(ga_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            d_ga += tl.sum(dan * ahat, axis=0)
-            d_ba += tl.sum(dan, axis=0)
-            da = layer_norm_bwd(dan * ga[None, :], ahat, rstd_a, col_mask, D)
-        else:
-            da = dan
-        if RESIDUAL_BEFORE_LN:
-            dh = do
-        else:
-            da += do
-            dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dr = do
+            acc_aw += tl.sum(dan * ahat, axis=0)
+            acc_ab += tl.sum(dan, axis=0)
         if ORIG_LN_BEFORE:
             if LN_GRAD:
-                d_gamma += tl.sum(da * x1hat, axis=0)
-                d_beta += tl.sum(da, axis=0)
-            dx1 = layer_norm_bwd(da * gamma[None, :], x1hat, rstd1, col_mask, D)
-            dh += dx1
-            dr += dx1
+                acc_lnw += tl.sum(da * x1hat, axis=0)
+                acc_lnb += tl.sum(da, axis=0)
+            dx1 = tl.where(col_mask[None, :], (da * gamma[None, :] - c1[:, None] - x1hat * c2[:, None]) * rstd1[:, None],
+                           0.0)
+            dr = do + dx1
         else:
-            dh += da
-        if INPUT_GRAD:  # False below the lowest adapter: nothing upstream needs dh, dr
+            dx1 = da  # a = h
+            dr = do
+        if RESIDUAL_BEFORE_LN:
+            dh = do + dx1
+        else:
+            dh = dx1
+        if INPUT_GRAD:
+            offs = rows[:, None] * D + cols[None, :]
+            mask = row_mask[:, None] & col_mask[None, :]
             tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
-            tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
+            if not DR_IS_DH:
+                tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
-    tl.store(part + OFF_BU + cols, d_bu, mask=col_mask)
+    part = part_ptr + split.to(tl.int64) * (2 * K * D + K + 6 * D)
+    tl.store(part + _grad_offset(G_WU, D, K) + cols[:, None] * K + kk[None, :], acc_wu, mask=col_mask[:, None] & k_mask[None, :])
+    tl.store(part + _grad_offset(G_WD, D, K) + kk[:, None] * D + cols[None, :], acc_wd, mask=k_mask[:, None] & col_mask[None, :])
+    if tl.program_id(0) == 0:
+        tl.store(part + _grad_offset(G_BD, D, K) + kk, acc_bd, mask=k_mask)
+    tl.store(part + _grad_offset(G_BU, D, K) + cols, acc_bu, mask=col_mask)
+    if SCALE_MODE != SCALE_FLOAT:  # per channel; a learned scalar sums them afterwards
+        tl.store(part + _grad_offset(G_S, D, K) + cols, acc_s, mask=col_mask)
     if LN_GRAD:
-        tl.store(part + OFF_GAMMA + cols, d_gamma, mask=col_mask)
-        tl.store(part + OFF_BETA + cols, d_beta, mask=col_mask)
+        tl.store(part + _grad_offset(G_LNW, D, K) + cols, acc_lnw, mask=col_mask)
+        tl.store(part + _grad_offset(G_LNB, D, K) + cols, acc_lnb, mask=col_mask)
     if LN_BEFORE:
-        tl.store(part + OFF_GA + cols, d_ga, mask=col_mask)
-        tl.store(part + OFF_BA + cols, d_ba, mask=col_mask)
-    if SCALE_MODE == SCALE_CHANNEL:
-        tl.store(part + OFF_S + cols, d_s, mask=col_mask)
-    elif SCALE_MODE == SCALE_SCALAR:
-        tl.store(part + OFF_S, tl.sum(d_s, axis=0))
+        tl.store(part + _grad_offset(G_AW, D, K) + cols, acc_aw, mask=col_mask)
+        tl.store(part + _grad_offset(G_AB, D, K) + cols, acc_ab, mask=col_mask)
 
 
 @triton.jit
@@ -280,82 +714,96 @@ def dropout_mask_kernel(seed_ptr, keep_ptr, numel, p_drop, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- launchers
 
-import torch  # noqa: E402  (kept below the kernels: the kernels themselves need only triton)
+import torch  # noqa: E402  (below the kernels: they need only triton)
 
 from . import runtime  # noqa: E402
-
-def _config(D: int, K: int, element_size: int) -> dict:
-    block_d = runtime.block_width(D)
-    # The dots stage a [BLOCK_K, BLOCK_D] chunk of each weight in shared memory (fp32 at d=768 needed
-    # 320 KiB with BLOCK_K=32, over Hopper's 227; compile_report shows it).
-    return dict(
-        BLOCK_M=runtime.CONFIG["adapter_block_m"],
-        BLOCK_D=block_d,
-        BLOCK_K=min(max(16, triton.next_power_of_2(K)), runtime.CONFIG["adapter_block_k"],
-                    runtime.chunk_limit(block_d, element_size)),
-        num_warps=4 if block_d <= 512 else 8,
-    )
+from .codes import ACTIVATIONS, SCALE_MODES  # noqa: E402
 
 
-def _common_args(h, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias, w_down, b_down, w_up, b_up,
-                 scale, scale_value, seed, dropout_p):
-    scale_mode, s_ptr, s_value = runtime.scale_args(scale, scale_value, h)
-    ln_before = adapter_ln_weight is not None
-    pointers = (
-        ln_weight, ln_bias,
-        adapter_ln_weight if ln_before else h, adapter_ln_bias if ln_before else h,
-        w_down, b_down, w_up, b_up, s_ptr, s_value,
-        seed if dropout_p > 0 else h, float(dropout_p),
-    )
-    flags = dict(
-        LN_BEFORE=ln_before, SCALE_MODE=scale_mode, DROPOUT=dropout_p > 0,
-        PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
-    )
-    return pointers, flags
+def operand_dtype(h, r):
+    """The dtype of the tensor-core operands (chosen the same way inside the kernels)."""
+    return r.dtype if h.dtype == torch.float32 else h.dtype
 
 
-def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
-                      adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
-                      residual_before_ln, dropout_p, seed):
-    """y for contiguous 2-D h, r of shape (M, D); arguments as in ampfuse.ops.adapter_block."""
-    M, D = h.shape
-    K = w_down.shape[0]
-    y = runtime.empty_output((M, D), h.dtype, h.device)
-    pointers, flags = _common_args(h, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias, w_down, b_down,
-                                   w_up, b_up, scale, scale_value, seed, dropout_p)
-    cfg = _config(D, K, h.element_size())
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    runtime.launch(adapter_block_fwd_kernel, grid, h, r, y, *pointers, M, D, K, float(ln_eps), float(adapter_ln_eps),
-                   ORIG_LN_BEFORE=original_ln_before, RESIDUAL_BEFORE_LN=residual_before_ln,
-                   ACT=runtime.ACTIVATION_CODES[activation], **flags, **cfg)
-    return y
+def _flags(spec):
+    return dict(ORIG_LN_BEFORE=spec.original_ln_before, LN_BEFORE=spec.ln_before,
+                RESIDUAL_BEFORE_LN=spec.residual_before_ln, ACT=ACTIVATIONS.index(spec.activation),
+                DROPOUT=spec.dropout_p > 0)
 
 
-def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
-                      adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
-                      residual_before_ln, dropout_p, seed, ln_grad, input_grad, layout, T):
-    """(dh, dr, flat) for contiguous 2-D inputs: flat holds the fp32 parameter gradients, each at its
-    offset in ``layout`` (ampfuse.ops.adapter_block.gradient_layout), T elements in all. dh and dr
-    are empty when ``input_grad`` is False."""
-    M, D = h.shape
-    K = w_down.shape[0]
-    offsets = {name: offset for name, offset, _ in layout}
-    cfg = _config(D, K, h.element_size())
-    P = max(1, min(triton.cdiv(M, cfg["BLOCK_M"]), runtime.max_programs(h.device)))
-    dx_shape = (M, D) if input_grad else (0,)
-    dh = runtime.empty_output(dx_shape, h.dtype, h.device)
-    dr = runtime.empty_output(dx_shape, h.dtype, h.device)
-    part = runtime.empty_output((P, T), torch.float32, h.device)
-    pointers, flags = _common_args(h, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias, w_down, b_down,
-                                   w_up, b_up, scale, scale_value, seed, dropout_p)
-    seg = [offsets.get(name, -1) for name in
-           ("w_up", "w_down", "b_up", "b_down", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
-            "adapter_ln_bias")]
-    runtime.launch(adapter_block_bwd_kernel, (P,), dy, h, r, dh, dr, part, *pointers,
-                   M, D, K, float(ln_eps), float(adapter_ln_eps), T, *seg,
-                   ORIG_LN_BEFORE=original_ln_before, RESIDUAL_BEFORE_LN=residual_before_ln,
-                   ACT=runtime.ACTIVATION_CODES[activation], LN_GRAD=ln_grad, INPUT_GRAD=input_grad, **flags, **cfg)
-    return dh, dr, sum_partials(part)
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def constants(spec, params, D, K, precision):
+    """The per-call constants buffer (adapter_constants_kernel), fp32."""
+    consts = runtime.empty_output((6 * D + 5 * K + K * K + 2,), torch.float32, params.w_down.device)
+    scale = params.scale
+    block_g = 16 if runtime.interpreting() else 32
+    any_tensor = params.ln_weight  # stands in for absent pointers (never read)
+    runtime.launch(adapter_constants_kernel, (cdiv(K, block_g), cdiv(K, block_g)),
+                   params.ln_weight, params.ln_bias,
+                   params.adapter_ln_weight if spec.ln_before else any_tensor,
+                   params.adapter_ln_bias if spec.ln_before else any_tensor,
+                   params.w_down, params.b_down, params.w_up, params.b_up,
+                   any_tensor if scale is None else scale, float(spec.scale_value), consts, D, K,
+                   LN_BEFORE=spec.ln_before, SCALE_MODE=SCALE_MODES.index(spec.scale_mode),
+                   GRAM=spec.dropout_p == 0, PRECISION=precision, BLOCK_D=64, BLOCK_G=block_g)
+    return consts
+
+
+def forward(spec, h, r, params, seed, save):
+    """(y, saved, consts) for contiguous h, r of shape (..., D), M rows in all: y in the dtype of h + r;
+    saved (z and the row statistics, fp32) only when ``save``, else None."""
+    D = h.shape[-1]
+    M = h.numel() // D
+    K = params.w_down.shape[0]
+    cfg = runtime.row_tiles(D, K, operand_dtype(h, r))
+    consts = constants(spec, params, D, K, cfg["PRECISION"])
+    y = runtime.empty_output(h.shape, torch.promote_types(h.dtype, r.dtype), h.device)
+    saved = runtime.empty_output((M * K + SAVED_ROWS * M,), torch.float32, h.device) if save else None
+    runtime.launch(adapter_fwd_kernel, (cdiv(M, cfg["BLOCK_M"]),),
+                   h, r, y, y if saved is None else saved, consts, params.w_down, params.w_up,
+                   h if seed is None else seed, float(spec.dropout_p),
+                   M, D, K, float(spec.ln_eps), float(spec.adapter_ln_eps),
+                   SAVE=save, **_flags(spec), **cfg)
+    return y, saved, consts
+
+
+def backward(spec, dy, h, r, params, seed, saved, consts, input_grad, ln_grad, grad_dtype):
+    """(dh, dr, flat) for contiguous inputs of shape (..., D): flat holds the parameter gradients in
+    ``grad_dtype``, placed by GRAD_SLOTS (2 K D + K + 6 D elements); dh, dr are None unless
+    ``input_grad`` (dr is dh itself in the Pfeiffer placement, where the two are equal)."""
+    D = h.shape[-1]
+    M = h.numel() // D
+    K = params.w_down.shape[0]
+    flags = _flags(spec)
+    rows = runtime.row_tiles(D, K, operand_dtype(h, r))
+    rowgrad = runtime.empty_output((M * K + ROWGRAD_ROWS * M,), torch.float32, h.device)
+    seed_arg = h if seed is None else seed
+    runtime.launch(adapter_bwd_rows_kernel, (cdiv(M, rows["BLOCK_M"]),),
+                   dy, h, r, saved, rowgrad, consts, params.w_down, params.w_up, seed_arg, float(spec.dropout_p),
+                   M, D, K, float(spec.ln_eps), LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln),
+                   **flags, **rows)
+
+    cols = runtime.column_tiles(D, K, operand_dtype(h, r))
+    tiles = cdiv(M, cols["BLOCK_M"])
+    splits = runtime.token_splits(tiles, cdiv(D, cols["BLOCK_D"]))
+    tiles_per_split = cdiv(tiles, splits)
+    splits = cdiv(tiles, tiles_per_split)
+    part = runtime.empty_output((splits, 2 * K * D + K + 6 * D), torch.float32, h.device)
+    dh = dr = None
+    if input_grad:
+        dh = runtime.empty_output(h.shape, h.dtype, h.device)
+        same = spec.original_ln_before and spec.residual_before_ln and r.dtype == h.dtype
+        dr = dh if same else runtime.empty_output(h.shape, r.dtype, h.device)
+    runtime.launch(adapter_bwd_cols_kernel, (cdiv(D, cols["BLOCK_D"]), splits),
+                   dy, h, r, h if dh is None else dh, h if dr is None else dr, saved, rowgrad, part, consts,
+                   params.w_down, params.w_up, seed_arg, float(spec.dropout_p), M, D, K, tiles_per_split,
+                   SCALE_MODE=SCALE_MODES.index(spec.scale_mode), INPUT_GRAD=input_grad, DR_IS_DH=dr is dh,
+                   LN_GRAD=ln_grad,
+                   **flags, **cols)
+    return dh, dr, sum_partials(part, grad_dtype)
 
 
 def dropout_keep_mask(seed, shape, dropout_p):

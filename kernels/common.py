@@ -104,6 +104,20 @@ def layer_norm_bwd(dxhat, xhat, rstd, col_mask, D):
 
 
 @triton.jit
+def merge_moments(mean, m2, x, col_mask, c0, D):
+    """Per-row (mean, M2) of the columns before c0, merged with those of the chunk x ([BLOCK_M,
+    BLOCK_D] fp32, columns c0.. of which col_mask marks the real ones): Chan's pairwise update, so a
+    row's large mean does not cancel its variance away the way sum(x^2) - n mean^2 would."""
+    n_a = c0 * 1.0
+    n_b = tl.sum(col_mask.to(tl.float32), axis=0)
+    chunk_mean = tl.sum(tl.where(col_mask[None, :], x, 0.0), axis=1) / n_b
+    centred = tl.where(col_mask[None, :], x - chunk_mean[:, None], 0.0)
+    delta = chunk_mean - mean
+    n = n_a + n_b
+    return mean + delta * (n_b / n), m2 + tl.sum(centred * centred, axis=1) + delta * delta * (n_a * n_b / n)
+
+
+@triton.jit
 def dropout_keep(seed, offsets, p):
     """Keep-mask of inverted dropout: Philox uniform per element index, kept when >= p."""
     return tl.rand(seed, offsets) >= p
@@ -132,19 +146,20 @@ def accumulate_partial(ptrs, value, mask, first):
 
 @triton.jit
 def reduce_partials_kernel(part_ptr, out_ptr, P, T, BLOCK_T: tl.constexpr):
-    """out[t] = sum_p part[p, t] in fp32 (fixed order: deterministic)."""
+    """out[t] = sum_p part[p, t], summed in fp32 in a fixed order (deterministic), stored in out's dtype."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask = cols < T
     acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     for p in range(0, P):
         acc += tl.load(part_ptr + p * T + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + cols, acc, mask=mask)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def sum_partials(part):
-    """[P, T] fp32 per-program partials -> their fp32 column sums [T], in one launch."""
+def sum_partials(part, dtype=torch.float32):
+    """[P, T] fp32 partials -> their column sums [T] in ``dtype`` (the parameters' own, so that no cast
+    kernel follows), in one launch."""
     P, T = part.shape
-    flat = runtime.empty_output((T,), torch.float32, part.device)
+    flat = runtime.empty_output((T,), dtype, part.device)
     block = 1024
     runtime.launch(reduce_partials_kernel, (triton.cdiv(T, block),), part, flat, P, T, BLOCK_T=block)
     return flat

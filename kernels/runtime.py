@@ -1,4 +1,7 @@
-"""Launch bookkeeping shared by the Triton ops: tunables, output allocation, launch counting."""
+"""Launch bookkeeping shared by the Triton ops: launch settings, output allocation, launch counting."""
+
+import functools
+import os
 
 import torch
 
@@ -77,3 +80,47 @@ def pack_layout(entries, num_slots):
         table[int(slot)] = offset
         offset += int(torch.Size(shape).numel())
     return layout, table, offset
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (read when Triton imports the kernels)."""
+    return _INTERPRETING
+
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _precision(dtype):
+    # fp32 operands: full-precision dots; 16-bit operands ignore the setting
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def row_tiles(D, K, dtype):
+    """Launch settings of a row kernel: a program owns BLOCK_M rows and walks the D columns in chunks of
+    BLOCK_D, keeping [BLOCK_M, BLOCK_K] tiles of the k-wide bottleneck on chip. Small tiles in the
+    interpreter (fast, and many chunks per row in the tests); on a GPU, 64-row tiles for tensor-core
+    dots, 8 warps (two warp groups) so each thread holds half of every tile (benchmarks/compile_report
+    shows registers and spills)."""
+    block_k = block_width(K)
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
+    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+
+
+@functools.lru_cache(maxsize=None)
+def column_tiles(D, K, dtype):
+    """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
+    of BLOCK_M rows, accumulating [BLOCK_D, BLOCK_K] weight-gradient tiles on chip."""
+    block_k = block_width(K)
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
+    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+
+
+def token_splits(tiles, chunks):
+    """How many token ranges a column kernel's grid splits the tiles into (split-K over tokens): enough
+    programs to fill a GPU, a number that depends on the shape alone, so gradients are bitwise the same
+    on every run and every GPU. A few in the interpreter, so the tests cross split boundaries."""
+    target = 6 if interpreting() else 264
+    return max(1, min(tiles, -(-target // chunks)))

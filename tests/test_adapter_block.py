@@ -107,10 +107,38 @@ def test_triton_bert_base_width(dtype, placement, device):
 
 @pytest.mark.parametrize("dtype", [torch.float16] + [pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 def test_triton_fp32_parameters_with_half_activations(dtype, device):
-    """The autocast layout: fp32 parameters, 16-bit hidden states; gradients come back in fp32."""
+    """fp32 parameters, 16-bit hidden states; gradients come back in fp32."""
     tensors, kwargs = testing.adapter_inputs(19, 96, 16, dtype=dtype, param_dtype=torch.float32, device=device,
                                              scale_kind="scalar", ln_before=True)
     check_against_reference(tensors, kwargs, activation="relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + [pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "ln_before_res_after"])
+def test_triton_autocast_mix_runs_natively(dtype, placement, device):
+    """Autocast's layout: a 16-bit h (a dense layer's output), an fp32 r (the previous LayerNorm's) and
+    fp32 parameters. The op keeps it: y in the dtype of h + r (fp32), dh in h's dtype, dr in r's, the
+    parameters' gradients in fp32; the tensor-core operands are 16-bit (so a 16-bit tolerance)."""
+    olnb, rbln = PLACEMENTS[placement]
+    tensors, kwargs = testing.adapter_inputs(35, 80, 12, dtype=dtype, r_dtype=torch.float32,
+                                             param_dtype=torch.float32, device=device, scale_kind="channel",
+                                             ln_before=placement == "houlsby")
+    y = testing.call(adapter_block, tensors, backend="triton", original_ln_before=olnb, residual_before_ln=rbln,
+                     **kwargs)
+    assert y.dtype == torch.float32
+    check_against_reference(tensors, kwargs, tol=testing.TOLERANCE[dtype], original_ln_before=olnb,
+                            residual_before_ln=rbln, activation="gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "ln_before_res_after"])
+def test_triton_rows_with_large_means(dtype, placement, device):
+    """Hidden states whose rows carry a common offset 30 times their spread, and outlier channels (BERT's
+    are known for both): the LayerNorm statistics and the folded LN(x1) W_down^T must not cancel."""
+    olnb, rbln = PLACEMENTS[placement]
+    tensors, kwargs = testing.adapter_inputs(33, 96, 16, dtype=dtype, device=device, scale_kind="channel",
+                                             ln_before=placement == "houlsby", row_offset=30.0)
+    check_against_reference(tensors, kwargs, original_ln_before=olnb, residual_before_ln=rbln, activation="silu")
 
 
 def test_triton_leading_dims_and_bottleneck_wider_than_a_chunk(device):
@@ -151,14 +179,15 @@ def test_triton_random_shapes(M, d, k, seed):
 
 
 def test_triton_launch_counts(device):
-    """One launch forward, two backward (the fused kernel and the partial-gradient reduction)."""
+    """Two launches forward (the parameters' constants, the row kernel), three backward (row kernel,
+    column kernel, the fixed-order sum of the column kernel's splits)."""
     tensors, kwargs = testing.adapter_inputs(45, 48, 8, device=device, scale_kind="channel", ln_before=True)
     before = runtime.launch_count
     y = testing.call(adapter_block, tensors, backend="triton", **kwargs)
-    assert runtime.launch_count - before == 1
+    assert runtime.launch_count - before == 2
     before = runtime.launch_count
     y.backward(torch.randn_like(y))
-    assert runtime.launch_count - before == 2
+    assert runtime.launch_count - before == 3
 
 
 def test_triton_backward_is_deterministic(device):
@@ -234,8 +263,11 @@ def test_dropout_statistics_agree_between_backends(device):
 def test_custom_op_is_registered_with_fake_kernels():
     tensors, kwargs = testing.adapter_inputs(9, 32, 4, scale_kind="channel", ln_before=True)
     args = [tensors[n].detach() for n in testing.POSITIONAL]
-    op_args = (*args, tensors["scaling"].detach(), tensors["adapter_ln_weight"].detach(),
-               tensors["adapter_ln_bias"].detach(), None, 1.0, 1e-12, 1e-5, "relu", True, True, 0.0, "triton")
+    from ampfuse.ops.adapter_block import AdapterBlockSpec
+
+    spec = AdapterBlockSpec("relu", True, True, True, "channel", 1.0, 1e-12, 1e-5, 0.0)
+    op_args = (*args[:2], None, *args[2:], tensors["scaling"].detach(), tensors["adapter_ln_weight"].detach(),
+               tensors["adapter_ln_bias"].detach(), spec.encode(), "triton")
     torch.library.opcheck(torch.ops.ampfuse.adapter_block.default, op_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -256,7 +288,7 @@ def test_torch_compile_fullgraph_equals_eager(device):
         before = runtime.launch_count
         compiled = torch.compile(step, fullgraph=True)(h, r)
         (g_compiled,) = torch.autograd.grad(compiled.square().sum(), h)
-    assert runtime.launch_count - before == 3  # the fused kernels ran inside the compiled graph
+    assert runtime.launch_count - before == 5  # the fused kernels ran inside the compiled graph
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-5)
 
@@ -271,7 +303,7 @@ def test_backend_selection(monkeypatch, device):
     assert runtime.launch_count == before
     with ampfuse.use_backend("triton"):  # the context manager wins over the environment
         testing.call(adapter_block, tensors, **kwargs)
-    assert runtime.launch_count == before + 1
+    assert runtime.launch_count == before + 2
     monkeypatch.setenv("AMPFUSE_BACKEND", "fast")
     with pytest.raises(ValueError, match="AMPFUSE_BACKEND"):
         testing.call(adapter_block, tensors, **kwargs)
@@ -303,7 +335,7 @@ def test_unavailable_backends_say_why(monkeypatch):
     ("b_down", lambda t: t["b_down"][:-1], "b_down must have shape"),
     ("ln_weight", lambda t: t["ln_weight"][:-1], "ln_weight must have shape"),
     ("h", lambda t: t["h"].long(), "h must have a floating-point dtype"),
-    ("r", lambda t: t["r"].double(), "r must have h's dtype"),
+    ("r", lambda t: t["r"].long(), "r must have a floating-point dtype"),
     ("w_up", lambda t: t["w_up"].to("meta"), "w_up is on meta"),
     ("h", lambda t: t["h"].detach().numpy(), "h must be a torch.Tensor"),
 ])

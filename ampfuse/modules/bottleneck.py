@@ -8,7 +8,6 @@ from torch import nn
 
 from ..ops.activations import canonical
 from ..ops.adapter_block import adapter_block
-from ._promote import promoted
 
 INITS = ("houlsby", "bert", "lora")
 
@@ -82,7 +81,7 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor, r: torch.Tensor, layer_norm: nn.LayerNorm) -> torch.Tensor:
         norm = self.adapter_norm
-        h, r = promoted(h, r)
+        # under autocast h is 16-bit and r fp32: the op runs that mix natively (y in the dtype of h + r)
         return adapter_block(
             h, r, layer_norm.weight, layer_norm.bias, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
             scaling=self.scaling, adapter_ln_weight=None if norm is None else norm.weight,

@@ -1,4 +1,4 @@
-"""The fused adapter block (DESIGN.md section 2): reference, custom op, autograd, dispatch.
+"""The fused adapter block (docs/design.md section 2): reference, spec, autograd, dispatch.
 
     a = LN(h + r)  if original_ln_before else h
     u = s * (f(LN_a(a) @ W_down^T + b_down) @ W_up^T + b_up)        (LN_a only with ln_before)
@@ -8,17 +8,68 @@ LN is the frozen LayerNorm of the BERT sub-layer (ln_weight, ln_bias, ln_eps). D
 probability dropout_p is applied to u in training.
 """
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
-from ._gradients import needed, split_gradients
 from .activations import ACTIVATIONS, canonical
 
-MAX_TRITON_HIDDEN = 8192  # whole rows live in registers; wider rows need a different kernel
+
+class AdapterBlockSpec(NamedTuple):
+    """The static options of one adapter block call: everything but the tensors."""
+    activation: str = "relu"
+    original_ln_before: bool = True     # a = LN(h + r) (Pfeiffer) or h (Houlsby)
+    residual_before_ln: bool = True     # the residual is h (True) or a
+    ln_before: bool = False             # the adapter's own LayerNorm on a
+    scale_mode: str = "float"           # kernels/codes.py SCALE_MODES: float, scalar (learned), channel
+    scale_value: float = 1.0            # the float scaling (scale_mode "float")
+    ln_eps: float = 1e-12
+    adapter_ln_eps: float = 1e-5
+    dropout_p: float = 0.0              # 0 outside training
+
+    def encode(self) -> str:
+        """The spec as one string: how torch.compile's custom op carries it."""
+        return "|".join(map(repr, self))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode(text: str) -> AdapterBlockSpec:
+    import ast
+
+    return AdapterBlockSpec(*map(ast.literal_eval, text.split("|")))
+
+
+class AdapterParams(NamedTuple):
+    """The adapter block's parameter tensors (None where the spec has no such parameter)."""
+    ln_weight: Tensor
+    ln_bias: Tensor
+    w_down: Tensor
+    b_down: Tensor
+    w_up: Tensor
+    b_up: Tensor
+    scale: Optional[Tensor] = None
+    adapter_ln_weight: Optional[Tensor] = None
+    adapter_ln_bias: Optional[Tensor] = None
+
+
+# Where backward places each parameter gradient in its flat buffer: this order, two k x d matrices,
+# then vectors of k and d (kernels/adapter_block.py's _grad_offset mirrors it).
+GRAD_SLOTS = ("w_down", "b_down", "w_up", "b_up", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
+              "adapter_ln_bias")
+
+
+def gradient_layout(d, k):
+    """{name: offset} of GRAD_SLOTS in the flat gradient buffer, and its length."""
+    sizes = dict(w_down=k * d, b_down=k, w_up=d * k)
+    offsets, offset = {}, 0
+    for name in GRAD_SLOTS:
+        offsets[name] = offset
+        offset += sizes.get(name, d)
+    return offsets, offset
 
 
 def adapter_block_reference(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, *, scaling=1.0,
@@ -27,12 +78,14 @@ def adapter_block_reference(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up
                             dropout_p=0.0, training=False, keep_mask=None):
     """Plain-PyTorch adapter block: the oracle of the tests and the CPU path.
 
-    Parameters are cast to h's dtype (the semantics of autocast for the linear layers), so a
-    float64 h gives a float64 oracle. ``keep_mask`` (bool, h's shape) replaces the random dropout
-    mask, to compare with the fused kernels' mask; otherwise dropout is ``F.dropout``.
+    Computed in the dtype of ``h + r`` (under autocast a 16-bit h meets an fp32 r: fp32), parameters
+    cast to it, so a float64 h gives a float64 oracle. ``keep_mask`` (bool, h's shape) replaces the
+    random dropout mask, to compare with the fused kernels' mask; otherwise dropout is ``F.dropout``.
     """
     d = h.shape[-1]
-    cast = (lambda t: t if t is None or not isinstance(t, Tensor) else t.to(h.dtype))
+    dtype = torch.promote_types(h.dtype, r.dtype)
+    h, r = h.to(dtype), r.to(dtype)
+    cast = (lambda t: t if t is None or not isinstance(t, Tensor) else t.to(dtype))
     a = F.layer_norm(h + r, (d,), cast(ln_weight), cast(ln_bias), ln_eps) if original_ln_before else h
     an = a
     if adapter_ln_weight is not None:
@@ -47,10 +100,10 @@ def adapter_block_reference(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up
     return F.layer_norm(o, (d,), cast(ln_weight), cast(ln_bias), ln_eps)
 
 
-# ----------------------------------------------------------------------------- custom op
+# ----------------------------------------------------------------------------- autograd
 
 def _implementation(backend):
-    """The module with adapter_block_fwd/bwd for this backend (imported late: TRITON_INTERPRET is
+    """The module with forward/backward launchers for this backend (imported late: TRITON_INTERPRET is
     read when the Triton kernels are imported, and the CUDA extension may not be built)."""
     if backend == "cuda":
         from . import cuda
@@ -59,92 +112,128 @@ def _implementation(backend):
     return kernels
 
 
+def _gradients(spec, flat, params, d, k, needs):
+    """Per-parameter gradients (views of ``flat``, cast only where it is not the parameter's dtype)."""
+    offsets, _ = gradient_layout(d, k)
+    grads = []
+    for name, param, need in zip(AdapterParams._fields, params, needs):
+        if not need or param is None:
+            grads.append(None)
+            continue
+        start = offsets[name]
+        if name == "scale" and spec.scale_mode == "scalar":  # per-channel partials of one scalar
+            grad = flat[start:start + d].sum(dtype=torch.float32)
+        else:
+            grad = flat[start:start + param.numel()]
+        grads.append(grad.view(param.shape).to(param.dtype))
+    return grads
+
+
+def _grad_dtype(spec, params):
+    """The dtype backward writes the parameter gradients in: the parameters' own when they share one
+    (no cast kernels after), fp32 otherwise or for a learned scalar (summed from d partials)."""
+    dtypes = {p.dtype for p in params if p is not None}
+    return dtypes.pop() if len(dtypes) == 1 and spec.scale_mode != "scalar" else torch.float32
+
+
+def _backward(ctx, dy, spec, backend, needs):
+    h, r, seed, saved, consts, *params = ctx.saved_tensors
+    params = AdapterParams(*params)
+    input_grad = bool(needs[0] or needs[1])
+    ln_grad = bool(needs[2] or needs[3])  # the frozen LayerNorm's weight or bias
+    dh, dr, flat = _implementation(backend).backward(
+        spec, dy.contiguous(), h, r, params, seed, saved, consts, input_grad, ln_grad, _grad_dtype(spec, params))
+    grads = _gradients(spec, flat, params, h.shape[-1], params.w_down.shape[0], needs[2:])
+    return (dh if needs[0] else None), (dr if needs[1] else None), grads
+
+
+class _AdapterBlockFunction(torch.autograd.Function):
+    """The eager path: an autograd.Function costs a fraction of a torch.library op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, spec, backend, h, r, seed, *params):
+        y, saved, consts = _implementation(backend).forward(spec, h, r, AdapterParams(*params), seed, save=True)
+        ctx.spec, ctx.backend = spec, backend
+        ctx.save_for_backward(h, r, seed, saved, consts, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dh, dr, grads = _backward(ctx, dy, ctx.spec, ctx.backend, ctx.needs_input_grad[2:4] + ctx.needs_input_grad[5:])
+        return None, None, dh, dr, None, *grads
+
+
+# torch.compile's path: the same launchers behind torch.library custom ops (traceable, with fake kernels).
+
 @torch.library.custom_op("ampfuse::adapter_block", mutates_args=())
-def _adapter_block_op(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_down: Tensor, b_down: Tensor,
-                      w_up: Tensor, b_up: Tensor, scale: Optional[Tensor], adapter_ln_weight: Optional[Tensor],
-                      adapter_ln_bias: Optional[Tensor], seed: Optional[Tensor], scale_value: float,
-                      ln_eps: float, adapter_ln_eps: float, activation: str, original_ln_before: bool,
-                      residual_before_ln: bool, dropout_p: float, backend: str) -> Tensor:
-    if h.shape[0] == 0:
-        return torch.empty_like(h)
-    args = (h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias,
-            scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before, residual_before_ln, dropout_p,
-            seed)
-    return _implementation(backend).adapter_block_fwd(*args)
+def _adapter_block_op(h: Tensor, r: Tensor, seed: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
+                      w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
+                      adapter_ln_weight: Optional[Tensor], adapter_ln_bias: Optional[Tensor], spec: str,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    params = AdapterParams(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
+    y, saved, consts = _implementation(backend).forward(_decode(spec), h, r, params, seed, save=True)
+    return y, saved, consts
 
 
 @_adapter_block_op.register_fake
-def _(h, r, *args):
-    return torch.empty_like(h)
+def _(h, r, seed, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias, spec,
+      backend):
+    d, k = h.shape[-1], w_down.shape[0]
+    saved, consts = _implementation_sizes(backend, h.numel() // d, d, k)
+    y = h.new_empty(h.shape, dtype=torch.promote_types(h.dtype, r.dtype))
+    return y, h.new_empty(saved, dtype=torch.float32), h.new_empty(consts, dtype=torch.float32)
 
 
-def gradient_layout(d, k, scale, ln_grad, ln_before):
-    """[(name, offset, shape)] of the parameter gradients in the backward's flat fp32 buffer, and its
-    length. Gradients that are not computed (frozen LayerNorm, float scaling) have no place."""
-    shapes = [("w_down", (k, d)), ("b_down", (k,)), ("w_up", (d, k)), ("b_up", (d,))]
-    if scale is not None:
-        shapes.append(("scale", (scale.numel(),)))
-    if ln_grad:
-        shapes += [("ln_weight", (d,)), ("ln_bias", (d,))]
-    if ln_before:
-        shapes += [("adapter_ln_weight", (d,)), ("adapter_ln_bias", (d,))]
-    layout, offset = [], 0
-    for name, shape in shapes:
-        layout.append((name, offset, shape))
-        offset += shape[0] * (shape[1] if len(shape) == 2 else 1)
-    return layout, offset
+def _implementation_sizes(backend, m, d, k):
+    """Lengths of the saved and constants buffers the backend's forward returns."""
+    if backend == "cuda":
+        return 0, 0
+    return m * k + 6 * m, 6 * d + 5 * k + k * k + 2
 
 
 @torch.library.custom_op("ampfuse::adapter_block_backward", mutates_args=())
-def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                               w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
-                               adapter_ln_weight: Optional[Tensor], adapter_ln_bias: Optional[Tensor],
-                               seed: Optional[Tensor], scale_value: float, ln_eps: float, adapter_ln_eps: float,
-                               activation: str, original_ln_before: bool, residual_before_ln: bool,
-                               dropout_p: float, backend: str, ln_grad: bool, input_grad: bool) -> list[Tensor]:
-    """[dh, dr, flat]: flat holds every parameter gradient in fp32, placed by gradient_layout;
-    dh and dr are empty when not ``input_grad``."""
-    layout, total = gradient_layout(h.shape[1], w_down.shape[0], scale, ln_grad, adapter_ln_weight is not None)
-    if h.shape[0] == 0:
-        return [torch.empty_like(h), torch.empty_like(r), h.new_zeros(total, dtype=torch.float32)]
-    args = (dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias,
-            scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before, residual_before_ln, dropout_p,
-            seed, ln_grad, input_grad, layout, total)
-    return list(_implementation(backend).adapter_block_bwd(*args))
+def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, seed: Optional[Tensor], saved: Tensor,
+                               consts: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_down: Tensor, b_down: Tensor,
+                               w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
+                               adapter_ln_weight: Optional[Tensor], adapter_ln_bias: Optional[Tensor], spec: str,
+                               backend: str, input_grad: bool, ln_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    params = AdapterParams(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
+    spec_ = _decode(spec)
+    dh, dr, flat = _implementation(backend).backward(spec_, dy, h, r, params, seed, saved, consts, input_grad,
+                                                     ln_grad, _grad_dtype(spec_, params))
+    empty = h.new_empty(0)
+    # outputs may not alias each other: a dr that is dh comes back as a copy under torch.compile
+    return (empty if dh is None else dh), (empty if dr is None else (dr.clone() if dr is dh else dr)), flat
 
 
 @_adapter_block_backward_op.register_fake
-def _(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias,
-      seed, *args):
-    ln_grad, input_grad = args[-2:]
-    _, total = gradient_layout(h.shape[1], w_down.shape[0], scale, ln_grad, adapter_ln_weight is not None)
-    dx = (lambda t: torch.empty_like(t) if input_grad or t.shape[0] == 0 else t.new_empty(0))
-    return [dx(h), dx(r), h.new_empty(total, dtype=torch.float32)]
+def _(dy, h, r, seed, saved, consts, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
+      adapter_ln_bias, spec, backend, input_grad, ln_grad):
+    params = AdapterParams(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
+    _, total = gradient_layout(h.shape[-1], w_down.shape[0])
+    dh = torch.empty_like(h) if input_grad else h.new_empty(0)
+    dr = torch.empty_like(r) if input_grad else r.new_empty(0)
+    return dh, dr, h.new_empty(total, dtype=_grad_dtype(_decode(spec), params))
 
 
-_TENSOR_INPUTS = 12  # h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_w, adapter_ln_b, seed
+def _op_setup_context(ctx, inputs, output):
+    h, r, seed, *params = inputs[:12]
+    ctx.spec, ctx.backend = inputs[12], inputs[13]
+    ctx.save_for_backward(h, r, seed, output[1], output[2], *params)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS])
-    ctx.options = inputs[_TENSOR_INPUTS:]
-
-
-def _backward(ctx, dy):
-    saved = ctx.saved_tensors
+def _op_backward(ctx, dy, _d_saved, _d_consts):
+    h, r, seed, saved, consts, *params = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    ln_grad = bool(needs[2] or needs[3])
-    input_grad = bool(needs[0] or needs[1])
-    h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias, _ = saved
-    dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), *saved, *ctx.options, ln_grad, input_grad)
-    layout, _ = gradient_layout(h.shape[1], w_down.shape[0], scale, ln_grad, adapter_ln_weight is not None)
-    tensors = dict(h=h, r=r, ln_weight=ln_weight, ln_bias=ln_bias, w_down=w_down, b_down=b_down, w_up=w_up,
-                   b_up=b_up, scale=scale, adapter_ln_weight=adapter_ln_weight, adapter_ln_bias=adapter_ln_bias)
-    grads = {"h": dh, "r": dr, **split_gradients(flat, layout, tensors)}
-    return needed(grads, tensors, list(tensors), needs) + (None,) * (len(needs) - len(tensors))
+    input_grad, ln_grad = bool(needs[0] or needs[1]), bool(needs[3] or needs[4])
+    dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), h, r, seed, saved, consts, *params, ctx.spec,
+                                              ctx.backend, input_grad, ln_grad)
+    params = AdapterParams(*params)
+    grads = _gradients(_decode(ctx.spec), flat, params, h.shape[-1], params.w_down.shape[0], needs[3:12])
+    return (dh if needs[0] else None, dr if needs[1] else None, None, *grads, None, None)
 
 
-_adapter_block_op.register_autograd(_backward, setup_context=_setup_context)
+_adapter_block_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -155,29 +244,27 @@ def adapter_block(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_do
                   activation: str = "relu", original_ln_before: bool = True, residual_before_ln: bool = True,
                   dropout_p: float = 0.0, training: bool = False, seed: Optional[Tensor] = None,
                   backend: Optional[str] = None) -> Tensor:
-    """Fused bottleneck adapter block with the sub-layer's frozen LayerNorm (DESIGN.md section 2).
+    """Fused bottleneck adapter block with the sub-layer's frozen LayerNorm (docs/design.md section 2).
 
-    h, r: (..., d), same shape, dtype and device. ln_weight, ln_bias: (d,). w_down: (k, d),
-    b_down: (k,), w_up: (d, k), b_up: (d,). ``scaling``: a float, a learned scalar tensor (shape ()
-    or (1,)) or a per-channel tensor (d,). ``adapter_ln_weight``/``adapter_ln_bias``: the optional
-    LayerNorm inside the adapter (ln_before). Dropout is applied to the scaled up-projection when
-    ``training`` and ``dropout_p > 0``; the fused backends draw it from Philox with ``seed`` (an
-    int64 tensor of one element on h's device; drawn from torch's generator when None), the torch
-    backend from torch's generator. Non-contiguous inputs are copied; inputs are never modified.
-    Returns y with h's shape and dtype.
+    h, r: (..., d), same shape and device; their dtypes may differ (autocast hands a 16-bit h and an
+    fp32 r: the kernels then compute with 16-bit tensor-core operands and fp32 accumulation, and y
+    has the dtype of ``h + r``). ln_weight, ln_bias: (d,). w_down: (k, d), b_down: (k,), w_up: (d, k),
+    b_up: (d,). ``scaling``: a float, a learned scalar tensor (shape () or (1,)) or a per-channel
+    tensor (d,). ``adapter_ln_weight``/``adapter_ln_bias``: the optional LayerNorm inside the adapter
+    (ln_before). Dropout is applied to the scaled up-projection when ``training`` and
+    ``dropout_p > 0``; the fused backends draw it from Philox with ``seed`` (an int64 tensor of one
+    element on h's device; drawn from torch's generator when None), the torch backend from torch's
+    generator. Non-contiguous inputs are copied; inputs are never modified.
     """
     d = _check_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling, adapter_ln_weight,
                       adapter_ln_bias)
     activation = canonical(activation)
     dropout_p = _checks.probability("dropout_p", dropout_p)
-    _checks.positive("ln_eps", ln_eps)
-    _checks.positive("adapter_ln_eps", adapter_ln_eps)
     if not training:
         dropout_p = 0.0
-    name = _backend.resolve(h.device, h.dtype, backend, op="adapter_block")
-    if name != "torch" and d > MAX_TRITON_HIDDEN:
-        raise _backend.BackendUnavailableError(
-            f"ampfuse adapter_block: backend {name!r} supports hidden sizes up to {MAX_TRITON_HIDDEN}, got {d}")
+    _checks.positive("ln_eps", ln_eps)
+    _checks.positive("adapter_ln_eps", adapter_ln_eps)
+    name = _backend.resolve(h.device, torch.promote_types(h.dtype, r.dtype), backend, op="adapter_block")
     if name == "torch":
         return adapter_block_reference(
             h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling=scaling,
@@ -190,27 +277,59 @@ def adapter_block(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_do
         _checks.tensor("seed", seed, shape=(1,), device=h.device, floating=False)
     else:
         seed = None
-    scale_tensor, scale_value = (scaling, 1.0) if isinstance(scaling, Tensor) else (None, float(scaling))
-    contiguous = (lambda t: None if t is None else t.contiguous())
-    y = _adapter_block_op(
-        h.reshape(-1, d).contiguous(), r.reshape(-1, d).contiguous(), contiguous(ln_weight), contiguous(ln_bias),
-        contiguous(w_down), contiguous(b_down), contiguous(w_up), contiguous(b_up),
-        None if scale_tensor is None else scale_tensor.reshape(-1).contiguous(),
-        contiguous(adapter_ln_weight), contiguous(adapter_ln_bias), seed, scale_value, float(ln_eps),
-        float(adapter_ln_eps), activation, bool(original_ln_before), bool(residual_before_ln), dropout_p, name)
-    return y.view(h.shape)
+    if isinstance(scaling, Tensor):
+        scale_mode, scale_value, scale = ("scalar" if scaling.numel() == 1 else "channel"), 1.0, scaling.reshape(-1)
+    else:
+        scale_mode, scale_value, scale = "float", float(scaling), None
+    spec = AdapterBlockSpec(activation, bool(original_ln_before), bool(residual_before_ln),
+                            adapter_ln_weight is not None, scale_mode, scale_value, float(ln_eps),
+                            float(adapter_ln_eps), dropout_p)
+    # the kernels read h and r as (tokens, d) row-major memory, whatever their leading dimensions
+    params = [t if t is None or t.is_contiguous() else t.contiguous()
+              for t in (ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)]
+    h = h if h.is_contiguous() else h.contiguous()
+    r = r if r.is_contiguous() else r.contiguous()
+    if h.numel() == 0:  # no tokens: an empty y, and zero gradients from the reference's autograd
+        return adapter_block_reference(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling=scaling,
+                                       adapter_ln_weight=adapter_ln_weight, adapter_ln_bias=adapter_ln_bias,
+                                       activation=activation)
+    if torch.compiler.is_compiling():
+        return _adapter_block_op(h, r, seed, *params, spec.encode(), name)[0]
+    if torch.is_grad_enabled() and (h.requires_grad or r.requires_grad
+                                    or any(t is not None and t.requires_grad for t in params)):
+        return _AdapterBlockFunction.apply(spec, name, h, r, seed, *params)
+    return _implementation(name).forward(spec, h, r, AdapterParams(*params), seed, save=False)[0]
 
 
 def _check_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling, adapter_ln_weight,
                   adapter_ln_bias):
-    """Validates shapes, dtypes and devices; returns the hidden size d."""
+    """Validates shapes, dtypes and devices; returns the hidden size d. One combined test first (it is
+    on every call's path); the named checks below run only to say what is wrong."""
+    try:
+        d, k, dev = h.shape[-1], w_down.shape[0], h.device
+        fine = (r.shape == h.shape and ln_weight.shape == ln_bias.shape == b_up.shape == (d,) and d > 0 and k > 0
+                and w_down.shape == (k, d) and b_down.shape == (k,) and w_up.shape == (d, k)
+                and (isinstance(scaling, float) or (isinstance(scaling, Tensor) and scaling.device == dev
+                                                     and (scaling.numel() == 1 or scaling.shape == (d,))))
+                and (adapter_ln_weight is None and adapter_ln_bias is None
+                     or adapter_ln_weight.shape == adapter_ln_bias.shape == (d,))
+                and all(t.device == dev and t.is_floating_point()
+                        for t in (h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, *(
+                            t for t in (scaling, adapter_ln_weight, adapter_ln_bias) if isinstance(t, Tensor)))))
+    except (AttributeError, IndexError, TypeError):
+        fine = False
+    return d if fine else _explain_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling,
+                                          adapter_ln_weight, adapter_ln_bias)
+
+
+def _explain_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling, adapter_ln_weight,
+                    adapter_ln_bias):
+    """Raises a ValueError/TypeError naming the first bad argument; returns d when all are fine."""
     _checks.tensor("h", h)
     if h.dim() < 1 or h.shape[-1] == 0:
         raise ValueError(f"h must have shape (..., d) with d >= 1, got {tuple(h.shape)}")
     d, dev = h.shape[-1], h.device
     _checks.tensor("r", r, shape=h.shape, device=dev)
-    if r.dtype != h.dtype:
-        raise ValueError(f"r must have h's dtype {h.dtype}, got {r.dtype}")
     _checks.tensor("ln_weight", ln_weight, shape=(d,), device=dev)
     _checks.tensor("ln_bias", ln_bias, shape=(d,), device=dev)
     _checks.tensor("w_down", w_down, device=dev)

@@ -1,13 +1,13 @@
-"""Calls into the compiled CUDA extension (csrc/, torch.ops.ampfuse_C) with the arguments the
-Triton launchers take, so the custom ops switch backends by name only. The CUDA kernels read
-vector parameters as fp32, and their tensor-core GEMMs read the two weight matrices in the
-activation dtype, zero-padded to multiples of 16: both are prepared here (small copies)."""
+"""The adapter block on the compiled CUDA extension (csrc/, torch.ops.ampfuse_C), behind the same
+forward/backward launcher interface as kernels/adapter_block.py, so the op switches backends by
+name only. The CUDA kernels recompute everything in backward (forward saves nothing), read vector
+parameters as fp32, take one activation dtype (h and r are promoted to a common one here), and
+read the two weight matrices in that dtype, zero-padded to multiples of 16."""
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import runtime  # ACTIVATION_CODES: the codes csrc/adapter_block.cu switches on too
-
+from ..kernels import codes, runtime
 
 _poison_sent = False  # the extension's copy of runtime.POISON_OUTPUTS
 
@@ -26,45 +26,57 @@ def _fp32(t):
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-def _padded_weights(w_down, w_up, dtype):
-    """W_down as (KP, DP) and W_up as (DP, KP) in dtype, zero-padded to multiples of 16."""
-    k, d = w_down.shape
+def _operands(params, dtype):
+    """The parameters in the order and form the kernels take them: vectors in fp32, the weight
+    matrices padded to multiples of 16 and in the activation dtype (exact: every activation has f(0) = 0)."""
+    k, d = params.w_down.shape
     pad_k, pad_d = -k % 16, -d % 16
     # contiguous: a zero pad clones, and a clone keeps a transposed weight's strides
-    return (F.pad(w_down.to(dtype), (0, pad_d, 0, pad_k)).contiguous(),
-            F.pad(w_up.to(dtype), (0, pad_k, 0, pad_d)).contiguous())
+    w_down = F.pad(params.w_down.to(dtype), (0, pad_d, 0, pad_k)).contiguous()
+    w_up = F.pad(params.w_up.to(dtype), (0, pad_k, 0, pad_d)).contiguous()
+    return (_fp32(params.ln_weight), _fp32(params.ln_bias), w_down, _fp32(params.b_down), w_up, _fp32(params.b_up),
+            _fp32(params.scale), _fp32(params.adapter_ln_weight), _fp32(params.adapter_ln_bias))
 
 
-def _operands(h, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias):
-    """The parameters in the order and form the kernels take them: vectors in fp32, the weight
-    matrices padded and in h's dtype (never through an fp32 copy)."""
-    w_down, w_up = _padded_weights(w_down, w_up, h.dtype)
-    return (_fp32(ln_weight), _fp32(ln_bias), w_down, _fp32(b_down), w_up, _fp32(b_up), _fp32(scale),
-            _fp32(adapter_ln_weight), _fp32(adapter_ln_bias))
+def _options(spec):
+    return (float(spec.scale_value), float(spec.ln_eps), float(spec.adapter_ln_eps),
+            codes.ACTIVATIONS.index(spec.activation), bool(spec.original_ln_before), bool(spec.residual_before_ln),
+            float(spec.dropout_p))
 
 
-def adapter_block_fwd(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
-                      adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
-                      residual_before_ln, dropout_p, seed):
-    operands = _operands(h, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
-                         adapter_ln_bias)
-    return _ops().adapter_block_fwd(h, r, *operands, float(scale_value), float(ln_eps), float(adapter_ln_eps),
-                                    runtime.ACTIVATION_CODES[activation], bool(original_ln_before),
-                                    bool(residual_before_ln), float(dropout_p), seed if dropout_p > 0 else None)
+def forward(spec, h, r, params, seed, save):
+    """(y, saved, consts) as kernels.adapter_block.forward; the CUDA backward saves nothing extra."""
+    dtype, d = torch.promote_types(h.dtype, r.dtype), h.shape[-1]
+    y = _ops().adapter_block_fwd(h.to(dtype).view(-1, d), r.to(dtype).view(-1, d), *_operands(params, dtype),
+                                 *_options(spec), seed if spec.dropout_p > 0 else None)
+    empty = h.new_empty(0, dtype=torch.float32)
+    return y.view(h.shape), empty, empty
 
 
-GRADIENT_ORDER = ("w_up", "w_down", "b_up", "b_down", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
-                  "adapter_ln_bias")
+def backward(spec, dy, h, r, params, seed, saved, consts, input_grad, ln_grad, grad_dtype):
+    """(dh, dr, flat) as kernels.adapter_block.backward (flat in fp32 here, cast by the op)."""
+    from .adapter_block import GRAD_SLOTS, gradient_layout
 
-
-def adapter_block_bwd(dy, h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
-                      adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
-                      residual_before_ln, dropout_p, seed, ln_grad, input_grad, layout, total):
-    operands = _operands(h, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
-                         adapter_ln_bias)
-    offsets = {name: offset for name, offset, _ in layout}
-    return _ops().adapter_block_bwd(
-        dy, h, r, *operands, float(scale_value), float(ln_eps), float(adapter_ln_eps),
-        runtime.ACTIVATION_CODES[activation], bool(original_ln_before), bool(residual_before_ln), float(dropout_p),
-        seed if dropout_p > 0 else None, bool(ln_grad), bool(input_grad),
-        [offsets.get(name, -1) for name in GRADIENT_ORDER], int(total))
+    dtype, d = torch.promote_types(h.dtype, r.dtype), h.shape[-1]
+    offsets, total = gradient_layout(d, params.w_down.shape[0])
+    computed = {"w_down", "b_down", "w_up", "b_up"}
+    if spec.scale_mode != "float":
+        computed.add("scale")
+    if ln_grad:
+        computed |= {"ln_weight", "ln_bias"}
+    if spec.ln_before:
+        computed |= {"adapter_ln_weight", "adapter_ln_bias"}
+    # the extension's own order of the offsets it takes
+    order = ("w_up", "w_down", "b_up", "b_down", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
+             "adapter_ln_bias")
+    assert set(order) == set(GRAD_SLOTS)
+    dh, dr, flat = _ops().adapter_block_bwd(
+        dy.to(dtype).view(-1, d), h.to(dtype).view(-1, d), r.to(dtype).view(-1, d), *_operands(params, dtype),
+        *_options(spec),
+        seed if spec.dropout_p > 0 else None, bool(ln_grad), bool(input_grad),
+        [offsets[name] if name in computed else -1 for name in order], int(total))
+    if spec.scale_mode == "scalar":  # one value where the layout has d partials that sum to it
+        flat[offsets["scale"] + 1:offsets["scale"] + d] = 0
+    if not input_grad:
+        return None, None, flat
+    return dh.to(h.dtype).view(h.shape), dr.to(r.dtype).view(h.shape), flat
