@@ -99,7 +99,8 @@ def cases():
 
     for d, k, layout in itertools.product((384, 768, 1024), (64, 256), ADAPTER_DTYPES):
         h_dtype, r_dtype, p_dtype = ADAPTER_DTYPES[layout]
-        for placement, kwargs in (("pfeiffer", {}), ("houlsby+ln", dict(original_ln_before=False))):
+        for placement, kwargs in (("pfeiffer", {}),
+                                  ("houlsby+ln+dropout", dict(original_ln_before=False, training=True, dropout_p=0.1))):
             tensors, scale = testing.adapter_inputs(16, d, k, dtype=h_dtype, param_dtype=p_dtype, scale_kind="channel",
                                                     ln_before=placement != "pfeiffer")
             tensors["r"] = tensors["r"].detach().to(r_dtype).requires_grad_()
