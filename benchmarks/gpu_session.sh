@@ -111,6 +111,10 @@ print(int(bool(u.find_spec("xdist"))), int(bool(u.find_spec("pytest_timeout"))),
     SANITIZE_CASES=${SANITIZE_CASES:-all}
   fi
   SANITIZE_JOBS=${SANITIZE_JOBS:-$(( $(nproc) > 4 ? $(nproc) - 4 : 1 ))}
+  # Many processes share the CPUs (xdist workers, parallel sanitizer runs): one CPU thread each for
+  # the float64 references (threads spinning against each other cost more than they give), and
+  # torch.compile's inductor compiling in its worker rather than in a pool of its own per worker.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
   PYTEST=("$PY" -m pytest -p no:cacheprovider -v --tb=short -rfE -o junit_family=xunit1)
   if (( HAS_TIMEOUT )); then PYTEST+=(--timeout "$TEST_TIMEOUT" --timeout-method thread); else
     echo "pytest-timeout is missing: no per-test timeout"; fi
@@ -147,7 +151,7 @@ print(int(bool(u.find_spec("xdist"))), int(bool(u.find_spec("pytest_timeout"))),
       --deadline-s $(( limit - 15 )) $TINY
 
   "$PY" -m benchmarks.session_summary summarize --work "$W" --out "$OUT" --command "$CMD" --budget-s "$BUDGET_S" \
-    > "$W/summary.log" 2>&1 || { echo "summary failed:"; tail -20 "$W/summary.log"; }
+    --elapsed-s $((SECONDS - T0)) > "$W/summary.log" 2>&1 || { echo "summary failed:"; tail -20 "$W/summary.log"; }
   tar -czf "$OUT/check-logs.tar.gz" -C "$W" --exclude=./ext --exclude=./ext-tmp . && echo "packed $OUT/check-logs.tar.gz"
 fi
 
