@@ -171,7 +171,7 @@ class Runner:
         if probe != "ok":
             return "wait" if probe is None else "sanitizer unavailable"
         plain = self.state["jobs"].get(f"{job.case}.plain")
-        if plain is None:
+        if plain is None or plain["status"] == "not run":
             return "wait"
         if plain.get("case_status") == "skipped":
             return f"case skipped: {plain.get('case_detail')}"
@@ -276,9 +276,10 @@ class Runner:
 
 
 def case_names(patterns, exclude=""):
-    """The case names matching comma-separated names or shell patterns ('all', '*-triton-*'), less
-    those matching ``exclude``. Plain names are taken as given (a wrong one fails its jobs, named);
-    patterns are matched against the script's --list, which costs a Python start with torch."""
+    """(chosen, left out): the case names matching comma-separated names or shell patterns ('all',
+    '*-triton-*'), split by whether they match ``exclude``. Plain names are taken as given (a wrong
+    one fails its jobs, named); patterns are matched against the script's --list, which costs a
+    Python start with torch."""
     wanted = ["*" if p == "all" else p for p in patterns.split(",") if p]
     if any(set(p) & set("*?[") for p in wanted):
         listed = subprocess.run([sys.executable, str(CASES_SCRIPT), "--list"], cwd=ROOT, capture_output=True,
@@ -288,9 +289,9 @@ def case_names(patterns, exclude=""):
         names = listed.stdout.split()
     else:
         names = wanted
-    chosen = [n for n in names if any(fnmatch.fnmatch(n, p) for p in wanted)
-              and not any(fnmatch.fnmatch(n, p) for p in exclude.split(",") if p)]
-    return chosen
+    matching = [n for n in names if any(fnmatch.fnmatch(n, p) for p in wanted)]
+    left_out = [n for n in matching if any(fnmatch.fnmatch(n, p) for p in exclude.split(",") if p)]
+    return [n for n in matching if n not in left_out], left_out
 
 
 def main(argv=None):
@@ -310,12 +311,13 @@ def main(argv=None):
         parser.error(f"unknown tools {sorted(set(tools) - set(TOOLS))}; choose from {TOOLS}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` sends TERM or INT: clean up on both
     deadline = time.monotonic() + args.deadline_s
-    cases = case_names(args.cases, args.exclude)
-    if not cases:
-        print(f"sanitizer: no case matches {args.cases!r} less {args.exclude!r}: nothing to run")
-        return 0
+    cases, left_out = case_names(args.cases, args.exclude)
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(args.out, cases, tools, args.jobs, deadline, args.job_timeout_s, find_sanitizer(), args.tiny)
+    for case in left_out:  # on the record as not run, so that a later call that never comes shows
+        for tool in ("plain", *tools):
+            if not runner.done(f"{case}.{tool}"):
+                runner.record(Job(args.out, case, tool), status="not run", detail="left for a later call")
     state = runner.run()
     probe = state.get("probe", {})
     print(f"sanitizer: {probe.get('status', 'not probed')} {probe.get('detail', '')[:300]}")

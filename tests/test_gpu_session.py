@@ -245,6 +245,23 @@ def test_runner_drops_flags_an_older_sanitizer_does_not_know(tmp_path):
     assert "--padding" not in log.splitlines()[0]
 
 
+def test_cases_left_for_a_second_call_are_on_the_record_until_it_runs_them(tmp_path):
+    # The stage's first call runs the Triton cases while the extension builds; the second, the rest.
+    env = fake_sanitizer(tmp_path)
+    run_sanitizer(tmp_path / "w", env, {"adapter-triton-fp32": "ok"}, "--tools", "memcheck", "--cases",
+                  "adapter-triton-fp32,adapter-cuda-fp32", "--exclude", "*-cuda-*")
+    record = session_summary.summarize_sanitizer(tmp_path / "w")
+    assert record["status"] == "incomplete"  # not "clean": the CUDA case is still to run
+    assert record["cases"]["adapter-cuda-fp32"]["memcheck"]["detail"] == "left for a later call"
+    subprocess.run([sys.executable, "-m", "benchmarks.sanitize", "--out", str(tmp_path / "w" / "sanitizer"),
+                    "--tools", "memcheck", "--cases", "adapter-triton-fp32,adapter-cuda-fp32", "--tiny"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    cuda = session_summary.summarize_sanitizer(tmp_path / "w")["cases"]["adapter-cuda-fp32"]
+    if not torch_cuda():  # the real case ran, found no extension; its memcheck waited for that
+        assert cuda["plain"]["status"] == "skipped"
+        assert cuda["memcheck"]["detail"].startswith("case skipped: ")
+
+
 # ----------------------------------------------------------------------------- the whole stage, dry
 
 @pytest.mark.slow
