@@ -24,9 +24,10 @@
 # The adapters library (its baseline rows) pins transformers 4.57: carry it and its pins as wheels in
 # .whl (device README); only the benchmark processes see them.
 #
-# DRY_RUN=1 (the default where no GPU is visible): the same steps on a CPU in well under a minute,
-# as CI's smoke test of this script: no build, three tests, tiny sanitizer cases in Triton's
-# interpreter; steps whose tool is missing (nvidia-smi, compute-sanitizer) say so and are skipped.
+# DRY_RUN=1 (the default where no GPU is visible): the same steps on a CPU in about half a minute
+# of CPU time, as CI's smoke test of this script (tests/test_gpu_session.py): no build, a few tests,
+# tiny sanitizer cases in Triton's interpreter; a missing tool (nvidia-smi, compute-sanitizer) is
+# reported as missing and its step skipped.
 # Other knobs: OUT, PYTHON, WORKERS, TESTS, TESTS_CUDA, TEST_TIMEOUT, SANITIZE_CASES, SANITIZE_JOBS.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
