@@ -21,12 +21,13 @@ forward, 2 launches
                             out:  y = LN(dropout(s (f(z) W_up^T + b_up)) + residual)
                             It saves z (tokens x k, fp32) and six row statistics for backward.
 backward, 3 launches
-  adapter_bwd_rows_kernel   one pass over dy, h, r per row block: the output LayerNorm's row sums
-                            and dp = dv W_up, folded as rstd_o (g W' - mean(g) W' 1 - mean(g ohat) ohat W')
-                            with W' = s o W_up (three dots per chunk, none of them needing the row
-                            sums first); dz = dp f'(z); the LayerNorm row scalars below the adapter
-                            (algebraic for Pfeiffer and Houlsby, one more pass otherwise). Writes
-                            dz and six row scalars.
+  adapter_bwd_rows_kernel   one pass over dy, h, r per row block: o recomputed (and its exact
+                            moments), the output LayerNorm's row sums and dp = dv W_up, folded as
+                            rstd_o (g W' - mean(g) W' 1 - mean(g ohat) ohat W') with W' = s o W_up
+                            (dots that need no row sum first); dz = dp f'(z); the LayerNorm row
+                            scalars below the adapter (algebraic for Pfeiffer and Houlsby, one more
+                            pass otherwise). Writes p = f(z) and dz in the operand dtype, and eight
+                            row scalars.
   adapter_bwd_cols_kernel   grid of column chunks x token splits: dh (and dr where it differs),
                             elementwise from the row scalars, and the weight gradients as GEMMs
                             over the split's tokens accumulated on chip ([BLOCK_D, k] each), the
@@ -38,7 +39,8 @@ backward, 3 launches
 import triton
 import triton.language as tl
 
-from .common import SCALE_FLOAT, activation, activation_grad, dropout_keep, merge_moments, sum_partials
+from .common import (SCALE_FLOAT, SCALE_SCALAR, activation, activation_grad, dropout_keep, merge_moments,
+                     sum_partials)
 
 # Rows of the constants buffer's vector blocks (offsets: row * D for VEC_*, 6 * D + row * K for KVEC_*,
 # then the K x K Gram matrix, then two scalars).
@@ -278,7 +280,7 @@ def _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE: tl.constexpr):
     """The scaling s at ``cols`` as an fp32 vector, whatever its kind."""
     if SCALE_MODE == SCALE_FLOAT:
         s = tl.where(col_mask, s_value, 0.0)
-    elif SCALE_MODE == 1:  # learned scalar
+    elif SCALE_MODE == SCALE_SCALAR:
         s = tl.where(col_mask, tl.load(s_ptr).to(tl.float32), 0.0)
     else:
         s = tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -747,10 +749,11 @@ def _split_state(state, M, D, K):
     return state[:n], (state[n:] if state.numel() > n else None)
 
 
-def constants(spec, params, consts, D, K, precision, gram):
-    """Fills ``consts`` (fp32, constants_size elements) with adapter_constants_kernel."""
+def constants(spec, params, consts, D, K, gram):
+    """Fills ``consts`` (the head of the forward's state) with adapter_constants_kernel. The Gram tiles are
+    small (16 x 16, full fp32 precision: a handful of programs, each a few microseconds)."""
     scale = params.scale
-    block_g = 16 if runtime.interpreting() else 32
+    block_g = 16
     any_tensor = params.ln_weight  # stands in for absent pointers (never read)
     runtime.launch(adapter_constants_kernel, (cdiv(K, block_g), cdiv(K, block_g)),
                    params.ln_weight, params.ln_bias,
@@ -759,7 +762,7 @@ def constants(spec, params, consts, D, K, precision, gram):
                    params.w_down, params.b_down, params.w_up, params.b_up,
                    any_tensor if scale is None else scale, float(spec.scale_value), consts, D, K,
                    LN_BEFORE=spec.ln_before, SCALE_MODE=SCALE_MODES.index(spec.scale_mode),
-                   GRAM=gram, PRECISION=precision, BLOCK_D=64, BLOCK_G=block_g)
+                   GRAM=gram, PRECISION="ieee", BLOCK_D=64, BLOCK_G=block_g)
 
 
 def forward(spec, h, r, params, seed, save):
@@ -772,7 +775,7 @@ def forward(spec, h, r, params, seed, save):
     out_pass = spec.dropout_p > 0 or cfg["BLOCK_K"] > 64  # a [k, k] fp32 Gram operand beyond 16 KiB: no
     state = runtime.empty_output((state_size(M, D, K, save),), torch.float32, h.device)
     consts, saved = _split_state(state, M, D, K)
-    constants(spec, params, consts, D, K, cfg["PRECISION"], gram=not out_pass)
+    constants(spec, params, consts, D, K, gram=not out_pass)
     y = runtime.empty_output(h.shape, torch.promote_types(h.dtype, r.dtype), h.device)
     runtime.launch(adapter_fwd_kernel, (cdiv(M, cfg["BLOCK_M"]),),
                    h, r, y, y if saved is None else saved, consts, params.w_down, params.w_up,
@@ -791,7 +794,8 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
     K = params.w_down.shape[0]
     consts, saved = _split_state(state, M, D, K)
     flags = _flags(spec)
-    rows = runtime.row_tiles(D, K, operand_dtype(h, r))
+    heavy = spec.ln_before or spec.dropout_p > 0 or h.dtype != r.dtype  # more work per element: narrower tiles
+    rows = runtime.row_tiles(D, K, operand_dtype(h, r), heavy)
     pd = runtime.empty_output((M, 2 * K), operand_dtype(h, r), h.device)
     rowgrad = runtime.empty_output((ROWGRAD_ROWS, M), torch.float32, h.device)
     seed_arg = h if seed is None else seed
@@ -800,7 +804,6 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
                    M, D, K, float(spec.ln_eps), ACT=ACTIVATIONS.index(spec.activation),
                    LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **flags, **rows)
 
-    heavy = spec.ln_before or spec.dropout_p > 0 or h.dtype != r.dtype
     cols = runtime.column_tiles(D, K, operand_dtype(h, r), heavy)
     tiles = cdiv(M, cols["BLOCK_M"])
     splits = runtime.token_splits(tiles, cdiv(D, cols["BLOCK_D"]))

@@ -96,19 +96,21 @@ def _precision(dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def row_tiles(D, K, dtype):
+def row_tiles(D, K, dtype, heavy=False):
     """Launch settings of a row kernel: a program owns BLOCK_M rows and walks the D columns in chunks of
     BLOCK_D, keeping [BLOCK_M, BLOCK_K] tiles of the k-wide bottleneck on chip. Small tiles in the
     interpreter (fast, and many chunks per row in the tests). On a GPU 8 warps, and as many rows as fit
     the registers without spilling (benchmarks/compile_report checks it): 64 (tensor-core friendly) at
-    k <= 64, fewer for a wider bottleneck or fp32 operands (full-precision dots hold more)."""
+    k <= 64, fewer for a wider bottleneck or fp32 operands (full-precision dots hold more); ``heavy``
+    variants (see column_tiles) get narrower chunks."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
     rows = 64 if block_k <= 64 else 32 if block_k <= 128 else 16
     if dtype == torch.float32:
         rows = min(rows, 32)
-    return dict(BLOCK_M=rows, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+    return dict(BLOCK_M=rows, BLOCK_D=16 if heavy else 32, BLOCK_K=block_k, PRECISION=_precision(dtype),
+                num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +127,7 @@ def column_tiles(D, K, dtype, heavy=False):
     elif block_k <= 64:
         rows, cols = 64, 16 if heavy else 32
     else:
-        rows, cols = 32, 16
+        rows, cols = 16 if heavy else 32, 16
     return dict(BLOCK_M=rows, BLOCK_D=cols, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
 
 
