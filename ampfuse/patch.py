@@ -134,10 +134,11 @@ def save_weights(directory, tensors, config_name: str, meta: dict) -> None:
         json.dump(meta, f, indent=2)
 
 
-def load_weights(directory):
+def load_weights(own, directory) -> None:
+    """Copies the weights save_weights wrote to ``directory`` into the model's tensors ``own``."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(directory, WEIGHTS_NAME))
+    copy_weights(own, load_file(os.path.join(directory, WEIGHTS_NAME)), str(directory))
 
 
 def copy_weights(own, tensors, source) -> None:
@@ -197,7 +198,7 @@ def load_adapters(model: nn.Module, directory: str) -> nn.Module:
     config = AdapterConfig.from_dict(meta["config"])
     if not is_patched(model):
         patch(model, config)
-    copy_weights(adapter_state_dict(model), load_weights(directory), str(directory))
+    load_weights(adapter_state_dict(model), directory)
     return model
 
 

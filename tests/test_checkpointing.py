@@ -17,19 +17,24 @@ from ampfuse.testing import tiny_bert
 
 
 def train_step(model, batch, backend, checkpointing, reentrant, seed=123):
-    """One training forward and backward: (loss, {name: grad} of every trainable parameter, number of
-    adapter forwards). The same seed gives the same dropout masks with or without checkpointing."""
+    """One training forward and backward of a copy of ``model``: (loss, {name: grad} of every
+    trainable parameter, number of adapter forwards). The same seed gives the same dropout masks
+    with or without checkpointing."""
     model = copy.deepcopy(model).train()
     encoder = model.encoder if isinstance(model, ampfuse.MultimodalModel) else model
     if checkpointing:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        kwargs = {"use_reentrant": reentrant}
+        if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5
+            encoder.activation_checkpointing_enable(kwargs)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if reentrant:
         # Reentrant checkpointing only backpropagates into a layer whose input requires grad; the
         # frozen layers below the adapters give none, so the input embeddings must (as with PEFT).
         encoder.enable_input_require_grads()
-    calls = []
-    for module in model.modules():
-        if isinstance(module, (ampfuse.BottleneckAdapter, ampfuse.GMUAdapter, ampfuse.FusionLayer)):
+    calls = []  # adapter forwards; fusion layers run from a layer's forward hook, which transformers 5 keeps
+    for module in model.modules():  # outside the checkpointed function
+        if isinstance(module, (ampfuse.BottleneckAdapter, ampfuse.GMUAdapter)):
             module.register_forward_pre_hook(lambda *_: calls.append(1))
     torch.manual_seed(seed)
     with ampfuse.use_backend(backend):

@@ -24,7 +24,7 @@ from ..context import ForwardContext, in_context
 from ..modules.fusion import FusionLayer
 from ..modules.gmu import GMUAdapter
 from ..ops.gmu import masked_mean
-from ..patch import copy_weights, freeze, load_weights, patch, save_weights, select_layers
+from ..patch import freeze, load_weights, patch, save_weights, select_layers
 
 TASKS = ("regression", "classification", "multilabel")
 
@@ -221,7 +221,7 @@ class MultimodalModel(nn.Module):
                      {"format": "ampfuse-multimodal", "config": self.config.to_dict()})
 
     def load_trainable(self, directory):
-        copy_weights(self.trainable_state_dict(), load_weights(directory), str(directory))
+        load_weights(self.trainable_state_dict(), directory)
 
 
 def _apply_fusion(fusion, module, args, output):
