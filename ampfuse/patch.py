@@ -111,9 +111,11 @@ def print_trainable_parameters(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------- weights on disk (shared with models/)
 
 def _dtensor():
-    if not torch.distributed.is_available():
+    """FSDP2's sharded parameter class, or None where torch has no distributed support."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
         return None
-    from torch.distributed.tensor import DTensor
     return DTensor
 
 

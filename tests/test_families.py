@@ -164,6 +164,21 @@ def test_parity_with_the_adapters_library(family, config, batch, tmp_path):
         assert testing.rel_err(grad, renamed[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_load_adapterhub_from_a_base_model_into_a_task_head_model(family, batch, tmp_path):
+    """Weights keyed 'encoder.layer...' (a base model) load into '<prefix>.encoder.layer...' (a head model)."""
+    adapters_lib = pytest.importorskip("adapters")
+    model, _ = build(family)
+    hub_model = copy.deepcopy(getattr(model, model.base_model_prefix))
+    adapters_lib.init(hub_model)
+    hub_model.add_adapter("task", config=adapters_lib.DoubleSeqBnConfig())
+    hub_model.train_adapter("task")
+    randomize(hub_model, only=".adapters.")
+    hub_model.eval().save_adapter(str(tmp_path), "task")
+    ampfuse.load_adapterhub(model, str(tmp_path))
+    assert testing.rel_err(outputs(model, batch)[1], hub_model(**batch).last_hidden_state) < 1e-5
+
+
 def test_albert_adapters_are_shared_like_its_layers(batch):
     model, _ = build("albert")
     ampfuse.patch(model, ampfuse.AdapterConfig.pfeiffer())
