@@ -746,14 +746,15 @@ def state_size(M, D, K, save):
 def _split_state(state, M, D, K):
     """(constants, saved or None) views of the forward's state."""
     n = state_size(M, D, K, False)
-    return state[:n], (state[n:] if state.numel() > n else None)
+    return (state, None) if state.numel() == n else (state[:n], state[n:])
 
 
 def constants(spec, params, consts, D, K, gram):
-    """Fills ``consts`` (the head of the forward's state) with adapter_constants_kernel. The Gram tiles are
-    small (16 x 16, full fp32 precision: a handful of programs, each a few microseconds)."""
+    """Fills ``consts`` (the head of the forward's state) with adapter_constants_kernel. On a GPU the Gram
+    tiles are small (16 x 16, full fp32 precision: a handful of programs, each a few microseconds); the
+    interpreter, whose cost is per operation, takes one large tile."""
     scale = params.scale
-    block_g = 16
+    block_g, block_d = (min(64, runtime.block_width(K)), 256) if runtime.interpreting() else (16, 64)
     any_tensor = params.ln_weight  # stands in for absent pointers (never read)
     runtime.launch(adapter_constants_kernel, (cdiv(K, block_g), cdiv(K, block_g)),
                    params.ln_weight, params.ln_bias,
@@ -762,7 +763,7 @@ def constants(spec, params, consts, D, K, gram):
                    params.w_down, params.b_down, params.w_up, params.b_up,
                    any_tensor if scale is None else scale, float(spec.scale_value), consts, D, K,
                    LN_BEFORE=spec.ln_before, SCALE_MODE=SCALE_MODES.index(spec.scale_mode),
-                   GRAM=gram, PRECISION="ieee", BLOCK_D=64, BLOCK_G=block_g)
+                   GRAM=gram, PRECISION="ieee", BLOCK_D=block_d, BLOCK_G=block_g)
 
 
 def forward(spec, h, r, params, seed, save):

@@ -105,7 +105,7 @@ def row_tiles(D, K, dtype, heavy=False):
     variants (see column_tiles) get narrower chunks."""
     block_k = block_width(K)
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
+        return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
     rows = 64 if block_k <= 64 else 32 if block_k <= 128 else 16
     if dtype == torch.float32:
         rows = min(rows, 32)
@@ -121,7 +121,7 @@ def column_tiles(D, K, dtype, heavy=False):
     to stay within the registers."""
     block_k = block_width(K)
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
+        return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
     if dtype == torch.float32:
         rows, cols = 16, 16
     elif block_k <= 64:
@@ -129,6 +129,12 @@ def column_tiles(D, K, dtype, heavy=False):
     else:
         rows, cols = 16 if heavy else 32, 16
     return dict(BLOCK_M=rows, BLOCK_D=cols, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+
+
+def _interpreter_chunk(D):
+    """Column chunk in the interpreter: 32 for test widths (several chunks, a ragged last one), 128 for
+    BERT widths (still several chunks; the interpreter's cost is per operation, not per element)."""
+    return 32 if D <= 256 else 128
 
 
 def token_splits(tiles, chunks):

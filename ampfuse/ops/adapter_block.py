@@ -103,13 +103,19 @@ def adapter_block_reference(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up
 # ----------------------------------------------------------------------------- autograd
 
 def _implementation(backend):
-    """The module with forward/backward launchers for this backend (imported late: TRITON_INTERPRET is
-    read when the Triton kernels are imported, and the CUDA extension may not be built)."""
-    if backend == "cuda":
-        from . import cuda
-        return cuda
-    from ..kernels import adapter_block as kernels
-    return kernels
+    """The module with forward/backward launchers for this backend (imported on first use: TRITON_INTERPRET
+    is read when the Triton kernels are imported, and the CUDA extension may not be built)."""
+    module = _IMPLEMENTATIONS.get(backend)
+    if module is None:
+        if backend == "cuda":
+            from . import cuda as module
+        else:
+            from ..kernels import adapter_block as module
+        _IMPLEMENTATIONS[backend] = module
+    return module
+
+
+_IMPLEMENTATIONS = {}
 
 
 def _gradients(spec, flat, params, d, k, needs):
