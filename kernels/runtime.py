@@ -124,3 +124,37 @@ def token_splits(tiles, chunks):
     on every run and every GPU. A few in the interpreter, so the tests cross split boundaries."""
     target = 6 if interpreting() else 264
     return max(1, min(tiles, -(-target // chunks)))
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_tiles(dtype, accumulators=1):
+    """Launch settings of a tensor-core GEMM with a fused epilogue: a program owns a [BLOCK_M, BLOCK_N]
+    output tile and walks the reduction in steps of BLOCK_K, its operand tiles software-pipelined
+    through num_stages shared-memory buffers. ``accumulators``: how many [BLOCK_M, BLOCK_N] fp32 tiles
+    stay live at once (a fused gate and projection keep three: the sum, the gate, the projection); it
+    sets BLOCK_M so they stay in registers. fp32 operands take half the BLOCK_K, so the stages fit
+    Hopper's shared memory (benchmarks/compile_report checks registers, spills and shared memory). Small
+    tiles in the interpreter, which runs each dot in numpy one program at a time."""
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, PRECISION=_precision(dtype))
+    return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=128, BLOCK_K=64 if dtype != torch.float32 else 32,
+                PRECISION=_precision(dtype), num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def stream_tiles(dtype):
+    """Launch settings of an elementwise row pass without dots: a program owns BLOCK_M rows and streams the
+    columns in chunks of BLOCK_D (no row of d in registers: design rule 1). In the interpreter, chunks
+    narrower than the test widths, so the tests cross chunk boundaries."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_D=32)
+    return dict(BLOCK_M=32, BLOCK_D=128, num_warps=4)
+
+
+def weight_grad_splits(tiles, token_blocks):
+    """Token ranges (split-K) of a weight-gradient grid of ``tiles`` output tiles over ``token_blocks``
+    blocks of tokens: enough programs to fill a GPU (about two per SM of a 132-SM part), a number that
+    depends on the shape alone, so gradients are bitwise the same on every run and every GPU. Two in
+    the interpreter whenever there are tokens for them, so the tests cross split boundaries."""
+    target = 2 * tiles if interpreting() else 264
+    return max(1, min(token_blocks, -(-target // tiles)))

@@ -1,4 +1,4 @@
-"""Layer-wise fusion (DESIGN.md section 3b): the multimodal adaptation gate between BERT layers.
+"""Layer-wise fusion (docs/design.md section 3b): the multimodal adaptation gate between BERT layers.
 
 For text states x (B, T, d) and token-aligned modalities m (B, T, d_m):
 
@@ -6,16 +6,18 @@ For text states x (B, T, d) and token-aligned modalities m (B, T, d_m):
     shift = sum_m g_m * (m W_m^T + b_m)
     alpha = min(beta * ||x|| / (||shift|| + eps), 1)      (per token: the shift never outgrows x)
     y     = dropout(LN(x + alpha * shift))                (LN with its own trainable parameters)
+
+Reference, spec, autograd and dispatch; the Triton kernels are in kernels/fusion.py.
 """
 
-from typing import List, Optional, Sequence
+import functools
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
-from ._gradients import needed, split_gradients
 
 
 def fusion_shift(x, modalities, gate_w, gate_b, proj_w, proj_b):
@@ -35,23 +37,263 @@ def fusion_layer_reference(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_wei
     return F.dropout(y, dropout_p, training=training) if dropout_p > 0 else y
 
 
+class FusionSpec(NamedTuple):
+    """The static options of one fusion call: everything but the tensors."""
+    beta: float = 1.0
+    eps: float = 1e-6
+    ln_eps: float = 1e-12
+    dropout_p: float = 0.0              # 0 outside training
+    operands: str = "float32"           # dtype (torch name) of the tensor-core operands: autocast's, else x's
+
+    def encode(self) -> str:
+        """The spec as one string: how torch.compile's custom op carries it."""
+        return "|".join(map(repr, self))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode(text: str) -> FusionSpec:
+    import ast
+
+    return FusionSpec(*map(ast.literal_eval, text.split("|")))
+
+
+class FusionParams(NamedTuple):
+    """The fusion layer's parameters: a tuple per kind with one tensor per modality, and the LayerNorm's."""
+    gate_w: tuple                       # (d, d + d_m) each
+    gate_b: tuple                       # (d,)
+    proj_w: tuple                       # (d, d_m)
+    proj_b: tuple                       # (d,)
+    ln_weight: Tensor
+    ln_bias: Tensor
+
+    def weights(self) -> list:
+        """The gate and projection tensors modality by modality (gate_w, gate_b, proj_w, proj_b of each): the
+        order of the backward's flat gradient buffer (kernels.fusion.gradient_layout)."""
+        return [t for group in zip(self.gate_w, self.gate_b, self.proj_w, self.proj_b) for t in group]
+
+    @classmethod
+    def from_weights(cls, weights, ln_weight, ln_bias):
+        return cls(tuple(weights[0::4]), tuple(weights[1::4]), tuple(weights[2::4]), tuple(weights[3::4]), ln_weight,
+                   ln_bias)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _kernels():
+    from ..kernels import fusion as kernels  # deferred: TRITON_INTERPRET is read at import
+    return kernels
+
+
+def _grad_dtype(params):
+    """The parameters' own dtype when they share one (no cast kernels after backward), else fp32."""
+    dtypes = {t.dtype for t in params.weights()} | {params.ln_weight.dtype, params.ln_bias.dtype}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _run_backward(spec, backend, dy, x, seed, s, stats, mods, params, flags):
+    """(dx, [dm], flat) from the kernels; flags: (x, modalities, gate/projection weights, LayerNorm) gradients
+    wanted."""
+    if backend == "cuda":
+        raise _backend.BackendUnavailableError("ampfuse fusion_layer: the cuda backend has no fusion kernel")
+    return _kernels().backward(spec, dy.contiguous(), x, mods, params, s, stats, seed, *map(bool, flags),
+                               _grad_dtype(params))
+
+
+def _parameter_grads(flat, params, need_weights, need_ln):
+    """Views of the flat buffer per parameter, in params.weights() order then ln_weight, ln_bias; None where
+    not wanted."""
+    layout = _kernels().gradient_layout(params.ln_weight.shape[0], tuple(w.shape[1] for w in params.proj_w))[0]
+    tensors = params.weights() + [params.ln_weight, params.ln_bias]
+    wanted = [need_weights] * (len(tensors) - 2) + [need_ln] * 2
+    return [flat[offset:offset + t.numel()].view(t.shape).to(t.dtype) if want else None
+            for (_, offset, _), t, want in zip(layout, tensors, wanted)]
+
+
+class _FusionFunction(torch.autograd.Function):
+    """The eager path: an autograd.Function costs a fraction of a torch.library op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, spec, backend, count, x, seed, *tensors):
+        mods, params = tensors[:count], FusionParams.from_weights(tensors[count:-2], *tensors[-2:])
+        y, s, stats = _kernels().forward(spec, x, mods, params, seed, save=True)
+        ctx.spec, ctx.backend, ctx.count = spec, backend, count
+        ctx.save_for_backward(x, seed, s, stats, *tensors)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, seed, s, stats, *tensors = ctx.saved_tensors
+        k = ctx.count
+        mods, params = tensors[:k], FusionParams.from_weights(tensors[k:-2], *tensors[-2:])
+        needs = ctx.needs_input_grad
+        flags = (needs[3], any(needs[5:5 + k]), any(needs[5 + k:-2]), needs[-2] or needs[-1])
+        dx, dms, flat = _run_backward(ctx.spec, ctx.backend, dy, x, seed, s, stats, mods, params, flags)
+        grads = [None] * k if dms is None else list(dms)
+        if flat is not None:
+            grads += _parameter_grads(flat, params, flags[2], flags[3])
+        else:
+            grads += [None] * (len(tensors) - k)
+        grads = [g if need else None for g, need in zip(grads, needs[5:])]
+        return None, None, None, dx if needs[3] else None, None, *grads
+
+
+# torch.compile's path: the same launchers behind torch.library custom ops (traceable, with fake kernels). Four
+# tensor arguments group the inputs the way backward decides what to compute: x, the modalities, the gate and
+# projection weights (FusionParams.weights order), and the LayerNorm's.
+
+@torch.library.custom_op("ampfuse::fusion_layer", mutates_args=())
+def _fusion_op(x: Tensor, seed: Optional[Tensor], modalities: List[Tensor], weights: List[Tensor], ln_weight: Tensor,
+               ln_bias: Tensor, spec: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    params = FusionParams.from_weights(weights, ln_weight, ln_bias)
+    y, s, stats = _kernels().forward(_decode(spec), x, modalities, params, seed, save=True)
+    return y, s, stats
+
+
+@_fusion_op.register_fake
+def _(x, seed, modalities, weights, ln_weight, ln_bias, spec, backend):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, ln_weight.dtype))
+    return y, x.new_empty(x.shape, dtype=getattr(torch, _decode(spec).operands)), x.new_empty(
+        (_kernels().NUM_STATS, x.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
+def _fusion_backward_op(dy: Tensor, x: Tensor, seed: Optional[Tensor], s: Tensor, stats: Tensor,
+                        modalities: List[Tensor], weights: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, spec: str,
+                        backend: str, flags: List[bool]) -> List[Tensor]:
+    """[dx, flat, dm_0, ...], empty where flags (x, modalities, weights, LayerNorm) ask for none."""
+    params = FusionParams.from_weights(weights, ln_weight, ln_bias)
+    dx, dms, flat = _run_backward(_decode(spec), backend, dy, x, seed, s, stats, modalities, params, flags)
+    empty = x.new_empty(0)
+    return [empty if dx is None else dx, empty if flat is None else flat,
+            *([empty] * len(modalities) if dms is None else dms)]
+
+
+@_fusion_backward_op.register_fake
+def _(dy, x, seed, s, stats, modalities, weights, ln_weight, ln_bias, spec, backend, flags):
+    params = FusionParams.from_weights(weights, ln_weight, ln_bias)
+    total = _kernels().gradient_layout(x.shape[1], tuple(m.shape[1] for m in modalities))[2]
+    empty = x.new_empty(0)
+    return [torch.empty_like(x) if flags[0] else empty,
+            x.new_empty(total, dtype=_grad_dtype(params)) if flags[2] or flags[3] else empty,
+            *[torch.empty_like(m) if flags[1] else empty for m in modalities]]
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, seed, modalities, weights, ln_weight, ln_bias, spec, backend = inputs
+    ctx.spec, ctx.backend, ctx.count = spec, backend, len(modalities)
+    ctx.save_for_backward(x, seed, output[1], output[2], *modalities, *weights, ln_weight, ln_bias)
+
+
+def _op_backward(ctx, dy, _d_shift, _d_stats):
+    x, seed, s, stats, *tensors = ctx.saved_tensors
+    k = ctx.count
+    mods, weights, ln = tensors[:k], tensors[k:-2], tensors[-2:]
+    needs = ctx.needs_input_grad
+    flags = [bool(needs[0]), bool(needs[2]), bool(needs[3]), bool(needs[4] or needs[5])]
+    dx, flat, *dms = _fusion_backward_op(dy, x, seed, s, stats, mods, weights, *ln, ctx.spec, ctx.backend, flags)
+    grads = [None] * (len(weights) + 2)
+    if flags[2] or flags[3]:
+        grads = _parameter_grads(flat, FusionParams.from_weights(weights, *ln), flags[2], flags[3])
+    return (dx if flags[0] else None, None, dms if flags[1] else [None] * k, grads[:-2],
+            grads[-2] if needs[4] else None, grads[-1] if needs[5] else None, None, None)
+
+
+_fusion_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry point
+
 def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tensor], gate_b: Sequence[Tensor],
                  proj_w: Sequence[Tensor], proj_b: Sequence[Tensor], ln_weight: Tensor, ln_bias: Tensor, *,
                  beta: float = 1.0, eps: float = 1e-6, ln_eps: float = 1e-12, dropout_p: float = 0.0,
                  training: bool = False, backend: Optional[str] = None) -> Tensor:
-    """Fusion layer (see the module docstring). x: (B, T, d); modalities[m]: (B, T, d_m);
-    gate_w[m]: (d, d + d_m), gate_b[m]: (d,), proj_w[m]: (d, d_m), proj_b[m]: (d,); ln_*: (d,)."""
+    """Fusion layer (see the module docstring). x: (B, T, d); modalities[m]: (B, T, d_m), any number of them;
+    gate_w[m]: (d, d + d_m), gate_b[m]: (d,), proj_w[m]: (d, d_m), proj_b[m]: (d,); ln_*: (d,).
+
+    Dtypes may differ: under autocast (16-bit x and modalities, fp32 parameters, or an fp32 x) the kernels
+    run the GEMMs with autocast's 16-bit operands, as F.linear would, accumulating in fp32; without
+    autocast the operands have x's dtype. y has the dtype of x promoted with ln_weight's: fp32 for
+    autocast's mix, which is also what the eager module gives under autocast (its LayerNorm runs in fp32).
+    dx has x's dtype, each modality's and parameter's gradient its own. Dropout (``training`` and
+    ``dropout_p > 0``) draws a Philox seed from torch's generator on the fused backends. Inputs are never
+    modified; non-contiguous ones are copied.
+    """
+    d = _check_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias)
+    dropout_p = _checks.probability("dropout_p", dropout_p) if training else 0.0
+    name = _backend.resolve(x.device, x.dtype, backend, op="fusion_layer")
+    if name == "torch":
+        return fusion_layer_reference(x, list(modalities), list(gate_w), list(gate_b), list(proj_w), list(proj_b),
+                                      ln_weight, ln_bias, beta=beta, eps=eps, ln_eps=ln_eps, dropout_p=dropout_p,
+                                      training=training)
+    if name == "cuda":
+        raise _backend.BackendUnavailableError("ampfuse fusion_layer: the cuda backend has no fusion kernel yet; "
+                                               "use backend='triton'")
+    if x.numel() == 0:  # no tokens: an empty y, and zero gradients through the reference's autograd
+        dtype = torch.promote_types(x.dtype, ln_weight.dtype)
+        cast = lambda seq: [t.to(dtype) for t in seq]  # noqa: E731
+        return fusion_layer_reference(x.to(dtype), cast(modalities), cast(gate_w), cast(gate_b), cast(proj_w),
+                                      cast(proj_b), ln_weight.to(dtype), ln_bias.to(dtype), beta=beta, eps=eps,
+                                      ln_eps=ln_eps)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if dropout_p > 0 else None
+    spec = FusionSpec(float(beta), float(eps), float(ln_eps), dropout_p, _operands(x))
+    contiguous = lambda t: t if t.is_contiguous() else t.contiguous()  # noqa: E731
+    x2 = contiguous(x).view(-1, d)  # the kernels read (tokens, width) row-major memory
+    mods = [contiguous(m).view(x2.shape[0], -1) for m in modalities]
+    params = FusionParams(*(tuple(map(contiguous, seq)) for seq in (gate_w, gate_b, proj_w, proj_b)),
+                          contiguous(ln_weight), contiguous(ln_bias))
+    if torch.compiler.is_compiling():
+        y = _fusion_op(x2, seed, mods, params.weights(), params.ln_weight, params.ln_bias, spec.encode(), name)[0]
+    elif torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in mods)
+                                      or any(t.requires_grad for t in params.weights())
+                                      or ln_weight.requires_grad or ln_bias.requires_grad):
+        y = _FusionFunction.apply(spec, name, len(mods), x2, seed, *mods, *params.weights(), params.ln_weight,
+                                  params.ln_bias)
+    else:
+        y = _kernels().forward(spec, x2, mods, params, seed, save=False)[0]
+    return y.view(x.shape)
+
+
+def _operands(x):
+    """Name of the tensor-core operands' dtype: autocast's where autocast is on for x's device (the dtype
+    F.linear would compute in), else x's."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    return str(dtype).replace("torch.", "")
+
+
+def _check_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias):
+    """Validates shapes, dtypes and devices; returns d. One combined test first (it is on every call's path);
+    the named checks below run only to say what is wrong."""
+    try:
+        d, dev, lead = x.shape[-1], x.device, x.shape[:-1]
+        fine = (x.dim() == 3 and d > 0 and x.is_floating_point() and len(modalities) >= 1
+                and len(modalities) == len(gate_w) == len(gate_b) == len(proj_w) == len(proj_b)
+                and ln_weight.shape == ln_bias.shape == (d,)
+                and all(t.device == dev and t.is_floating_point() for t in (ln_weight, ln_bias))
+                and all(m.dim() == 3 and m.shape[:2] == lead and m.shape[2] > 0 and gw.shape == (d, d + m.shape[2])
+                        and gb.shape == (d,) and pw.shape == (d, m.shape[2]) and pb.shape == (d,)
+                        and all(t.device == dev and t.is_floating_point() for t in (m, gw, gb, pw, pb))
+                        for m, gw, gb, pw, pb in zip(modalities, gate_w, gate_b, proj_w, proj_b)))
+    except (AttributeError, IndexError, TypeError):
+        fine = False
+    return d if fine else _explain_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias)
+
+
+def _explain_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias):
+    """Raises a ValueError/TypeError naming the first bad argument; returns d when all are fine."""
     _checks.tensor("x", x)
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (batch, tokens, d), got {tuple(x.shape)}")
+    if x.dim() != 3 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (batch, tokens, d) with d >= 1, got {tuple(x.shape)}")
     d, dev = x.shape[-1], x.device
-    if not 1 <= len(modalities) <= 4 or not len(modalities) == len(gate_w) == len(gate_b) == len(proj_w) == len(
-            proj_b):
-        raise ValueError("fusion_layer takes 1 to 4 modalities and one gate_w, gate_b, proj_w, proj_b for each")
+    lists = (modalities, gate_w, gate_b, proj_w, proj_b)
+    if not all(isinstance(seq, (list, tuple)) for seq in lists) or not 1 <= len(modalities) == len(gate_w) == len(
+            gate_b) == len(proj_w) == len(proj_b):
+        raise ValueError("fusion_layer takes a list of at least one modality and lists with one gate_w, gate_b, "
+                         "proj_w, proj_b for each")
     for i, m in enumerate(modalities):
         _checks.tensor(f"modalities[{i}]", m, device=dev)
-        if m.dim() != 3 or m.shape[:2] != x.shape[:2]:
-            raise ValueError(f"modalities[{i}] must be token-aligned {tuple(x.shape[:2])} + (d_m,), "
+        if m.dim() != 3 or m.shape[:2] != x.shape[:2] or m.shape[2] == 0:
+            raise ValueError(f"modalities[{i}] must be token-aligned {tuple(x.shape[:2])} + (d_m,) with d_m >= 1, "
                              f"got {tuple(m.shape)}")
         dm = m.shape[-1]
         _checks.tensor(f"gate_w[{i}]", gate_w[i], shape=(d, d + dm), device=dev)
@@ -60,97 +302,4 @@ def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tenso
         _checks.tensor(f"proj_b[{i}]", proj_b[i], shape=(d,), device=dev)
     _checks.tensor("ln_weight", ln_weight, shape=(d,), device=dev)
     _checks.tensor("ln_bias", ln_bias, shape=(d,), device=dev)
-    dropout_p = _checks.probability("dropout_p", dropout_p) if training else 0.0
-    name = _backend.resolve(dev, x.dtype, backend, op="fusion_layer")
-    kwargs = dict(beta=beta, eps=eps, ln_eps=ln_eps, dropout_p=dropout_p, training=training)
-    if name == "torch":
-        return fusion_layer_reference(x, list(modalities), list(gate_w), list(gate_b), list(proj_w), list(proj_b),
-                                      ln_weight, ln_bias, **kwargs)
-    if name == "cuda":
-        raise _backend.BackendUnavailableError("ampfuse fusion_layer: the cuda backend has no fusion kernel yet; "
-                                               "use backend='triton'")
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=dev)
-    flat = lambda seq: [t.contiguous() for t in seq]  # noqa: E731
-    y = _fusion_op(x.reshape(-1, d).contiguous(), [m.reshape(-1, m.shape[-1]).contiguous() for m in modalities],
-                   flat(gate_w), flat(gate_b), flat(proj_w), flat(proj_b), ln_weight.contiguous(), ln_bias.contiguous(),
-                   seed, float(beta), float(eps), float(ln_eps), dropout_p, name)
-    return y.view(x.shape)
-
-
-# ----------------------------------------------------------------------------- custom op
-
-def _kernels():
-    from ..kernels import fusion as kernels  # deferred: TRITON_INTERPRET is read at import
-    return kernels
-
-
-@torch.library.custom_op("ampfuse::fusion_layer", mutates_args=())
-def _fusion_op(x: Tensor, modalities: List[Tensor], gate_w: List[Tensor], gate_b: List[Tensor], proj_w: List[Tensor],
-               proj_b: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, seed: Optional[Tensor], beta: float,
-               eps: float, ln_eps: float, dropout_p: float, backend: str) -> Tensor:
-    if x.shape[0] == 0:
-        return torch.empty_like(x)
-    return _kernels().fusion_fwd(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias, beta, eps, ln_eps,
-                                 dropout_p, seed)
-
-
-@_fusion_op.register_fake
-def _(x, *args):
-    return torch.empty_like(x)
-
-
-def _flat_size(x, modalities, ln_grad):
-    return _kernels().gradient_layout(x.shape[1], [m.shape[1] for m in modalities], ln_grad)[2]
-
-
-@torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
-def _fusion_backward_op(dy: Tensor, x: Tensor, modalities: List[Tensor], gate_w: List[Tensor], gate_b: List[Tensor],
-                        proj_w: List[Tensor], proj_b: List[Tensor], ln_weight: Tensor, ln_bias: Tensor,
-                        seed: Optional[Tensor], beta: float, eps: float, ln_eps: float, dropout_p: float,
-                        backend: str, ln_grad: bool, mod_grad: bool) -> List[Tensor]:
-    """[dx, flat, dm_0, ...]: flat holds the parameter gradients in fp32 (kernels.fusion.gradient_layout)."""
-    if x.shape[0] == 0:
-        return [torch.empty_like(x), x.new_zeros(_flat_size(x, modalities, ln_grad), dtype=torch.float32),
-                *[torch.empty_like(m) if mod_grad else m.new_empty(0) for m in modalities]]
-    dx, dms, flat = _kernels().fusion_bwd(dy, x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias,
-                                             beta, eps, ln_eps, dropout_p, seed, ln_grad, mod_grad)
-    return [dx, flat, *dms]
-
-
-@_fusion_backward_op.register_fake
-def _(dy, x, modalities, *args):
-    ln_grad, mod_grad = args[-2:]
-    return [torch.empty_like(x), x.new_empty(_flat_size(x, modalities, ln_grad), dtype=torch.float32),
-            *[torch.empty_like(m) if mod_grad else m.new_empty(0) for m in modalities]]
-
-
-_OP_INPUTS = ("x", "modalities", "gate_w", "gate_b", "proj_w", "proj_b", "ln_weight", "ln_bias", "seed")
-_LISTS = ("modalities", "gate_w", "gate_b", "proj_w", "proj_b")
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.count = len(inputs[1])
-    ctx.save_for_backward(inputs[0], *[t for name in _LISTS for t in inputs[_OP_INPUTS.index(name)]], *inputs[6:9])
-    ctx.options = inputs[len(_OP_INPUTS):]
-
-
-def _backward(ctx, dy):
-    saved, n = ctx.saved_tensors, ctx.count
-    x, lists, (ln_weight, ln_bias, seed) = saved[0], {}, saved[1 + 5 * n:]
-    for i, name in enumerate(_LISTS):
-        lists[name] = list(saved[1 + i * n:1 + (i + 1) * n])
-    needs = dict(zip(_OP_INPUTS, ctx.needs_input_grad))
-    ln_grad, mod_grad = bool(needs["ln_weight"] or needs["ln_bias"]), bool(needs["modalities"])
-    dx, flat, *dms = _fusion_backward_op(dy.contiguous(), x, *(lists[name] for name in _LISTS), ln_weight, ln_bias,
-                                         seed, *ctx.options, ln_grad, mod_grad)
-    layout, _, _ = _kernels().gradient_layout(x.shape[1], [m.shape[1] for m in lists["modalities"]], ln_grad)
-    tensors = {"x": x, **lists, "ln_weight": ln_weight, "ln_bias": ln_bias, "seed": seed}
-    grads = {"x": dx, **split_gradients(flat, layout, tensors)}
-    if mod_grad:
-        grads["modalities"] = dms
-    return needed(grads, tensors, _OP_INPUTS, ctx.needs_input_grad) + (None,) * len(ctx.options)
-
-
-_fusion_op.register_autograd(_backward, setup_context=_setup_context)
+    return d
