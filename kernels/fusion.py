@@ -71,33 +71,33 @@ NUM_STATS, NUM_ROWGRAD = 5, 4
 # jit helper, so loops call none and tile indices are inline arithmetic, not tl.cdiv.)
 
 @triton.jit
-def _gate_proj_tile(x_ptr, m_ptr, Dm, wg_ptr, bg_ptr, wp_ptr, bp_ptr, rows, row_mask, cols, col_mask, D, op,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gate_proj_tile(x_ptr, m_ptr, Dm, wx_ptr, SX, wm_ptr, wp_ptr, SM, bg_ptr, bp_ptr, rows, row_mask, cols, col_mask,
+                    D, op, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     """(gate, proj) of one modality on a [BLOCK_M, BLOCK_N] tile of output features ``cols``, fp32:
-    gate = [x; m] W_g^T + b_g (K-loop over x's D columns, then m's Dm), proj = m W_p^T + b_p.
-    Operands are converted to ``op`` as they are loaded (autocast's fp32 parameters too)."""
+    gate = x W_gx^T + m W_gm^T + b_g (K-loop over x's D columns, then m's Dm), proj = m W_p^T + b_p, the
+    weights from the packed buffer (row strides SX, SM). x and m are converted to ``op`` as they are loaded."""
     kk = tl.arange(0, BLOCK_K)
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_ptrs = x_ptr + rows[:, None] * D + kk[None, :]
-    w_ptrs = wg_ptr + cols[None, :] * (D + Dm) + kk[:, None]  # [BLOCK_K, BLOCK_N] of W_gx^T
+    w_ptrs = wx_ptr + cols[None, :] * SX + kk[:, None]  # [BLOCK_K, BLOCK_N] of W_gx^T
     for k0 in range(0, D, BLOCK_K):
         k_mask = kk < D - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        gate = tl.dot(a.to(op), w.to(op), acc=gate, input_precision=PRECISION)
+        gate = tl.dot(a.to(op), w, acc=gate, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     proj = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_ptrs = m_ptr + rows[:, None] * Dm + kk[None, :]
-    w_ptrs += D - ((D + BLOCK_K - 1) // BLOCK_K) * BLOCK_K  # now at W_gm^T
-    p_ptrs = wp_ptr + cols[None, :] * Dm + kk[:, None]
+    w_ptrs = wm_ptr + cols[None, :] * SM + kk[:, None]
+    p_ptrs = wp_ptr + cols[None, :] * SM + kk[:, None]
     for k0 in range(0, Dm, BLOCK_K):
         k_mask = kk < Dm - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(op)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        gate = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0).to(op), acc=gate, input_precision=PRECISION)
-        proj = tl.dot(a, tl.load(p_ptrs, mask=w_mask, other=0.0).to(op), acc=proj, input_precision=PRECISION)
+        gate = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc=gate, input_precision=PRECISION)
+        proj = tl.dot(a, tl.load(p_ptrs, mask=w_mask, other=0.0), acc=proj, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         p_ptrs += BLOCK_K
@@ -134,12 +134,44 @@ def _o_grad_tile(dy_ptr, x_ptr, s_ptr, ln_w_ptr, stats_ptr, rowgrad_ptr, seed_pt
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
+def fusion_pack_kernel(
+    gate_w, proj_w,                 # tuples of K: (D, D + D_i) = [W_gx | W_gm], (D, D_i)
+    widths,                         # tuple of the K widths D_i
+    pack_ptr,                       # out: the packed weights, in the tensor-core operand dtype
+    woffsets,                       # tuple: per modality the offsets of its W_gx (D, SX), W_gm and W_p (D, S_i) blocks
+    wstrides,                       # tuple of the K row strides S_i (D_i rounded up to 16)
+    D, SX,                          # SX: D rounded up to 16
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Copies BLOCK_R rows of every modality's weights into the packed buffer."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < D
+    for i in tl.static_range(len(gate_w)):
+        Dm = widths[i]
+        for c0 in range(0, D + Dm, BLOCK_C):  # a gate row: its first D columns to W_gx, the rest to W_gm
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_mask[:, None] & (cols < D + Dm)[None, :]
+            w = tl.load(gate_w[i] + rows[:, None] * (D + Dm) + cols[None, :], mask=mask)
+            to = tl.where(cols < D, woffsets[3 * i] + rows[:, None] * SX + cols[None, :],
+                          woffsets[3 * i + 1] + rows[:, None] * wstrides[i] + (cols - D)[None, :])
+            tl.store(pack_ptr + to, w.to(pack_ptr.dtype.element_ty), mask=mask)
+        for c0 in range(0, Dm, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_mask[:, None] & (cols < Dm)[None, :]
+            w = tl.load(proj_w[i] + rows[:, None] * Dm + cols[None, :], mask=mask)
+            tl.store(pack_ptr + woffsets[3 * i + 2] + rows[:, None] * wstrides[i] + cols[None, :],
+                     w.to(pack_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def fusion_shift_kernel(
     x_ptr,                          # (M, D) text states
     mods,                           # tuple of K modalities, (M, D_i) each
     widths,                         # tuple of the K widths D_i
-    gate_w, gate_b,                 # tuples of K: (D, D + D_i) = [W_gx | W_gm], (D,)
-    proj_w, proj_b,                 # tuples of K: (D, D_i), (D,)
+    pack_ptr, woffsets, wstrides,   # the packed weights (fusion_pack_kernel)
+    SX,
+    gate_b, proj_b,                 # tuples of K biases, (D,) each
     s_ptr,                          # out: (M, D) shift, in the tensor-core operand dtype
     M, D,
     PRECISION: tl.constexpr,
@@ -154,8 +186,10 @@ def fusion_shift_kernel(
     op = s_ptr.dtype.element_ty
     shift = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i in tl.static_range(len(mods)):
-        gate, proj = _gate_proj_tile(x_ptr, mods[i], widths[i], gate_w[i], gate_b[i], proj_w[i], proj_b[i], rows,
-                                     row_mask, cols, col_mask, D, op, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        gate, proj = _gate_proj_tile(x_ptr, mods[i], widths[i], pack_ptr + woffsets[3 * i], SX,
+                                     pack_ptr + woffsets[3 * i + 1], pack_ptr + woffsets[3 * i + 2], wstrides[i],
+                                     gate_b[i], proj_b[i], rows, row_mask, cols, col_mask, D, op, PRECISION, BLOCK_M,
+                                     BLOCK_N, BLOCK_K)
         shift += tl.maximum(gate, 0.0) * proj
     tl.store(s_ptr + rows[:, None] * D + cols[None, :], shift.to(op), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -307,7 +341,8 @@ def fusion_bwd_gate_kernel(
     stats_ptr, rowgrad_ptr,         # the forward's and fusion_bwd_rows_kernel's row scalars
     ln_w_ptr, seed_ptr, p_drop,
     mods, widths,                   # as in fusion_shift_kernel
-    gate_w, gate_b, proj_w, proj_b,
+    pack_ptr, woffsets, wstrides, SX,
+    gate_b, proj_b,
     ws_ptr,                         # out: (2 K, M, D) in the operand dtype: d gate_i (plane 2i), d proj_i (2i + 1)
     M, D,
     HAS_DROPOUT: tl.constexpr,
@@ -326,8 +361,10 @@ def fusion_bwd_gate_kernel(
     d_shift = alpha[:, None] * d_o + coef_s[:, None] * s
     mask = row_mask[:, None] & col_mask[None, :]
     for i in tl.static_range(len(mods)):
-        gate, proj = _gate_proj_tile(x_ptr, mods[i], widths[i], gate_w[i], gate_b[i], proj_w[i], proj_b[i], rows,
-                                     row_mask, cols, col_mask, D, op, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        gate, proj = _gate_proj_tile(x_ptr, mods[i], widths[i], pack_ptr + woffsets[3 * i], SX,
+                                     pack_ptr + woffsets[3 * i + 1], pack_ptr + woffsets[3 * i + 2], wstrides[i],
+                                     gate_b[i], proj_b[i], rows, row_mask, cols, col_mask, D, op, PRECISION, BLOCK_M,
+                                     BLOCK_N, BLOCK_K)
         d_gate = tl.where(gate > 0.0, d_shift * proj, 0.0)
         d_proj = d_shift * tl.maximum(gate, 0.0)
         # the workspace as a (2 K M, D) matrix: plane j starts at row j M
@@ -336,17 +373,18 @@ def fusion_bwd_gate_kernel(
 
 
 @triton.jit
-def _workspace_dot(acc, ws_ptr, plane, w_ptr, w_stride, w_col0, rows, row_mask, cols, col_mask, M, D, op,
-                   PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + ws[plane][rows, :] W[:, w_col0 + cols] over the D features: the gradient of a GEMM's input."""
+def _workspace_dot(acc, ws_ptr, plane, w_ptr, w_stride, rows, row_mask, cols, col_mask, M, D, PRECISION: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """acc + ws[plane][rows, :] W[:, cols] over the D features (W: a packed (D, w_stride) block): the gradient
+    of a GEMM's input."""
     nn = tl.arange(0, BLOCK_K)
     a_ptrs = ws_ptr + (plane * M + rows)[:, None] * D + nn[None, :]
-    w_ptrs = w_ptr + nn[:, None] * w_stride + w_col0 + cols[None, :]
+    w_ptrs = w_ptr + nn[:, None] * w_stride + cols[None, :]
     for n0 in range(0, D, BLOCK_K):
         n_mask = nn < D - n0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, w.to(op), acc=acc, input_precision=PRECISION)
+        acc = tl.dot(a, w, acc=acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * w_stride
     return acc
@@ -355,7 +393,8 @@ def _workspace_dot(acc, ws_ptr, plane, w_ptr, w_stride, w_col0, rows, row_mask, 
 @triton.jit
 def fusion_bwd_input_kernel(
     ws_ptr,                         # fusion_bwd_gate_kernel's workspace
-    widths, gate_w, proj_w,         # as in fusion_shift_kernel
+    widths,                         # as in fusion_shift_kernel
+    pack_ptr, woffsets, wstrides, SX,
     dy_ptr, x_ptr, s_ptr,           # for dx's elementwise part (the LayerNorm's and alpha's)
     stats_ptr, rowgrad_ptr, ln_w_ptr, seed_ptr, p_drop,
     dx_ptr,                         # out when X_GRAD: (M, D) in x's dtype
@@ -373,7 +412,6 @@ def fusion_bwd_input_kernel(
     rows = (tl.program_id(0) // jobs).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # a row block's tiles run
     row_mask = rows < M                                                                # together: its workspace
     job = tl.program_id(0) % jobs                                                      # rows come from L2
-    op = ws_ptr.dtype.element_ty
     start = 0
     if X_GRAD:
         start = (D + BLOCK_N - 1) // BLOCK_N
@@ -381,9 +419,9 @@ def fusion_bwd_input_kernel(
             cols = job * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < D
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(len(gate_w)):
-                acc = _workspace_dot(acc, ws_ptr, 2 * i, gate_w[i], D + widths[i], 0, rows, row_mask, cols, col_mask,
-                                     M, D, op, PRECISION, BLOCK_K)
+            for i in tl.static_range(len(widths)):
+                acc = _workspace_dot(acc, ws_ptr, 2 * i, pack_ptr + woffsets[3 * i], SX, rows, row_mask, cols,
+                                     col_mask, M, D, PRECISION, BLOCK_K)
             d_o, x, _s, _alpha, coef_x, _coef_s = _o_grad_tile(dy_ptr, x_ptr, s_ptr, ln_w_ptr, stats_ptr, rowgrad_ptr,
                                                                seed_ptr, p_drop, rows, row_mask, cols, col_mask, M, D,
                                                                HAS_DROPOUT)
@@ -391,17 +429,17 @@ def fusion_bwd_input_kernel(
             tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_mask[None, :])
     if MOD_GRAD:
-        for i in tl.static_range(len(gate_w)):
+        for i in tl.static_range(len(widths)):
             Dm = widths[i]
             blocks = (Dm + BLOCK_N - 1) // BLOCK_N
             if (job >= start) & (job < start + blocks):
                 cols = (job - start) * BLOCK_N + tl.arange(0, BLOCK_N)
                 col_mask = cols < Dm
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                acc = _workspace_dot(acc, ws_ptr, 2 * i, gate_w[i], D + Dm, D, rows, row_mask, cols, col_mask, M, D,
-                                     op, PRECISION, BLOCK_K)
-                acc = _workspace_dot(acc, ws_ptr, 2 * i + 1, proj_w[i], Dm, 0, rows, row_mask, cols, col_mask, M, D,
-                                     op, PRECISION, BLOCK_K)
+                acc = _workspace_dot(acc, ws_ptr, 2 * i, pack_ptr + woffsets[3 * i + 1], wstrides[i], rows, row_mask,
+                                     cols, col_mask, M, D, PRECISION, BLOCK_K)
+                acc = _workspace_dot(acc, ws_ptr, 2 * i + 1, pack_ptr + woffsets[3 * i + 2], wstrides[i], rows,
+                                     row_mask, cols, col_mask, M, D, PRECISION, BLOCK_K)
                 dm = dmods[i]
                 tl.store(dm + rows[:, None] * Dm + cols[None, :], acc.to(dm.dtype.element_ty),
                          mask=row_mask[:, None] & col_mask[None, :])
@@ -504,12 +542,34 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+def _round16(n):
+    return cdiv(n, 16) * 16
+
+
+@functools.lru_cache(maxsize=None)
+def weight_layout(D, widths):
+    """(woffsets, wstrides, SX, total) of the packed weights: per modality i a W_gx block (D, SX), then W_gm
+    and W_p blocks (D, S_i), row strides rounded up to 16 elements and blocks starting at multiples of 16.
+    A parameter's own rows are D + D_i wide (842 at BERT-base with 74-wide audio), so their starts are only
+    4-byte aligned: tiles of them load element by element and cannot be copied asynchronously into shared
+    memory (benchmarks/compile_report showed 255 registers and spills). Packed, every row is 32-byte aligned
+    and in the operand dtype, converted once per call rather than in every tile."""
+    sx = _round16(D)
+    woffsets, wstrides, total = [], [], 0
+    for w in widths:
+        sm = _round16(w)
+        woffsets += [total, total + D * sx, total + D * (sx + sm)]
+        wstrides.append(sm)
+        total += D * (sx + 2 * sm)
+    return tuple(woffsets), tuple(wstrides), sx, total
+
+
 @functools.lru_cache(maxsize=None)
 def gradient_layout(D, widths):
     """(layout, offsets, total) of the backward's flat gradient buffer: layout [(name, offset, shape)]
     with names "gate_w.i", "gate_b.i", "proj_w.i", "proj_b.i" per modality i, then "ln_weight" and
-    "ln_bias" (ampfuse.ops._gradients.split_gradients reads it); offsets, the same offsets as the tuple
-    fusion_bwd_weight_kernel takes. Computed once per shape."""
+    "ln_bias" (ampfuse.ops.fusion reads it); offsets, the same offsets as the tuple fusion_bwd_weight_kernel
+    takes. Computed once per shape."""
     entries = []
     for i, w in enumerate(widths):
         entries += [(f"gate_w.{i}", (D, D + w)), (f"gate_b.{i}", (D,)), (f"proj_w.{i}", (D, w)),
@@ -521,16 +581,23 @@ def gradient_layout(D, widths):
 
 
 def forward(spec, x, mods, params, seed, save):
-    """(y, shift, stats) for contiguous x (M, D) and modalities (M, D_i): y in the dtype of x promoted with the
-    LayerNorm weight's; the shift (operand dtype) and the row scalars (fp32) that backward needs only when
-    ``save``, else None. ``params``: ampfuse.ops.fusion.FusionParams (tuples per modality)."""
+    """(y, saved) for contiguous x (M, D) and modalities (M, D_i): y in the dtype of x promoted with the
+    LayerNorm weight's; saved, what backward needs beyond the inputs (the shift in the operand dtype, the
+    fp32 row scalars, the packed weights), only when ``save``, else None. ``params``:
+    ampfuse.ops.fusion.FusionParams (a tuple per kind, one tensor per modality)."""
     M, D = x.shape
     op = getattr(torch, spec.operands)
+    mods = tuple(mods)
+    widths = tuple(m.shape[1] for m in mods)
+    woffsets, wstrides, sx, total = weight_layout(D, widths)
+    pack = runtime.empty_output((total,), op, x.device)
+    block_r = 64 if runtime.interpreting() else 8
+    runtime.launch(fusion_pack_kernel, (cdiv(D, block_r),),
+                   params.gate_w, params.proj_w, widths, pack, woffsets, wstrides, D, sx, BLOCK_R=block_r, BLOCK_C=128)
     gemm = runtime.gemm_tiles(op, 3)
     s = runtime.empty_output((M, D), op, x.device)
     runtime.launch(fusion_shift_kernel, (cdiv(M, gemm["BLOCK_M"]) * cdiv(D, gemm["BLOCK_N"]),),
-                   x, tuple(mods), tuple(m.shape[1] for m in mods), params.gate_w, params.gate_b, params.proj_w,
-                   params.proj_b, s, M, D, **gemm)
+                   x, mods, widths, pack, woffsets, wstrides, sx, params.gate_b, params.proj_b, s, M, D, **gemm)
     y = runtime.empty_output((M, D), torch.promote_types(x.dtype, params.ln_weight.dtype), x.device)
     stats = runtime.empty_output((NUM_STATS, M), torch.float32, x.device) if save else None
     rows = runtime.stream_tiles(op)
@@ -539,18 +606,20 @@ def forward(spec, x, mods, params, seed, save):
                    x if seed is None else seed, float(spec.dropout_p), M, D,
                    float(spec.beta), float(spec.eps), float(spec.ln_eps),
                    HAS_DROPOUT=spec.dropout_p > 0, SAVE=save, **rows)
-    return y, (s if save else None), stats
+    return y, ((s, stats, pack) if save else None)
 
 
-def backward(spec, dy, x, mods, params, s, stats, seed, x_grad, mod_grad, weight_grad, ln_grad, grad_dtype):
-    """(dx, [dm_i], flat) for the forward's inputs and saved (s, stats): dx when ``x_grad``, the modalities'
+def backward(spec, dy, x, mods, params, saved, seed, x_grad, mod_grad, weight_grad, ln_grad, grad_dtype):
+    """(dx, [dm_i], flat) from the forward's inputs and saved tensors: dx when ``x_grad``, the modalities'
     gradients when ``mod_grad``, and when ``weight_grad`` or ``ln_grad`` the parameter gradients in one
     flat buffer of ``grad_dtype`` placed by gradient_layout (the gate and projection slots written when
     ``weight_grad``, the LayerNorm's when ``ln_grad``); None for what is not asked."""
+    s, stats, pack = saved
     M, D = x.shape
     op = s.dtype
     mods = tuple(mods)
     widths = tuple(m.shape[1] for m in mods)
+    woffsets, wstrides, sx, _ = weight_layout(D, widths)
     seed_arg = x if seed is None else seed
     dropout = dict(HAS_DROPOUT=spec.dropout_p > 0)
     rows = runtime.stream_tiles(op)
@@ -567,19 +636,20 @@ def backward(spec, dy, x, mods, params, s, stats, seed, x_grad, mod_grad, weight
         ws = runtime.empty_output((2 * len(mods), M, D), op, x.device)
         runtime.launch(fusion_bwd_gate_kernel, (cdiv(M, gemm["BLOCK_M"]) * cdiv(D, gemm["BLOCK_N"]),),
                        dy, x, s, stats, rowgrad, params.ln_weight, seed_arg, float(spec.dropout_p), mods, widths,
-                       params.gate_w, params.gate_b, params.proj_w, params.proj_b, ws, M, D, **dropout, **gemm)
-    gemm = runtime.gemm_tiles(op, 1)
+                       pack, woffsets, wstrides, sx, params.gate_b, params.proj_b, ws, M, D, **dropout, **gemm)
     if x_grad or mod_grad:
+        gemm = runtime.gemm_tiles(op, 3)  # dx's epilogue holds the accumulator and three tiles of dy, x, shift
         jobs = (cdiv(D, gemm["BLOCK_N"]) if x_grad else 0) + (sum(cdiv(w, gemm["BLOCK_N"]) for w in widths)
                                                               if mod_grad else 0)
         dx = runtime.empty_output((M, D), x.dtype, x.device) if x_grad else None
         dms = [runtime.empty_output(m.shape, m.dtype, m.device) for m in mods] if mod_grad else None
         runtime.launch(fusion_bwd_input_kernel, (cdiv(M, gemm["BLOCK_M"]) * jobs,),
-                       ws, widths, params.gate_w, params.proj_w, dy, x, s, stats, rowgrad, params.ln_weight,
+                       ws, widths, pack, woffsets, wstrides, sx, dy, x, s, stats, rowgrad, params.ln_weight,
                        seed_arg, float(spec.dropout_p), ws if dx is None else dx, mods if dms is None else tuple(dms),
                        M, D, jobs, X_GRAD=x_grad, MOD_GRAD=mod_grad, **dropout, **gemm)
     if weight_grad or ln_grad:
         _, offsets, total = gradient_layout(D, widths)
+        gemm = runtime.gemm_tiles(op, 1)
         block_n = block_c = gemm["BLOCK_N"]  # a weight's rows and columns per tile
         starts = [0]  # the tiles of d gate_i^T x, d gate_i^T m_i, d proj_i^T m_i per modality, then the LayerNorm's
         for w in widths:

@@ -105,7 +105,7 @@ def row_tiles(D, K, dtype):
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+    return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +115,7 @@ def column_tiles(D, K, dtype):
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+    return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4)
 
 
 def token_splits(tiles, chunks):
@@ -144,11 +144,12 @@ def gemm_tiles(dtype, accumulators=1):
 @functools.lru_cache(maxsize=None)
 def stream_tiles(dtype):
     """Launch settings of an elementwise row pass without dots: a program owns BLOCK_M rows and streams the
-    columns in chunks of BLOCK_D (no row of d in registers: design rule 1). In the interpreter, chunks
-    narrower than the test widths, so the tests cross chunk boundaries."""
+    columns in chunks of BLOCK_D (no row of d in registers: design rule 1). On a GPU [32, 64] chunks over 4
+    warps: 16 elements of each tensor per thread, about 100 registers, five blocks per SM. In the interpreter,
+    chunks narrower than the test widths, so the tests cross chunk boundaries."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32)
-    return dict(BLOCK_M=32, BLOCK_D=128, num_warps=4)
+    return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4)
 
 
 def weight_grad_splits(tiles, token_blocks):

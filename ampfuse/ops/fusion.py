@@ -90,12 +90,10 @@ def _grad_dtype(params):
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _run_backward(spec, backend, dy, x, seed, s, stats, mods, params, flags):
-    """(dx, [dm], flat) from the kernels; flags: (x, modalities, gate/projection weights, LayerNorm) gradients
-    wanted."""
-    if backend == "cuda":
-        raise _backend.BackendUnavailableError("ampfuse fusion_layer: the cuda backend has no fusion kernel")
-    return _kernels().backward(spec, dy.contiguous(), x, mods, params, s, stats, seed, *map(bool, flags),
+def _run_backward(spec, dy, x, seed, saved, mods, params, flags):
+    """(dx, [dm], flat) from the kernels; saved: the forward's (shift, row statistics, packed weights); flags:
+    (x, modalities, gate/projection weights, LayerNorm) gradients wanted."""
+    return _kernels().backward(spec, dy.contiguous(), x, mods, params, saved, seed, *map(bool, flags),
                                _grad_dtype(params))
 
 
@@ -115,19 +113,19 @@ class _FusionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, backend, count, x, seed, *tensors):
         mods, params = tensors[:count], FusionParams.from_weights(tensors[count:-2], *tensors[-2:])
-        y, s, stats = _kernels().forward(spec, x, mods, params, seed, save=True)
+        y, saved = _kernels().forward(spec, x, mods, params, seed, save=True)
         ctx.spec, ctx.backend, ctx.count = spec, backend, count
-        ctx.save_for_backward(x, seed, s, stats, *tensors)
+        ctx.save_for_backward(x, seed, *saved, *tensors)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, seed, s, stats, *tensors = ctx.saved_tensors
+        x, seed, s, stats, pack, *tensors = ctx.saved_tensors
         k = ctx.count
         mods, params = tensors[:k], FusionParams.from_weights(tensors[k:-2], *tensors[-2:])
         needs = ctx.needs_input_grad
         flags = (needs[3], any(needs[5:5 + k]), any(needs[5 + k:-2]), needs[-2] or needs[-1])
-        dx, dms, flat = _run_backward(ctx.spec, ctx.backend, dy, x, seed, s, stats, mods, params, flags)
+        dx, dms, flat = _run_backward(ctx.spec, dy, x, seed, (s, stats, pack), mods, params, flags)
         grads = [None] * k if dms is None else list(dms)
         if flat is not None:
             grads += _parameter_grads(flat, params, flags[2], flags[3])
@@ -143,33 +141,36 @@ class _FusionFunction(torch.autograd.Function):
 
 @torch.library.custom_op("ampfuse::fusion_layer", mutates_args=())
 def _fusion_op(x: Tensor, seed: Optional[Tensor], modalities: List[Tensor], weights: List[Tensor], ln_weight: Tensor,
-               ln_bias: Tensor, spec: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               ln_bias: Tensor, spec: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, shift, row statistics, packed weights): the last three are what backward needs."""
     params = FusionParams.from_weights(weights, ln_weight, ln_bias)
-    y, s, stats = _kernels().forward(_decode(spec), x, modalities, params, seed, save=True)
-    return y, s, stats
+    y, saved = _kernels().forward(_decode(spec), x, modalities, params, seed, save=True)
+    return y, *saved
 
 
 @_fusion_op.register_fake
 def _(x, seed, modalities, weights, ln_weight, ln_bias, spec, backend):
+    operands = getattr(torch, _decode(spec).operands)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, ln_weight.dtype))
-    return y, x.new_empty(x.shape, dtype=getattr(torch, _decode(spec).operands)), x.new_empty(
-        (_kernels().NUM_STATS, x.shape[0]), dtype=torch.float32)
+    pack = _kernels().weight_layout(x.shape[1], tuple(m.shape[1] for m in modalities))[3]
+    return (y, x.new_empty(x.shape, dtype=operands), x.new_empty((_kernels().NUM_STATS, x.shape[0]), dtype=torch.float32),
+            x.new_empty(pack, dtype=operands))
 
 
 @torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
-def _fusion_backward_op(dy: Tensor, x: Tensor, seed: Optional[Tensor], s: Tensor, stats: Tensor,
-                        modalities: List[Tensor], weights: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, spec: str,
-                        backend: str, flags: List[bool]) -> List[Tensor]:
+def _fusion_backward_op(dy: Tensor, x: Tensor, seed: Optional[Tensor], saved: List[Tensor], modalities: List[Tensor],
+                        weights: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, spec: str, backend: str,
+                        flags: List[bool]) -> List[Tensor]:
     """[dx, flat, dm_0, ...], empty where flags (x, modalities, weights, LayerNorm) ask for none."""
     params = FusionParams.from_weights(weights, ln_weight, ln_bias)
-    dx, dms, flat = _run_backward(_decode(spec), backend, dy, x, seed, s, stats, modalities, params, flags)
+    dx, dms, flat = _run_backward(_decode(spec), dy, x, seed, saved, modalities, params, flags)
     empty = x.new_empty(0)
     return [empty if dx is None else dx, empty if flat is None else flat,
             *([empty] * len(modalities) if dms is None else dms)]
 
 
 @_fusion_backward_op.register_fake
-def _(dy, x, seed, s, stats, modalities, weights, ln_weight, ln_bias, spec, backend, flags):
+def _(dy, x, seed, saved, modalities, weights, ln_weight, ln_bias, spec, backend, flags):
     params = FusionParams.from_weights(weights, ln_weight, ln_bias)
     total = _kernels().gradient_layout(x.shape[1], tuple(m.shape[1] for m in modalities))[2]
     empty = x.new_empty(0)
@@ -181,16 +182,17 @@ def _(dy, x, seed, s, stats, modalities, weights, ln_weight, ln_bias, spec, back
 def _op_setup_context(ctx, inputs, output):
     x, seed, modalities, weights, ln_weight, ln_bias, spec, backend = inputs
     ctx.spec, ctx.backend, ctx.count = spec, backend, len(modalities)
-    ctx.save_for_backward(x, seed, output[1], output[2], *modalities, *weights, ln_weight, ln_bias)
+    ctx.save_for_backward(x, seed, *output[1:], *modalities, *weights, ln_weight, ln_bias)
 
 
-def _op_backward(ctx, dy, _d_shift, _d_stats):
-    x, seed, s, stats, *tensors = ctx.saved_tensors
+def _op_backward(ctx, dy, _d_shift, _d_stats, _d_pack):
+    x, seed, s, stats, pack, *tensors = ctx.saved_tensors
     k = ctx.count
     mods, weights, ln = tensors[:k], tensors[k:-2], tensors[-2:]
     needs = ctx.needs_input_grad
     flags = [bool(needs[0]), bool(needs[2]), bool(needs[3]), bool(needs[4] or needs[5])]
-    dx, flat, *dms = _fusion_backward_op(dy, x, seed, s, stats, mods, weights, *ln, ctx.spec, ctx.backend, flags)
+    dx, flat, *dms = _fusion_backward_op(dy, x, seed, [s, stats, pack], mods, weights, *ln, ctx.spec, ctx.backend,
+                                         flags)
     grads = [None] * (len(weights) + 2)
     if flags[2] or flags[3]:
         grads = _parameter_grads(flat, FusionParams.from_weights(weights, *ln), flags[2], flags[3])
