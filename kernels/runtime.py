@@ -105,7 +105,7 @@ def row_tiles(D, K, dtype):
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +115,7 @@ def column_tiles(D, K, dtype):
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
 
 
 def token_splits(tiles, chunks):
@@ -132,13 +132,17 @@ def gemm_tiles(dtype, accumulators=1):
     output tile and walks the reduction in steps of BLOCK_K, its operand tiles software-pipelined
     through num_stages shared-memory buffers. ``accumulators``: how many [BLOCK_M, BLOCK_N] fp32 tiles
     stay live at once (a fused gate and projection keep three: the sum, the gate, the projection); it
-    sets BLOCK_M so they stay in registers. fp32 operands take half the BLOCK_K, so the stages fit
-    Hopper's shared memory (benchmarks/compile_report checks registers, spills and shared memory). Small
-    tiles in the interpreter, which runs each dot in numpy one program at a time."""
+    sets BLOCK_M so they stay in registers. fp32 operands (full-precision dots, on the FMA units with their
+    operands in registers) take half the BLOCK_K and, with three accumulators, half the BLOCK_N. On sm_90 none
+    of these spills and all fit Hopper's shared memory (python -m benchmarks.compile_report --only fusion).
+    Large tiles in the interpreter, which pays per operation and per program, not per element."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=128, BLOCK_K=64 if dtype != torch.float32 else 32,
-                PRECISION=_precision(dtype), num_warps=8, num_stages=3)
+    if dtype == torch.float32:  # full-precision dots run on the FMA units, their operands in registers
+        return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=128 if accumulators == 1 else 64, BLOCK_K=32,
+                    PRECISION=_precision(dtype), num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=128, BLOCK_K=64, PRECISION=_precision(dtype),
+                num_warps=8, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)
