@@ -581,24 +581,25 @@ def gradient_layout(D, widths):
 
 
 def forward(spec, x, mods, params, seed, save):
-    """(y, saved) for contiguous x (M, D) and modalities (M, D_i): y in the dtype of x promoted with the
+    """(y, saved) for contiguous x (..., D) and modalities (..., D_i), M tokens: y in the dtype of x promoted with the
     LayerNorm weight's; saved, what backward needs beyond the inputs (the shift in the operand dtype, the
     fp32 row scalars, the packed weights), only when ``save``, else None. ``params``:
     ampfuse.ops.fusion.FusionParams (a tuple per kind, one tensor per modality)."""
-    M, D = x.shape
+    D = x.shape[-1]
+    M = x.numel() // D
     op = getattr(torch, spec.operands)
     mods = tuple(mods)
-    widths = tuple(m.shape[1] for m in mods)
+    widths = tuple(m.shape[-1] for m in mods)
     woffsets, wstrides, sx, total = weight_layout(D, widths)
     pack = runtime.empty_output((total,), op, x.device)
     block_r = 64 if runtime.interpreting() else 8
     runtime.launch(fusion_pack_kernel, (cdiv(D, block_r),),
                    params.gate_w, params.proj_w, widths, pack, woffsets, wstrides, D, sx, BLOCK_R=block_r, BLOCK_C=128)
     gemm = runtime.gemm_tiles(op, 3)
-    s = runtime.empty_output((M, D), op, x.device)
+    s = runtime.empty_output(x.shape, op, x.device)
     runtime.launch(fusion_shift_kernel, (cdiv(M, gemm["BLOCK_M"]) * cdiv(D, gemm["BLOCK_N"]),),
                    x, mods, widths, pack, woffsets, wstrides, sx, params.gate_b, params.proj_b, s, M, D, **gemm)
-    y = runtime.empty_output((M, D), torch.promote_types(x.dtype, params.ln_weight.dtype), x.device)
+    y = runtime.empty_output(x.shape, torch.promote_types(x.dtype, params.ln_weight.dtype), x.device)
     stats = runtime.empty_output((NUM_STATS, M), torch.float32, x.device) if save else None
     rows = runtime.stream_tiles(op)
     runtime.launch(fusion_norm_kernel, (cdiv(M, rows["BLOCK_M"]),),
@@ -615,10 +616,11 @@ def backward(spec, dy, x, mods, params, saved, seed, x_grad, mod_grad, weight_gr
     flat buffer of ``grad_dtype`` placed by gradient_layout (the gate and projection slots written when
     ``weight_grad``, the LayerNorm's when ``ln_grad``); None for what is not asked."""
     s, stats, pack = saved
-    M, D = x.shape
+    D = x.shape[-1]
+    M = x.numel() // D
     op = s.dtype
     mods = tuple(mods)
-    widths = tuple(m.shape[1] for m in mods)
+    widths = tuple(m.shape[-1] for m in mods)
     woffsets, wstrides, sx, _ = weight_layout(D, widths)
     seed_arg = x if seed is None else seed
     dropout = dict(HAS_DROPOUT=spec.dropout_p > 0)
@@ -641,7 +643,7 @@ def backward(spec, dy, x, mods, params, saved, seed, x_grad, mod_grad, weight_gr
         gemm = runtime.gemm_tiles(op, 3)  # dx's epilogue holds the accumulator and three tiles of dy, x, shift
         jobs = (cdiv(D, gemm["BLOCK_N"]) if x_grad else 0) + (sum(cdiv(w, gemm["BLOCK_N"]) for w in widths)
                                                               if mod_grad else 0)
-        dx = runtime.empty_output((M, D), x.dtype, x.device) if x_grad else None
+        dx = runtime.empty_output(x.shape, x.dtype, x.device) if x_grad else None
         dms = [runtime.empty_output(m.shape, m.dtype, m.device) for m in mods] if mod_grad else None
         runtime.launch(fusion_bwd_input_kernel, (cdiv(M, gemm["BLOCK_M"]) * jobs,),
                        ws, widths, pack, woffsets, wstrides, sx, dy, x, s, stats, rowgrad, params.ln_weight,

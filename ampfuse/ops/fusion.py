@@ -79,9 +79,16 @@ class FusionParams(NamedTuple):
 
 # ----------------------------------------------------------------------------- autograd
 
+_KERNELS = []
+
+
 def _kernels():
-    from ..kernels import fusion as kernels  # deferred: TRITON_INTERPRET is read at import
-    return kernels
+    """kernels/fusion.py, imported on first use (TRITON_INTERPRET is read when Triton decorates the kernels)."""
+    if not _KERNELS:
+        from ..kernels import fusion
+
+        _KERNELS.append(fusion)
+    return _KERNELS[0]
 
 
 def _grad_dtype(params):
@@ -98,13 +105,15 @@ def _run_backward(spec, dy, x, seed, saved, mods, params, flags):
 
 
 def _parameter_grads(flat, params, need_weights, need_ln):
-    """Views of the flat buffer per parameter, in params.weights() order then ln_weight, ln_bias; None where
-    not wanted."""
+    """Views of the flat buffer per parameter (gradient_layout places them one after another, in
+    params.weights() order then ln_weight, ln_bias), cast only where a parameter has another dtype; None
+    where not wanted."""
     layout = _kernels().gradient_layout(params.ln_weight.shape[0], tuple(w.shape[1] for w in params.proj_w))[0]
     tensors = params.weights() + [params.ln_weight, params.ln_bias]
     wanted = [need_weights] * (len(tensors) - 2) + [need_ln] * 2
-    return [flat[offset:offset + t.numel()].view(t.shape).to(t.dtype) if want else None
-            for (_, offset, _), t, want in zip(layout, tensors, wanted)]
+    pieces = flat.split_with_sizes([t.numel() for t in tensors])
+    return [(g.view(t.shape) if g.dtype == t.dtype else g.view(t.shape).to(t.dtype)) if want else None
+            for g, t, want in zip(pieces, tensors, wanted)]
 
 
 class _FusionFunction(torch.autograd.Function):
@@ -152,9 +161,9 @@ def _fusion_op(x: Tensor, seed: Optional[Tensor], modalities: List[Tensor], weig
 def _(x, seed, modalities, weights, ln_weight, ln_bias, spec, backend):
     operands = getattr(torch, _decode(spec).operands)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, ln_weight.dtype))
-    pack = _kernels().weight_layout(x.shape[1], tuple(m.shape[1] for m in modalities))[3]
-    return (y, x.new_empty(x.shape, dtype=operands), x.new_empty((_kernels().NUM_STATS, x.shape[0]), dtype=torch.float32),
-            x.new_empty(pack, dtype=operands))
+    pack = _kernels().weight_layout(x.shape[-1], tuple(m.shape[-1] for m in modalities))[3]
+    stats = x.new_empty((_kernels().NUM_STATS, x.numel() // x.shape[-1]), dtype=torch.float32)
+    return y, x.new_empty(x.shape, dtype=operands), stats, x.new_empty(pack, dtype=operands)
 
 
 @torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
@@ -172,7 +181,7 @@ def _fusion_backward_op(dy: Tensor, x: Tensor, seed: Optional[Tensor], saved: Li
 @_fusion_backward_op.register_fake
 def _(dy, x, seed, saved, modalities, weights, ln_weight, ln_bias, spec, backend, flags):
     params = FusionParams.from_weights(weights, ln_weight, ln_bias)
-    total = _kernels().gradient_layout(x.shape[1], tuple(m.shape[1] for m in modalities))[2]
+    total = _kernels().gradient_layout(x.shape[-1], tuple(m.shape[-1] for m in modalities))[2]
     empty = x.new_empty(0)
     return [torch.empty_like(x) if flags[0] else empty,
             x.new_empty(total, dtype=_grad_dtype(params)) if flags[2] or flags[3] else empty,
@@ -238,21 +247,22 @@ def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tenso
                                       ln_eps=ln_eps)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if dropout_p > 0 else None
     spec = FusionSpec(float(beta), float(eps), float(ln_eps), dropout_p, _operands(x))
-    contiguous = lambda t: t if t.is_contiguous() else t.contiguous()  # noqa: E731
-    x2 = contiguous(x).view(-1, d)  # the kernels read (tokens, width) row-major memory
-    mods = [contiguous(m).view(x2.shape[0], -1) for m in modalities]
-    params = FusionParams(*(tuple(map(contiguous, seq)) for seq in (gate_w, gate_b, proj_w, proj_b)),
-                          contiguous(ln_weight), contiguous(ln_bias))
+    # the kernels read each tensor as row-major memory: x and the modalities as (tokens, width)
+    x, mods = _contiguous(x), [_contiguous(m) for m in modalities]
+    params = FusionParams(*(tuple(_contiguous(t) for t in seq) for seq in (gate_w, gate_b, proj_w, proj_b)),
+                          _contiguous(ln_weight), _contiguous(ln_bias))
     if torch.compiler.is_compiling():
-        y = _fusion_op(x2, seed, mods, params.weights(), params.ln_weight, params.ln_bias, spec.encode(), name)[0]
-    elif torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in mods)
-                                      or any(t.requires_grad for t in params.weights())
-                                      or ln_weight.requires_grad or ln_bias.requires_grad):
-        y = _FusionFunction.apply(spec, name, len(mods), x2, seed, *mods, *params.weights(), params.ln_weight,
-                                  params.ln_bias)
-    else:
-        y = _kernels().forward(spec, x2, mods, params, seed, save=False)[0]
-    return y.view(x.shape)
+        return _fusion_op(x, seed, mods, params.weights(), params.ln_weight, params.ln_bias, spec.encode(), name)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or ln_weight.requires_grad or ln_bias.requires_grad
+                                    or any(t.requires_grad for t in mods)
+                                    or any(t.requires_grad for t in params.weights())):
+        return _FusionFunction.apply(spec, name, len(mods), x, seed, *mods, *params.weights(), params.ln_weight,
+                                     params.ln_bias)
+    return _kernels().forward(spec, x, mods, params, seed, save=False)[0]
+
+
+def _contiguous(t):
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _operands(x):
@@ -270,12 +280,14 @@ def _check_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_b
         d, dev, lead = x.shape[-1], x.device, x.shape[:-1]
         fine = (x.dim() == 3 and d > 0 and x.is_floating_point() and len(modalities) >= 1
                 and len(modalities) == len(gate_w) == len(gate_b) == len(proj_w) == len(proj_b)
-                and ln_weight.shape == ln_bias.shape == (d,)
-                and all(t.device == dev and t.is_floating_point() for t in (ln_weight, ln_bias))
-                and all(m.dim() == 3 and m.shape[:2] == lead and m.shape[2] > 0 and gw.shape == (d, d + m.shape[2])
-                        and gb.shape == (d,) and pw.shape == (d, m.shape[2]) and pb.shape == (d,)
-                        and all(t.device == dev and t.is_floating_point() for t in (m, gw, gb, pw, pb))
-                        for m, gw, gb, pw, pb in zip(modalities, gate_w, gate_b, proj_w, proj_b)))
+                and ln_weight.shape == ln_bias.shape == (d,))
+        for m, gw, gb, pw, pb in zip(modalities, gate_w, gate_b, proj_w, proj_b):
+            w = m.shape[-1]
+            fine = fine and (m.dim() == 3 and m.shape[:2] == lead and w > 0 and gw.shape == (d, d + w)
+                             and gb.shape == pb.shape == (d,) and pw.shape == (d, w))
+        for seq in (modalities, gate_w, gate_b, proj_w, proj_b, (ln_weight, ln_bias)):
+            for t in seq:
+                fine = fine and t.device == dev and t.is_floating_point()
     except (AttributeError, IndexError, TypeError):
         fine = False
     return d if fine else _explain_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias)
