@@ -10,17 +10,23 @@ For text states x (M tokens, D) and K token-aligned modalities m_i (M, D_i):
 
 At BERT widths the gate's x part is a D x D GEMM per modality: 2 M D (D + 2 D_i) FLOP per
 modality, about 44 GFLOP at M = 16384, D = 768 with two modalities (74 and 35 wide), against
-about 54 MB of minimal traffic. That is tensor-core work (design rule 5), so every product runs
+about 57 MB of least traffic. That is tensor-core work (design rule 5), so every product runs
 as a GEMM tile: a program owns a [BLOCK_M, BLOCK_N] output tile and walks its reduction in
 BLOCK_K steps (runtime.gemm_tiles), with the elementwise work in the epilogue. What needs whole
-rows (the norms behind alpha, the LayerNorm) runs in light row passes that stream d in chunks.
+rows (the norms behind alpha, the LayerNorm) runs in light row passes that stream d in chunks
+(runtime.stream_tiles).
 
-Modalities and their parameters reach the kernels as tuples (one pointer per modality, their
-widths as a tuple of ints): the kernels loop over them with tl.static_range, so a fifth
-modality is a longer tuple, not new code. The parameter gradients go to one flat buffer whose
-offsets (ampfuse.ops.fusion.gradient_layout, computed once per shape) come as a tuple of ints.
+Modalities and their biases reach the kernels as tuples (one pointer per modality, their widths
+as a tuple of ints), the weights as one packed buffer with a tuple of offsets: the kernels loop
+over modalities with tl.static_range, so a fifth modality is a longer tuple, not new code. The
+parameter gradients go to one flat buffer placed by gradient_layout, whose offsets come as a
+tuple of ints too. Layouts are computed once per shape (functools.lru_cache); nothing is copied
+from the host.
 
-forward, 2 launches
+forward, 3 launches
+  fusion_pack_kernel        the gate and projection weights, copied into the packed buffer in
+                            the operand dtype with 16-element-aligned rows (weight_layout says
+                            why); about 3 MB at D = 768, and what backward's GEMMs read too.
   fusion_shift_kernel       shift tile = sum_i relu(gate_i) * proj_i, gate_i and proj_i
                             accumulated on tensor cores (16-bit operands, fp32 accumulators);
                             the shift is written once, in the operand dtype.

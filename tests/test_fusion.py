@@ -22,7 +22,8 @@ def fusion_inputs(B=2, T=13, d=48, widths=(20,), dtype=torch.float32, param_dtyp
 
     x = torch.randn(B, T, d, generator=g, dtype=torch.float64)
     x += row_offset * torch.randn(B, T, 1, generator=g, dtype=torch.float64)
-    return dict(x=x.to(device=device, dtype=dtype).requires_grad_(), modalities=[rand(B, T, w, dt=dtype) for w in widths],
+    return dict(x=x.to(device=device, dtype=dtype).requires_grad_(),
+                modalities=[rand(B, T, w, dt=dtype) for w in widths],
                 gate_w=[rand(d, d + w, std=(d + w) ** -0.5) for w in widths], gate_b=[rand(d, std=0.3) for _ in widths],
                 proj_w=[rand(d, w, std=w ** -0.5) for w in widths], proj_b=[rand(d, std=0.3) for _ in widths],
                 ln_weight=rand(d, std=0.2, mean=1.0), ln_bias=rand(d, std=0.2))
@@ -175,9 +176,9 @@ def test_triton_frozen_modalities_and_dropout_with_the_kernels_mask(device):
 
 
 def test_triton_launch_counts(device):
-    """Forward: the weights packed, the shift's GEMM tiles, the row pass. Backward: the row pass, the gate GEMMs, the input GEMMs,
-    the weight GEMMs over tokens, the fixed-order sum of their token splits; the kernels nobody needs are
-    skipped."""
+    """Forward: the weights packed, the shift's GEMM tiles, the row pass. Backward: the row pass, the gate
+    GEMMs, the input GEMMs, the weight GEMMs over tokens, the fixed-order sum of their token splits; the
+    kernels nobody needs are skipped."""
     tensors = fusion_inputs(widths=(20, 9), device=device)
     before = runtime.launch_count
     y = fusion_layer(**tensors, backend="triton")
@@ -216,8 +217,8 @@ def test_inputs_are_not_modified(device):
     y = fusion_layer(**tensors, beta=0.3, dropout_p=0.2, training=True, backend="triton")
     y.sum().backward()
     for name, value in tensors.items():
-        for t, t0 in zip(value if isinstance(value, list) else [value], before[name] if isinstance(value, list)
-                         else [before[name]]):
+        listed = isinstance(value, list)
+        for t, t0 in zip(value if listed else [value], before[name] if listed else [before[name]]):
             assert torch.equal(t.detach(), t0), name
 
 
@@ -263,7 +264,7 @@ def test_custom_op_is_registered_with_fake_kernels():
     params = FusionParams(*(tuple(p.detach() for p in t[n]) for n in ("gate_w", "gate_b", "proj_w", "proj_b")),
                           t["ln_weight"].detach(), t["ln_bias"].detach())
     args = (t["x"].detach().view(9, 32), None, [m.detach().view(9, -1) for m in t["modalities"]], params.weights(),
-            params.ln_weight, params.ln_bias, FusionSpec(beta=0.3).encode(), "triton")
+            params.ln_weight, params.ln_bias, FusionSpec(beta=0.3).encode())
     torch.library.opcheck(torch.ops.ampfuse.fusion_layer.default, args, test_utils=("test_schema", "test_faketensor"))
 
 

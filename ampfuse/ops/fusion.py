@@ -108,7 +108,6 @@ def _parameter_grads(flat, params, need_weights, need_ln):
     """Views of the flat buffer per parameter (gradient_layout places them one after another, in
     params.weights() order then ln_weight, ln_bias), cast only where a parameter has another dtype; None
     where not wanted."""
-    layout = _kernels().gradient_layout(params.ln_weight.shape[0], tuple(w.shape[1] for w in params.proj_w))[0]
     tensors = params.weights() + [params.ln_weight, params.ln_bias]
     wanted = [need_weights] * (len(tensors) - 2) + [need_ln] * 2
     pieces = flat.split_with_sizes([t.numel() for t in tensors])
@@ -120,10 +119,10 @@ class _FusionFunction(torch.autograd.Function):
     """The eager path: an autograd.Function costs a fraction of a torch.library op's dispatch."""
 
     @staticmethod
-    def forward(ctx, spec, backend, count, x, seed, *tensors):
+    def forward(ctx, spec, count, x, seed, *tensors):
         mods, params = tensors[:count], FusionParams.from_weights(tensors[count:-2], *tensors[-2:])
         y, saved = _kernels().forward(spec, x, mods, params, seed, save=True)
-        ctx.spec, ctx.backend, ctx.count = spec, backend, count
+        ctx.spec, ctx.count = spec, count
         ctx.save_for_backward(x, seed, *saved, *tensors)
         return y
 
@@ -132,16 +131,16 @@ class _FusionFunction(torch.autograd.Function):
         x, seed, s, stats, pack, *tensors = ctx.saved_tensors
         k = ctx.count
         mods, params = tensors[:k], FusionParams.from_weights(tensors[k:-2], *tensors[-2:])
-        needs = ctx.needs_input_grad
-        flags = (needs[3], any(needs[5:5 + k]), any(needs[5 + k:-2]), needs[-2] or needs[-1])
+        needs = ctx.needs_input_grad  # spec, count, x, seed, then the tensors
+        flags = (needs[2], any(needs[4:4 + k]), any(needs[4 + k:-2]), needs[-2] or needs[-1])
         dx, dms, flat = _run_backward(ctx.spec, dy, x, seed, (s, stats, pack), mods, params, flags)
         grads = [None] * k if dms is None else list(dms)
         if flat is not None:
             grads += _parameter_grads(flat, params, flags[2], flags[3])
         else:
             grads += [None] * (len(tensors) - k)
-        grads = [g if need else None for g, need in zip(grads, needs[5:])]
-        return None, None, None, dx if needs[3] else None, None, *grads
+        grads = [g if need else None for g, need in zip(grads, needs[4:])]
+        return None, None, dx if needs[2] else None, None, *grads
 
 
 # torch.compile's path: the same launchers behind torch.library custom ops (traceable, with fake kernels). Four
@@ -150,7 +149,7 @@ class _FusionFunction(torch.autograd.Function):
 
 @torch.library.custom_op("ampfuse::fusion_layer", mutates_args=())
 def _fusion_op(x: Tensor, seed: Optional[Tensor], modalities: List[Tensor], weights: List[Tensor], ln_weight: Tensor,
-               ln_bias: Tensor, spec: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               ln_bias: Tensor, spec: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, shift, row statistics, packed weights): the last three are what backward needs."""
     params = FusionParams.from_weights(weights, ln_weight, ln_bias)
     y, saved = _kernels().forward(_decode(spec), x, modalities, params, seed, save=True)
@@ -158,7 +157,7 @@ def _fusion_op(x: Tensor, seed: Optional[Tensor], modalities: List[Tensor], weig
 
 
 @_fusion_op.register_fake
-def _(x, seed, modalities, weights, ln_weight, ln_bias, spec, backend):
+def _(x, seed, modalities, weights, ln_weight, ln_bias, spec):
     operands = getattr(torch, _decode(spec).operands)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, ln_weight.dtype))
     pack = _kernels().weight_layout(x.shape[-1], tuple(m.shape[-1] for m in modalities))[3]
@@ -168,7 +167,7 @@ def _(x, seed, modalities, weights, ln_weight, ln_bias, spec, backend):
 
 @torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
 def _fusion_backward_op(dy: Tensor, x: Tensor, seed: Optional[Tensor], saved: List[Tensor], modalities: List[Tensor],
-                        weights: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, spec: str, backend: str,
+                        weights: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, spec: str,
                         flags: List[bool]) -> List[Tensor]:
     """[dx, flat, dm_0, ...], empty where flags (x, modalities, weights, LayerNorm) ask for none."""
     params = FusionParams.from_weights(weights, ln_weight, ln_bias)
@@ -179,7 +178,7 @@ def _fusion_backward_op(dy: Tensor, x: Tensor, seed: Optional[Tensor], saved: Li
 
 
 @_fusion_backward_op.register_fake
-def _(dy, x, seed, saved, modalities, weights, ln_weight, ln_bias, spec, backend, flags):
+def _(dy, x, seed, saved, modalities, weights, ln_weight, ln_bias, spec, flags):
     params = FusionParams.from_weights(weights, ln_weight, ln_bias)
     total = _kernels().gradient_layout(x.shape[-1], tuple(m.shape[-1] for m in modalities))[2]
     empty = x.new_empty(0)
@@ -189,8 +188,8 @@ def _(dy, x, seed, saved, modalities, weights, ln_weight, ln_bias, spec, backend
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, seed, modalities, weights, ln_weight, ln_bias, spec, backend = inputs
-    ctx.spec, ctx.backend, ctx.count = spec, backend, len(modalities)
+    x, seed, modalities, weights, ln_weight, ln_bias, spec = inputs
+    ctx.spec, ctx.count = spec, len(modalities)
     ctx.save_for_backward(x, seed, *output[1:], *modalities, *weights, ln_weight, ln_bias)
 
 
@@ -200,13 +199,12 @@ def _op_backward(ctx, dy, _d_shift, _d_stats, _d_pack):
     mods, weights, ln = tensors[:k], tensors[k:-2], tensors[-2:]
     needs = ctx.needs_input_grad
     flags = [bool(needs[0]), bool(needs[2]), bool(needs[3]), bool(needs[4] or needs[5])]
-    dx, flat, *dms = _fusion_backward_op(dy, x, seed, [s, stats, pack], mods, weights, *ln, ctx.spec, ctx.backend,
-                                         flags)
+    dx, flat, *dms = _fusion_backward_op(dy, x, seed, [s, stats, pack], mods, weights, *ln, ctx.spec, flags)
     grads = [None] * (len(weights) + 2)
     if flags[2] or flags[3]:
         grads = _parameter_grads(flat, FusionParams.from_weights(weights, *ln), flags[2], flags[3])
     return (dx if flags[0] else None, None, dms if flags[1] else [None] * k, grads[:-2],
-            grads[-2] if needs[4] else None, grads[-1] if needs[5] else None, None, None)
+            grads[-2] if needs[4] else None, grads[-1] if needs[5] else None, None)
 
 
 _fusion_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -252,11 +250,11 @@ def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tenso
     params = FusionParams(*(tuple(_contiguous(t) for t in seq) for seq in (gate_w, gate_b, proj_w, proj_b)),
                           _contiguous(ln_weight), _contiguous(ln_bias))
     if torch.compiler.is_compiling():
-        return _fusion_op(x, seed, mods, params.weights(), params.ln_weight, params.ln_bias, spec.encode(), name)[0]
+        return _fusion_op(x, seed, mods, params.weights(), params.ln_weight, params.ln_bias, spec.encode())[0]
     if torch.is_grad_enabled() and (x.requires_grad or ln_weight.requires_grad or ln_bias.requires_grad
                                     or any(t.requires_grad for t in mods)
                                     or any(t.requires_grad for t in params.weights())):
-        return _FusionFunction.apply(spec, name, len(mods), x, seed, *mods, *params.weights(), params.ln_weight,
+        return _FusionFunction.apply(spec, len(mods), x, seed, *mods, *params.weights(), params.ln_weight,
                                      params.ln_bias)
     return _kernels().forward(spec, x, mods, params, seed, save=False)[0]
 
