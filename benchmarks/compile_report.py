@@ -74,9 +74,11 @@ SPILL_EXEMPT = {"gmu_fwd_kernel", "gmu_bwd_kernel"}
 # The adapter block's dtype layouts: (h, r, parameters); "mix" is autocast's (16-bit h, fp32 r and parameters).
 ADAPTER_DTYPES = {"bf16": (torch.bfloat16,) * 3, "fp16": (torch.float16,) * 3,
                   "mix": (torch.bfloat16, torch.float32, torch.float32), "fp32": (torch.float32,) * 3}
-# The fusion layer's: (x and modalities, parameters); "mix" is autocast's (16-bit activations, fp32 parameters).
-FUSION_DTYPES = {"bf16": (torch.bfloat16,) * 2, "fp16": (torch.float16,) * 2, "mix": (torch.bfloat16, torch.float32),
-                 "fp32": (torch.float32,) * 2}
+# The fusion layer's: (x and modalities, parameters, autocast dtype or None). "mix": 16-bit activations with fp32
+# parameters; "autocast": fp32 activations (a BERT LayerNorm's output under autocast) with bf16 operands.
+FUSION_DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16, None), "fp16": (torch.float16, torch.float16, None),
+                 "mix": (torch.bfloat16, torch.float32, None),
+                 "autocast": (torch.float32, torch.float32, torch.bfloat16), "fp32": (torch.float32, torch.float32, None)}
 
 
 def cases():
@@ -99,12 +101,17 @@ def cases():
         yield f"gmu d={d} k=64 {TYPES[dtype]}", lambda t=t: gmu_adapter(**t, gate="softmax",
                                                                          backend="triton").sum().backward()
     for d, layout in itertools.product((384, 768, 1024), FUSION_DTYPES):
-        dtype, params = FUSION_DTYPES[layout]
+        dtype, params, autocast = FUSION_DTYPES[layout]
         t = fusion_inputs(16, d, "mix" if params != dtype else "same", dtype, "cpu")()
-        t.pop("autocast")  # the kernels see the mix's dtypes whether autocast is on or not
+        t.pop("autocast")  # the call below enters autocast itself, for the "autocast" layout
         for m in t["modalities"]:
             m.requires_grad_()  # every backward kernel's every job
-        yield f"fusion d={d} {layout}", lambda t=t: fusion_layer(**t, beta=0.5, backend="triton").sum().backward()
+
+        def step(t=t, autocast=autocast):
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                y = fusion_layer(**t, beta=0.5, backend="triton")
+            y.sum().backward()
+        yield f"fusion d={d} {layout}", step
 
 
 def main(argv=None):

@@ -598,10 +598,11 @@ def forward(spec, x, mods, params, seed, save):
     widths = tuple(m.shape[-1] for m in mods)
     woffsets, wstrides, sx, total = weight_layout(D, widths)
     pack = runtime.empty_output((total,), op, x.device)
+    converted = any(t.element_size() > pack.element_size() for t in (x, *mods))
     block_r = 64 if runtime.interpreting() else 8
     runtime.launch(fusion_pack_kernel, (cdiv(D, block_r),),
                    params.gate_w, params.proj_w, widths, pack, woffsets, wstrides, D, sx, BLOCK_R=block_r, BLOCK_C=128)
-    gemm = runtime.gemm_tiles(op, 3)
+    gemm = runtime.gemm_tiles(op, 3, converted)
     s = runtime.empty_output(x.shape, op, x.device)
     runtime.launch(fusion_shift_kernel, (cdiv(M, gemm["BLOCK_M"]) * cdiv(D, gemm["BLOCK_N"]),),
                    x, mods, widths, pack, woffsets, wstrides, sx, params.gate_b, params.proj_b, s, M, D, **gemm)
@@ -628,6 +629,7 @@ def backward(spec, dy, x, mods, params, saved, seed, x_grad, mod_grad, weight_gr
     mods = tuple(mods)
     widths = tuple(m.shape[-1] for m in mods)
     woffsets, wstrides, sx, _ = weight_layout(D, widths)
+    converted = any(t.element_size() > s.element_size() for t in (x, *mods))
     seed_arg = x if seed is None else seed
     dropout = dict(HAS_DROPOUT=spec.dropout_p > 0)
     rows = runtime.stream_tiles(op)
@@ -640,13 +642,13 @@ def backward(spec, dy, x, mods, params, saved, seed, x_grad, mod_grad, weight_gr
     dx = dms = flat = None
     ws = rowgrad  # stands in when no GEMM needs the workspace
     if x_grad or mod_grad or weight_grad:
-        gemm = runtime.gemm_tiles(op, 3)
+        gemm = runtime.gemm_tiles(op, 3, converted)
         ws = runtime.empty_output((2 * len(mods), M, D), op, x.device)
         runtime.launch(fusion_bwd_gate_kernel, (cdiv(M, gemm["BLOCK_M"]) * cdiv(D, gemm["BLOCK_N"]),),
                        dy, x, s, stats, rowgrad, params.ln_weight, seed_arg, float(spec.dropout_p), mods, widths,
                        pack, woffsets, wstrides, sx, params.gate_b, params.proj_b, ws, M, D, **dropout, **gemm)
     if x_grad or mod_grad:
-        gemm = runtime.gemm_tiles(op, 3)  # dx's epilogue holds the accumulator and three tiles of dy, x, shift
+        gemm = runtime.gemm_tiles(op, 3, converted)  # dx's epilogue: the accumulator and tiles of dy, x, shift
         jobs = (cdiv(D, gemm["BLOCK_N"]) if x_grad else 0) + (sum(cdiv(w, gemm["BLOCK_N"]) for w in widths)
                                                               if mod_grad else 0)
         dx = runtime.empty_output(x.shape, x.dtype, x.device) if x_grad else None

@@ -127,22 +127,22 @@ def token_splits(tiles, chunks):
 
 
 @functools.lru_cache(maxsize=None)
-def gemm_tiles(dtype, accumulators=1):
+def gemm_tiles(dtype, accumulators=1, converted=False):
     """Launch settings of a tensor-core GEMM with a fused epilogue: a program owns a [BLOCK_M, BLOCK_N]
     output tile and walks the reduction in steps of BLOCK_K, its operand tiles software-pipelined
-    through num_stages shared-memory buffers. ``accumulators``: how many [BLOCK_M, BLOCK_N] fp32 tiles
-    stay live at once (a fused gate and projection keep three: the sum, the gate, the projection); it
-    sets BLOCK_M so they stay in registers. fp32 operands (full-precision dots, on the FMA units with their
-    operands in registers) take half the BLOCK_K and, with three accumulators, half the BLOCK_N. On sm_90 none
-    of these spills and all fit Hopper's shared memory (python -m benchmarks.compile_report --only fusion).
-    Large tiles in the interpreter, which pays per operation and per program, not per element."""
+    through num_stages shared-memory buffers. ``dtype``: the operands'. ``accumulators``: how many
+    [BLOCK_M, BLOCK_N] fp32 tiles stay live at once (a fused gate and projection keep three: the sum, the
+    gate, the projection); it sets BLOCK_M so they stay in registers. ``converted``: an operand is loaded in
+    a wider dtype and converted in registers (autocast's fp32 activations), which with three accumulators
+    takes half the BLOCK_N. fp32 operands (full-precision dots, on the FMA units with their operands in
+    registers) take half the BLOCK_K and, with three accumulators, half the BLOCK_N. On sm_90 none of these
+    spills and all fit Hopper's shared memory (python -m benchmarks.compile_report --only fusion). Large
+    tiles in the interpreter, which pays per operation and per program, not per element."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, PRECISION=_precision(dtype))
-    if dtype == torch.float32:  # full-precision dots run on the FMA units, their operands in registers
-        return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=128 if accumulators == 1 else 64, BLOCK_K=32,
-                    PRECISION=_precision(dtype), num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=128, BLOCK_K=64, PRECISION=_precision(dtype),
-                num_warps=8, num_stages=3)
+    narrow = accumulators > 1 and (converted or dtype == torch.float32)
+    return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=64 if narrow else 128,
+                BLOCK_K=32 if dtype == torch.float32 else 64, PRECISION=_precision(dtype), num_warps=8, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)
