@@ -72,6 +72,8 @@ def resources(cubin):
 # Kernels still holding whole rows in registers (issue 13 rewrites them): reported, not failed on spills.
 SPILL_EXEMPT = {"gmu_fwd_kernel", "gmu_bwd_kernel"}
 # The adapter block's dtype layouts: (h, r, parameters); "mix" is autocast's (16-bit h, fp32 r and parameters).
+# fp32 (full-precision dots on CUDA cores, no tensor cores) is reported, not failed on spills: the gate is
+# for the layouts training runs in.
 ADAPTER_DTYPES = {"bf16": (torch.bfloat16,) * 3, "fp16": (torch.float16,) * 3,
                   "mix": (torch.bfloat16, torch.float32, torch.float32), "fp32": (torch.float32,) * 3}
 # The fusion layer's: (x and modalities, parameters, autocast dtype or None). "mix": 16-bit activations with fp32
@@ -90,7 +92,8 @@ def cases():
 
     for d, k, layout in itertools.product((384, 768, 1024), (64, 256), ADAPTER_DTYPES):
         h_dtype, r_dtype, p_dtype = ADAPTER_DTYPES[layout]
-        for placement, kwargs in (("pfeiffer", {}), ("houlsby+ln", dict(original_ln_before=False))):
+        for placement, kwargs in (("pfeiffer", {}),
+                                  ("houlsby+ln+dropout", dict(original_ln_before=False, training=True, dropout_p=0.1))):
             tensors, scale = testing.adapter_inputs(16, d, k, dtype=h_dtype, param_dtype=p_dtype, scale_kind="channel",
                                                     ln_before=placement != "pfeiffer")
             tensors["r"] = tensors["r"].detach().to(r_dtype).requires_grad_()
@@ -167,9 +170,9 @@ def main(argv=None):
             print(f"{case:40} {name:29} {warps:5} {stages:6}  COMPILE ERROR {kib}")
             continue
         over = kib > args.limit_kib
-        spills = bool(stack) and name not in SPILL_EXEMPT
+        spills = bool(stack) and name not in SPILL_EXEMPT and " fp32 " not in f" {case} "
         failed += over or spills
-        flag = ("  OVER" if over else "") + ("  SPILLS" if spills else "")
+        flag = ("  OVER" if over else "") + ("  SPILLS" if spills else "  (spills, reported only)" if stack else "")
         print(f"{case:40} {name:29} {warps:5} {stages:6} {kib:9.1f} {regs if regs else '?':>5} "
               f"{stack if stack is not None else '?':>8} {blocks_per_sm(warps, regs, kib * 1024):>9}{flag}")
     return rows, failed

@@ -152,37 +152,70 @@ def adapters_library_block(device):
     return run
 
 
-def adapter_inputs(n, d, k, dtype, device):
+def adapter_inputs(n, d, k, dtype, device, mix=False):
+    """Inputs of one adapter-block call; ``mix``: autocast's layout, h in ``dtype``, r and the parameters
+    in fp32 (what a BERT sub-layer hands the op under bf16 autocast)."""
     def make():
         g = dict(device=device, dtype=dtype)
-        return dict(h=torch.randn(n, d, **g).requires_grad_(), r=torch.randn(n, d, **g).requires_grad_(),
-                    ln_w=torch.randn(d, **g) * 0.1 + 1, ln_b=torch.randn(d, **g) * 0.1,
-                    wd=(torch.randn(k, d, **g) * d ** -0.5).requires_grad_(), bd=torch.zeros(k, **g).requires_grad_(),
-                    wu=(torch.randn(d, k, **g) * k ** -0.5).requires_grad_(), bu=torch.zeros(d, **g).requires_grad_())
+        p = dict(device=device, dtype=torch.float32 if mix else dtype)
+        return dict(h=torch.randn(n, d, **g).requires_grad_(), r=torch.randn(n, d, **p).requires_grad_(),
+                    ln_w=torch.randn(d, **p) * 0.1 + 1, ln_b=torch.randn(d, **p) * 0.1,
+                    wd=(torch.randn(k, d, **p) * d ** -0.5).requires_grad_(), bd=torch.zeros(k, **p).requires_grad_(),
+                    wu=(torch.randn(d, k, **p) * k ** -0.5).requires_grad_(), bu=torch.zeros(d, **p).requires_grad_())
     return make
 
 
-def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log, emit):
-    """Times every implementation on every case; each row goes to emit as soon as it is measured."""
+def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log, emit,
+                 mix=False):
+    """Times every implementation on every case; each row goes to emit as soon as it is measured. With
+    ``mix`` (16-bit dtypes on a GPU) every case runs a second time in autocast's dtype layout. Each row
+    also gives the call replayed as a CUDA graph (host time removed), where it can be captured."""
     impls = impls_for(device, dtype, sizes)
+    layouts = [False] + ([True] if mix and device.type == "cuda" and dtype != torch.float32 else [])
     for case in cases:
-        rot = Rotating(inputs_for(*case, dtype, device), device)
-        for mode in ("forward", "forward+backward"):
-            for impl, fn in impls.items():
-                call = _call(fn, rot, mode)
-                try:
-                    ms = bench(call, device)
-                    launches = count_launches(call, device)
-                except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size
-                    log(f"  {name} {impl} {mode} {case}: skipped ({type(exc).__name__}: {exc})")
-                    continue
-                nbytes = bytes_for(*case, dtype, mode)
-                flops = flops_for(*case, mode)
-                roof_ms = max(nbytes / ceil["copy_GBps"] / 1e6, flops / ceil["matmul_TFLOPs"] / 1e9)
-                emit(dict(suite=name, op=name, mode=mode, backend=impl, dtype=str(dtype).replace("torch.", ""),
-                          shape=list(case), median_ms=ms, GBps=nbytes / ms / 1e6, roofline_pct=100 * roof_ms / ms,
-                          launches=launches))
-                log(f"  {name:8} {mode:17} {str(case):22} {impl:28} {ms:9.4f} ms  {100 * roof_ms / ms:6.1f}% roof")
+        for layout in layouts:
+            rot = Rotating(inputs_for(*case, dtype, device, **({"mix": True} if layout else {})), device)
+            for mode in ("forward", "forward+backward"):
+                for impl, fn in impls.items():
+                    call = _call(fn, rot, mode)
+                    try:
+                        ms = bench(call, device)
+                        launches = count_launches(call, device)
+                    except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size
+                        log(f"  {name} {impl} {mode} {case}: skipped ({type(exc).__name__}: {exc})")
+                        continue
+                    graph = graph_ms(fn, rot, mode, device)
+                    nbytes = bytes_for(*case, dtype, mode, **({"mix": True} if layout else {}))
+                    flops = flops_for(*case, mode)
+                    roof_ms = max(nbytes / ceil["copy_GBps"] / 1e6, flops / ceil["matmul_TFLOPs"] / 1e9)
+                    label = str(dtype).replace("torch.", "") + (" mix" if layout else "")
+                    emit(dict(suite=name, op=name, mode=mode, backend=impl, dtype=label, shape=list(case),
+                              median_ms=ms, graph_ms=graph, GBps=nbytes / ms / 1e6, roofline_pct=100 * roof_ms / ms,
+                              launches=launches))
+                    log(f"  {name:8} {mode:17} {label:10} {str(case):22} {impl:28} {ms:9.4f} ms "
+                        f"{'' if graph is None else f'(graph {graph:.4f})'} {100 * roof_ms / ms:6.1f}% roof")
+
+
+def graph_ms(fn, rot, mode, device):
+    """Median ms of the call captured once as a CUDA graph and replayed (one input set), None on the CPU
+    or where capture fails: what the GPU work takes without the host."""
+    if device.type != "cuda":
+        return None
+    t = rot.next()
+    call = _call(fn, type("Fixed", (), {"next": lambda self: t})(), mode)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        return bench(graph.replay, device)
+    except Exception:  # noqa: BLE001 - e.g. a baseline that synchronises inside
+        return None
 
 
 def _call(fn, rot, mode):
@@ -212,10 +245,15 @@ def add_ratios(rows, key):
             row["speedup_vs"] = {o["backend"]: o["median_ms"] / row["median_ms"] for o in group if o is not row}
 
 
-def adapter_bytes(n, d, k, dtype, mode):
+def adapter_bytes(n, d, k, dtype, mode, mix=False):
+    """docs/design.md section 4's floor: forward reads h, r and writes y; backward reads dy, h, r and writes
+    dh, dr (plus the weights once each way). In autocast's layout r, y, dy, dr and the weights are fp32."""
     e = torch.tensor([], dtype=dtype).element_size()
-    weights = e * (2 * d * k + 3 * d + k)
-    return (e * 3 * n * d + weights) if mode == "forward" else (e * 8 * n * d + 2 * weights)
+    e_r = 4 if mix else e  # r, y = h + r, dy, dr, parameters
+    weights = e_r * (2 * d * k + 3 * d + k)
+    forward = n * d * (e + e_r + e_r) + weights
+    backward = n * d * (e_r + e + e_r + e + e_r) + 2 * weights
+    return forward if mode == "forward" else forward + backward
 
 
 def adapter_flops(n, d, k, mode):
@@ -431,13 +469,15 @@ def write_report(rows, header, out, with_plot=True):
              f"{header['matmul_TFLOPs']:.1f} TFLOP/s; command `{header['command']}`", ""]
     if header["device"] == "cpu":
         lines += ["**CPU numbers**: they show that the scripts run, not how fast the kernels are.", ""]
-    lines += ["| suite | mode | backend | dtype | shape | median ms | GB/s | % roofline | launches "
+    lines += ["| suite | mode | backend | dtype | shape | median ms | CUDA graph ms | GB/s | % roofline | launches "
               "| time / eager (e2e: / no adapters) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = r.get("speedup_vs", {}).get("eager") or r.get("speedup_vs", {}).get("no adapters")
+        graph = r.get("graph_ms")
         lines.append(f"| {r['suite']} | {r['mode']} | {r['backend']} | {r['dtype']} | {r['shape']} | "
-                     f"{r['median_ms']:.4f} | {r.get('GBps', float('nan')):.0f} | "
+                     f"{r['median_ms']:.4f} | {'' if graph is None else f'{graph:.4f}'} | "
+                     f"{r.get('GBps', float('nan')):.0f} | "
                      f"{r.get('roofline_pct', float('nan')):.1f} | {r.get('launches')} | "
                      f"{'' if vs is None else f'{1 / vs:.2f}x time'} |")
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
@@ -514,7 +554,7 @@ def main(argv=None):
     suites = SUITES if args.suite == "all" else [args.suite]
     if "adapter" in suites:
         run_op_suite("adapter", adapter_cases(args.sizes, device), adapter_implementations, adapter_inputs,
-                     adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log, emit)
+                     adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log, emit, mix=True)
     if "gmu" in suites:
         run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_inputs, gmu_bytes, gmu_flops,
                      device, dtype, args.sizes, ceil, log, emit)

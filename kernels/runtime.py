@@ -96,26 +96,39 @@ def _precision(dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def row_tiles(D, K, dtype):
+def row_tiles(D, K, dtype, heavy=False):
     """Launch settings of a row kernel: a program owns BLOCK_M rows and walks the D columns in chunks of
     BLOCK_D, keeping [BLOCK_M, BLOCK_K] tiles of the k-wide bottleneck on chip. Small tiles in the
-    interpreter (fast, and many chunks per row in the tests); on a GPU, 64-row tiles for tensor-core
-    dots, 8 warps (two warp groups) so each thread holds half of every tile (benchmarks/compile_report
-    shows registers and spills)."""
+    interpreter (fast, and many chunks per row in the tests). On a GPU 8 warps, and as many rows as fit
+    the registers without spilling (benchmarks/compile_report checks it): 64 (tensor-core friendly) at
+    k <= 64, fewer for a wider bottleneck or fp32 operands (full-precision dots hold more); ``heavy``
+    variants (see column_tiles) get narrower chunks."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+    rows = 64 if block_k <= 64 else 32 if block_k <= 128 else 16
+    if dtype == torch.float32:
+        rows = min(rows, 32)
+    return dict(BLOCK_M=rows, BLOCK_D=16 if heavy else 32, BLOCK_K=block_k, PRECISION=_precision(dtype),
+                num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
-def column_tiles(D, K, dtype):
+def column_tiles(D, K, dtype, heavy=False):
     """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
-    of BLOCK_M rows, accumulating [BLOCK_D, BLOCK_K] weight-gradient tiles on chip."""
+    of BLOCK_M rows, accumulating [BLOCK_D, BLOCK_K] weight-gradient tiles on chip. ``heavy``: the
+    variant does more per element (an extra LayerNorm, dropout, mixed dtypes) and gets narrower chunks
+    to stay within the registers."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+    if dtype == torch.float32:
+        rows, cols = 16, 16
+    elif block_k <= 64:
+        rows, cols = 64, 16 if heavy else 32
+    else:
+        rows, cols = 16 if heavy else 32, 16
+    return dict(BLOCK_M=rows, BLOCK_D=cols, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
 
 
 def token_splits(tiles, chunks):

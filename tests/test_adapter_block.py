@@ -190,6 +190,27 @@ def test_triton_launch_counts(device):
     assert runtime.launch_count - before == 3
 
 
+def test_pfeiffer_gradient_of_h_and_r_computed_once_stays_safe(device):
+    """In the Pfeiffer placement dh equals dr, so backward writes it once and hands autograd one tensor for
+    both: leaves still get separate .grad storage, and an upstream node that uses h and r accumulates
+    correctly (compared with the reference)."""
+    tensors, kwargs = testing.adapter_inputs(19, 40, 6, device=device)
+    y = testing.call(adapter_block, tensors, backend="triton", **kwargs)
+    y.sum().backward()
+    assert tensors["h"].grad.data_ptr() != tensors["r"].grad.data_ptr()
+    assert torch.equal(tensors["h"].grad, tensors["r"].grad)
+    x = torch.randn(19, 40, device=device, requires_grad=True)
+    lin = torch.nn.Linear(40, 40).to(device)
+    grads = []
+    for fn in (adapter_block, adapter_block_reference):
+        h, r = lin(x), torch.tanh(x)
+        out = testing.call(fn, dict(tensors, h=h, r=r), **kwargs, **({"backend": "triton"} if fn is adapter_block
+                                                                     else {}))
+        (x_grad,) = torch.autograd.grad(out.sum() + (3 * r).sum(), x)
+        grads.append(x_grad)
+    assert testing.rel_err(*grads) < 1e-5
+
+
 def test_triton_backward_is_deterministic(device):
     tensors, kwargs = testing.adapter_inputs(70, 48, 24, device=device, scale_kind="channel")
     dy = torch.randn(70, 48, device=device)

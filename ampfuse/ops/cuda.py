@@ -45,15 +45,14 @@ def _options(spec):
 
 
 def forward(spec, h, r, params, seed, save):
-    """(y, saved, consts) as kernels.adapter_block.forward; the CUDA backward saves nothing extra."""
+    """(y, state) as kernels.adapter_block.forward; the CUDA backward recomputes: an empty state."""
     dtype, d = torch.promote_types(h.dtype, r.dtype), h.shape[-1]
     y = _ops().adapter_block_fwd(h.to(dtype).view(-1, d), r.to(dtype).view(-1, d), *_operands(params, dtype),
                                  *_options(spec), seed if spec.dropout_p > 0 else None)
-    empty = h.new_empty(0, dtype=torch.float32)
-    return y.view(h.shape), empty, empty
+    return y.view(h.shape), h.new_empty(0, dtype=torch.float32)
 
 
-def backward(spec, dy, h, r, params, seed, saved, consts, input_grad, ln_grad, grad_dtype):
+def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtype):
     """(dh, dr, flat) as kernels.adapter_block.backward (flat in fp32 here, cast by the op)."""
     from .adapter_block import GRAD_SLOTS, gradient_layout
 
