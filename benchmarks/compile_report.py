@@ -105,7 +105,7 @@ def cases():
                                                                          backend="triton").sum().backward()
     for d, layout in itertools.product((384, 768, 1024), FUSION_DTYPES):
         dtype, params, autocast = FUSION_DTYPES[layout]
-        t = fusion_inputs(16, d, "mix" if params != dtype else "same", dtype, "cpu")()
+        t = fusion_inputs(16, d, dtype, "cpu", mix=params != dtype)()
         t.pop("autocast")  # the call below enters autocast itself, for the "autocast" layout
         for m in t["modalities"]:
             m.requires_grad_()  # every backward kernel's every job

@@ -113,7 +113,7 @@ def test_triton_rows_with_large_means(dtype, device):
 def test_triton_autocast_mix_runs_natively(dtype, device, monkeypatch):
     """Autocast's layout: 16-bit x and modalities, fp32 parameters. The GEMMs take 16-bit operands (the
     shift the forward saves is 16-bit); y is fp32, as LN(x) with an fp32 weight (and as the eager module
-    gives under autocast); dx and dm in 16-bit, the parameters' gradients in fp32."""
+    gives under CUDA autocast); dx and dm in 16-bit, the parameters' gradients in fp32."""
     from ampfuse.kernels import fusion as kernels
 
     seen = []

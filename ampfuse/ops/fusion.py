@@ -222,7 +222,7 @@ def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tenso
     Dtypes may differ: under autocast (16-bit x and modalities, fp32 parameters, or an fp32 x) the kernels
     run the GEMMs with autocast's 16-bit operands, as F.linear would, accumulating in fp32; without
     autocast the operands have x's dtype. y has the dtype of x promoted with ln_weight's: fp32 for
-    autocast's mix, which is also what the eager module gives under autocast (its LayerNorm runs in fp32).
+    autocast's mix, which is also what the eager module gives under CUDA autocast (its LayerNorm runs in fp32).
     dx has x's dtype, each modality's and parameter's gradient its own. Dropout (``training`` and
     ``dropout_p > 0``) draws a Philox seed from torch's generator on the fused backends. Inputs are never
     modified; non-contiguous ones are copied.
