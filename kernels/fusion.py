@@ -57,8 +57,8 @@ backward, 5 launches (fewer when x, the modalities or the parameters need no gra
   replaces). It is the one tensor that carries the d-wide reduction from the gate tiles into
   both the input GEMMs (which reduce over d) and the weight GEMMs (which reduce over tokens);
   recomputing it would cost the forward GEMMs again per consumer. It lives only during
-  backward, and is no larger than what the eager module's autograd keeps from forward to
-  backward (gate_i, relu(gate_i) and proj_i, M x D each, per modality).
+  backward, and is smaller than what the eager module's autograd keeps from forward to
+  backward (the concatenated [x; m_i], the gate and the projection of every modality).
 """
 
 import triton
