@@ -34,32 +34,19 @@ TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", t
 OPTIONS = ("num_warps", "num_stages")
 
 
-def signature(kernel, args, meta):
-    """(sig, consts, attrs, options) of one launch: what the compiled binary depends on. attrs mirror the
-    specialisation Triton's launcher applies (an integer divisible by 16, a tensor whose address is 16-byte
-    aligned, is marked so): without them loads do not vectorise and the report would overstate registers."""
-    fn = kernel
-    names, sig, consts, attrs = fn.arg_names, {}, {}, {}
-    values = dict(zip(names, args), **{k: v for k, v in meta.items() if k not in OPTIONS})
-    for i, name in enumerate(names):
-        v = values[name]
-        specialize = not fn.params[i].do_not_specialize
-        if name in meta or fn.params[i].is_constexpr:
-            sig[name], consts[(i,)] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = "*" + TYPES[v.dtype]
-            if specialize and v.data_ptr() % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, bool):
-            sig[name] = "i1"
-        elif isinstance(v, int):
-            sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
-            if specialize and v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "fp32"
-    options = {k: meta[k] for k in OPTIONS if k in meta}
-    return sig, consts, attrs, options
+def signature(kernel, args, meta, target):
+    """(sig, consts, attrs, options) of one launch: what the compiled binary depends on, from Triton's own
+    launch-time binder for the target (an integer divisible by 16 or equal to 1, a tensor whose address is
+    16-byte aligned, each element of a tuple argument, is specialised as a launch would): without that loads
+    do not vectorise and the report would overstate registers."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
+        *args, **meta)
+    options, sig, consts, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
+    return sig, consts, attrs, options.__dict__
 
 
 def compile_launch(kernel, sig, consts, attrs, options, target):
@@ -83,13 +70,17 @@ def resources(cubin):
 
 
 # Kernels still holding whole rows in registers (issue 13 rewrites them): reported, not failed on spills.
-SPILL_EXEMPT = {"gmu_fwd_kernel", "gmu_bwd_kernel", "fusion_fwd_kernel", "fusion_bwd_kernel",
-                "fusion_weight_grad_kernel"}
+SPILL_EXEMPT = {"gmu_fwd_kernel", "gmu_bwd_kernel"}
 # The adapter block's dtype layouts: (h, r, parameters); "mix" is autocast's (16-bit h, fp32 r and parameters).
 # fp32 (full-precision dots on CUDA cores, no tensor cores) is reported, not failed on spills: the gate is
 # for the layouts training runs in.
 ADAPTER_DTYPES = {"bf16": (torch.bfloat16,) * 3, "fp16": (torch.float16,) * 3,
                   "mix": (torch.bfloat16, torch.float32, torch.float32), "fp32": (torch.float32,) * 3}
+# The fusion layer's: (x and modalities, parameters, autocast dtype or None). "mix": 16-bit activations with fp32
+# parameters; "autocast": fp32 activations (a BERT LayerNorm's output under autocast) with bf16 operands.
+FUSION_DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16, None), "fp16": (torch.float16, torch.float16, None),
+                 "mix": (torch.bfloat16, torch.float32, None),
+                 "autocast": (torch.float32, torch.float32, torch.bfloat16), "fp32": (torch.float32, torch.float32, None)}
 
 
 def cases():
@@ -112,8 +103,18 @@ def cases():
         t = gmu_inputs(2, 8, d, 64, dtype, "cpu")()
         yield f"gmu d={d} k=64 {TYPES[dtype]}", lambda t=t: gmu_adapter(**t, gate="softmax",
                                                                          backend="triton").sum().backward()
-        t = fusion_inputs(16, d, dtype, "cpu")()
-        yield f"fusion d={d} {TYPES[dtype]}", lambda t=t: fusion_layer(**t, beta=0.5, backend="triton").sum().backward()
+    for d, layout in itertools.product((384, 768, 1024), FUSION_DTYPES):
+        dtype, params, autocast = FUSION_DTYPES[layout]
+        t = fusion_inputs(16, d, dtype, "cpu", mix=params != dtype)()
+        t.pop("autocast")  # the call below enters autocast itself, for the "autocast" layout
+        for m in t["modalities"]:
+            m.requires_grad_()  # every backward kernel's every job
+
+        def step(t=t, autocast=autocast):
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                y = fusion_layer(**t, beta=0.5, backend="triton")
+            y.sum().backward()
+        yield f"fusion d={d} {layout}", step
 
 
 def main(argv=None):
@@ -131,8 +132,8 @@ def main(argv=None):
         meta = runtime.DEFAULT_META | meta
         if args.warps:
             meta["num_warps"] = args.warps
-        sig, consts, attrs, options = signature(kernel, a, meta)
-        key = (kernel.fn.__name__, tuple(sig.items()), tuple(consts.items()), str(attrs), tuple(options.items()))
+        sig, consts, attrs, options = signature(kernel, a, meta, target)
+        key = (kernel.fn.__name__, str(sig), str(consts), str(attrs), tuple(meta.get(k) for k in OPTIONS))
         if (case, key) in seen:
             return
         seen.add((case, key))

@@ -59,13 +59,34 @@ def adapter_case():
     return call(adapter_block, backend="triton"), call(adapter_block_reference), tensors
 
 
-CASES = {"adapter_block": adapter_case}
+def fusion_case():
+    """(fused op, eager reference, tensors) of the fusion layer with two modalities (frozen features), tiny and
+    on the CPU."""
+    from ampfuse.ops.fusion import fusion_layer, fusion_layer_reference
+
+    g = torch.Generator().manual_seed(0)
+    d, widths = 64, (20, 12)
+
+    def rand(*shape, grad=True):
+        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).requires_grad_(grad)
+
+    tensors = dict(x=rand(2, 4, d), modalities=[rand(2, 4, w, grad=False) for w in widths],
+                   gate_w=[rand(d, d + w) for w in widths], gate_b=[rand(d) for _ in widths],
+                   proj_w=[rand(d, w) for w in widths], proj_b=[rand(d) for _ in widths], ln_weight=rand(d),
+                   ln_bias=rand(d))
+
+    def call(fn, **options):
+        return lambda t: fn(**t, beta=0.5, **options)
+    return call(fusion_layer, backend="triton"), call(fusion_layer_reference), tensors
+
+
+CASES = {"adapter_block": adapter_case, "fusion_layer": fusion_case}
 
 
 def measure(name, reps):
     fused, eager, tensors = CASES[name]()  # fn(tensors) -> output
-    frozen = {n: t.detach() for n, t in tensors.items()}
-    dy = torch.randn_like(tensors["h"])
+    frozen = {n: [t.detach() for t in v] if isinstance(v, list) else v.detach() for n, v in tensors.items()}
+    dy = torch.randn_like(_no_grad(eager, frozen))
     rows = []
 
     def launches(fn):

@@ -312,6 +312,9 @@ def gmu_flops(b, t, d, k, mode):
     return fwd if mode == "forward" else 3 * fwd
 
 
+FUSION_WIDTHS = (74, 35)  # the modalities: CMU-MOSEI's audio (COVAREP) and visual (FACET) feature widths
+
+
 def fusion_cases(sizes, device):
     if sizes == "quick":
         return [(64, 96)] if device.type == "cpu" else [(4096, 768)]
@@ -320,38 +323,61 @@ def fusion_cases(sizes, device):
     return [(n, d) for d in (384, 768, 1024) for n in (1024, 4096, 16384)]
 
 
-def fusion_inputs(n, d, dtype, device):
+def fusion_inputs(n, d, dtype, device, mix=False):
+    """Inputs of one fusion call; ``mix``: autocast's layout, x and the modalities in ``dtype``, the parameters
+    in fp32, and every implementation called under autocast (the "autocast" entry says so)."""
     def make():
         g = dict(device=device, dtype=dtype)
+        p = dict(device=device, dtype=torch.float32 if mix else dtype)
         req = lambda x: x.requires_grad_()  # noqa: E731
-        mods = [torch.randn(n, 74, **g), torch.randn(n, 35, **g)]
-        return dict(x=req(torch.randn(1, n, d, **g)), modalities=[m.unsqueeze(0) for m in mods],
-                    gate_w=[req(torch.randn(d, d + m.shape[-1], **g) * d ** -0.5) for m in mods],
-                    gate_b=[req(torch.zeros(d, **g)) for _ in mods],
-                    proj_w=[req(torch.randn(d, m.shape[-1], **g) * 0.1) for m in mods],
-                    proj_b=[req(torch.zeros(d, **g)) for _ in mods],
-                    ln_weight=req(torch.ones(d, **g)), ln_bias=req(torch.zeros(d, **g)))
+        mods = [torch.randn(1, n, w, **g) for w in FUSION_WIDTHS]
+        return dict(x=req(torch.randn(1, n, d, **g)), modalities=mods,
+                    gate_w=[req(torch.randn(d, d + w, **p) * d ** -0.5) for w in FUSION_WIDTHS],
+                    gate_b=[req(torch.zeros(d, **p)) for _ in FUSION_WIDTHS],
+                    proj_w=[req(torch.randn(d, w, **p) * 0.1) for w in FUSION_WIDTHS],
+                    proj_b=[req(torch.zeros(d, **p)) for _ in FUSION_WIDTHS],
+                    ln_weight=req(torch.ones(d, **p)), ln_bias=req(torch.zeros(d, **p)), autocast=mix)
     return make
 
 
 def fusion_implementations(device, dtype, sizes):
     from ampfuse.ops.fusion import fusion_layer, fusion_layer_reference
 
-    impls = {"eager": lambda t: fusion_layer_reference(**t, beta=0.5),
+    def reference(t):
+        return fusion_layer_reference(**t, beta=0.5)
+
+    def under_autocast(fn):  # the "mix" layout: the call runs under autocast, as in a model trained with it
+        def run(t):
+            tensors = {k: v for k, v in t.items() if k != "autocast"}
+            with torch.autocast(device.type, dtype=dtype, enabled=t["autocast"]):
+                return fn(tensors)
+        return run
+
+    impls = {"eager": reference,
              ("ampfuse-triton" if device.type == "cuda" else "ampfuse-torch"):
                  lambda t: fusion_layer(**t, beta=0.5, backend="triton" if device.type == "cuda" else "torch"),
-             "torch.compile": torch.compile(lambda t: fusion_layer_reference(**t, beta=0.5))}
-    return impls
+             "torch.compile": torch.compile(reference)}
+    if sizes != "quick":
+        impls["torch.compile max-autotune"] = torch.compile(reference, mode="max-autotune")
+    return {name: under_autocast(fn) for name, fn in impls.items()}
 
 
-def fusion_bytes(n, d, dtype, mode):
+def fusion_bytes(n, d, dtype, mode, mix=False):
+    """Least traffic: read x and the modalities, write y (fp32 in the mix), the parameters once; backward
+    reads dy, x and the modalities again, writes dx and the parameters' gradients."""
     e = torch.tensor([], dtype=dtype).element_size()
-    return e * n * (2 * d + 109) if mode == "forward" else e * n * (4 * d + 109)
+    e_p = 4 if mix else e  # y, dy and the parameters
+    weights = e_p * (sum(d * (d + 2 * w) + 2 * d for w in FUSION_WIDTHS) + 2 * d)
+    m = sum(FUSION_WIDTHS)
+    forward = e * n * (d + m) + e_p * n * d + weights
+    return forward if mode == "forward" else forward + e_p * n * d + e * n * (2 * d + m) + 2 * weights
 
 
 def fusion_flops(n, d, mode):
-    fwd = 2 * n * d * (d + 74 + 74 + d + 35 + 35)
-    return fwd if mode == "forward" else 3 * fwd
+    """The GEMMs: [x; m_i] W_gi^T and m_i W_pi^T per modality; backward (minimal: the forward's products
+    saved) twice that."""
+    forward = 2 * n * d * sum(d + 2 * w for w in FUSION_WIDTHS)
+    return forward if mode == "forward" else 3 * forward
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -533,7 +559,7 @@ def main(argv=None):
                      device, dtype, args.sizes, ceil, log, emit)
     if "fusion" in suites:
         run_op_suite("fusion", fusion_cases(args.sizes, device), fusion_implementations, fusion_inputs, fusion_bytes,
-                     fusion_flops, device, dtype, args.sizes, ceil, log, emit)
+                     fusion_flops, device, dtype, args.sizes, ceil, log, emit, mix=True)
     if "e2e" in suites:
         run_e2e(device, args.sizes, log, emit)
     write_report(rows, header, out)

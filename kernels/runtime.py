@@ -143,3 +143,42 @@ def token_splits(tiles, chunks):
     on every run and every GPU. A few in the interpreter, so the tests cross split boundaries."""
     target = 6 if interpreting() else 264
     return max(1, min(tiles, -(-target // chunks)))
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_tiles(dtype, accumulators=1, converted=False):
+    """Launch settings of a tensor-core GEMM with a fused epilogue: a program owns a [BLOCK_M, BLOCK_N]
+    output tile and walks the reduction in steps of BLOCK_K, its operand tiles software-pipelined
+    through num_stages shared-memory buffers. ``dtype``: the operands'. ``accumulators``: how many
+    [BLOCK_M, BLOCK_N] fp32 tiles stay live at once (a fused gate and projection keep three: the sum, the
+    gate, the projection); it sets BLOCK_M so they stay in registers. ``converted``: an operand is loaded in
+    a wider dtype and converted in registers (autocast's fp32 activations), which with three accumulators
+    takes half the BLOCK_N. fp32 operands (full-precision dots, on the FMA units with their operands in
+    registers) take half the BLOCK_K and, with three accumulators, half the BLOCK_N. On sm_90 none of these
+    spills and all fit Hopper's shared memory (python -m benchmarks.compile_report --only fusion). Large
+    tiles in the interpreter, which pays per operation and per program, not per element."""
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, PRECISION=_precision(dtype))
+    narrow = accumulators > 1 and (converted or dtype == torch.float32)
+    return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=64 if narrow else 128,
+                BLOCK_K=32 if dtype == torch.float32 else 64, PRECISION=_precision(dtype), num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def stream_tiles(dtype):
+    """Launch settings of an elementwise row pass without dots: a program owns BLOCK_M rows and streams the
+    columns in chunks of BLOCK_D (no row of d in registers: design rule 1). On a GPU [32, 64] chunks over 4
+    warps: 16 elements of each tensor per thread, about 100 registers, five blocks per SM. In the interpreter,
+    chunks narrower than the test widths, so the tests cross chunk boundaries."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_D=32)
+    return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4)
+
+
+def weight_grad_splits(tiles, token_blocks):
+    """Token ranges (split-K) of a weight-gradient grid of ``tiles`` output tiles over ``token_blocks``
+    blocks of tokens: enough programs to fill a GPU (about two per SM of a 132-SM part), a number that
+    depends on the shape alone, so gradients are bitwise the same on every run and every GPU. Two in
+    the interpreter whenever there are tokens for them, so the tests cross split boundaries."""
+    target = 2 * tiles if interpreting() else 264
+    return max(1, min(token_blocks, -(-target // tiles)))
