@@ -238,6 +238,7 @@ def run(argv=None):
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
+    progress, log = progress_and_log(args)
     model_path = args.model or default_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     base = transformers.AutoModel.from_pretrained(model_path).eval()
@@ -256,7 +257,6 @@ def run(argv=None):
         raw = synthetic_dataset(train=n, valid=max(n // 5, 8), test=max(n // 5, 8), seed=args.seed)
         data_name = f"synthetic CMU-MOSEI-shaped set ({n} train sentences)"
     data = {split: to_tensors(raw[split], tokenizer) for split in ("train", "valid", "test")}
-    progress, log = progress_and_log(args)
     results = []
     with use_backend(backend):
         for name in args.variants:
@@ -273,11 +273,14 @@ def run(argv=None):
 
 
 def progress_and_log(args):
-    """(progress, log): progress bars on a terminal only (tqdm writes to stderr), and a function
-    printing one line per epoch that does not break a bar."""
+    """(progress, log): progress bars on a terminal only (they go to stderr), and a function printing
+    one line per epoch that does not break a bar. Without bars, transformers' own (loading the
+    weights) are turned off too, so a redirected log holds only lines."""
+    import transformers
     from tqdm.auto import tqdm
 
     if args.no_progress or not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
         return (lambda it, **kw: it), (lambda line: print(line, flush=True))
     return (lambda it, **kw: tqdm(it, leave=False, **kw)), tqdm.write
 
