@@ -151,11 +151,11 @@ def train_variant(name, base, data, args, device, progress, log):
         device)).loss, exclude=list(model.parameters()))
     for epoch in range(args.epochs):
         model.train()
-        losses, epoch_seen, epoch_time = [], 0, 0.0
+        losses, epoch_seen, epoch_time, epoch_cpu = [], 0, 0.0, 0.0
         steps = list(batches(data["train"], args.batch_size, rng))
         bar = progress(steps, desc=f"{name} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(**model_inputs(batch, model, device), labels=batch["labels"].to(device)).loss
             opt.zero_grad(set_to_none=True)
@@ -164,6 +164,7 @@ def train_variant(name, base, data, args, device, progress, log):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_time += time.perf_counter() - start
+            epoch_cpu += time.process_time() - start_cpu  # all of the process's threads
             epoch_seen += len(batch["labels"])
             losses.append(loss.item())
             if hasattr(bar, "set_postfix"):
@@ -171,9 +172,11 @@ def train_variant(name, base, data, args, device, progress, log):
         seen, train_time = seen + epoch_seen, train_time + epoch_time
         valid_mae = mae(predict(model, data["valid"], device), data["valid"]["labels"].numpy())
         curve.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_mae": valid_mae,
-                      "train_samples_per_s": epoch_seen / max(epoch_time, 1e-9)})
+                      "train_samples_per_s": epoch_seen / max(epoch_time, 1e-9),
+                      "train_cpu_ms_per_sample": 1000 * epoch_cpu / max(epoch_seen, 1)})
         log(f"{name:>10} epoch {epoch + 1}/{args.epochs}: train loss {curve[-1]['train_loss']:.3f}, valid MAE "
-            f"{valid_mae:.3f}, {curve[-1]['train_samples_per_s']:.1f} train samples/s")
+            f"{valid_mae:.3f}, {curve[-1]['train_samples_per_s']:.1f} train samples/s, "
+            f"{curve[-1]['train_cpu_ms_per_sample']:.0f} ms of CPU per sample")
     test = sentiment_metrics(predict(model, data["test"], device), data["test"]["labels"].numpy())
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
