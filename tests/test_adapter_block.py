@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import ampfuse
+from ampfuse import BackendUnavailableError
 from ampfuse import testing
 from ampfuse.kernels import runtime
 from ampfuse.ops.activations import ACTIVATIONS
@@ -457,3 +458,14 @@ def test_gpu_profiler_counts_kernel_launches(dtype, monkeypatch):
     params = [t for n, t in tensors.items() if n not in ("h", "r")]
     backward = kernels(lambda: torch.autograd.grad(y, [tensors["h"], tensors["r"], *params], dy))
     assert len(backward) == 2, backward
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 refusal is a CPU matter")
+def test_interpreter_refuses_bfloat16_rather_than_computing_it_wrongly():
+    """Triton's CPU interpreter keeps bf16 as raw bits (triton issue 11584): the triton backend says
+    so instead of returning garbage, for bf16 inputs alone and in autocast's mix with fp32."""
+    tensors, kwargs = testing.adapter_inputs(9, 24, 4)
+    for h_dtype, r_dtype in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        inputs = dict(tensors, h=tensors["h"].to(h_dtype), r=tensors["r"].to(r_dtype))
+        with pytest.raises(BackendUnavailableError, match="bfloat16.*11584"):
+            testing.call(adapter_block, inputs, backend="triton", **kwargs)

@@ -262,7 +262,7 @@ def adapter_block(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_do
         dropout_p = 0.0
     _checks.positive("ln_eps", ln_eps)
     _checks.positive("adapter_ln_eps", adapter_ln_eps)
-    name = _backend.resolve(h.device, torch.promote_types(h.dtype, r.dtype), backend, op="adapter_block")
+    name = _backend.resolve(h.device, (h.dtype, r.dtype), backend, op="adapter_block")
     if name == "torch":
         return adapter_block_reference(
             h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling=scaling,
