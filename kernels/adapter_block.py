@@ -805,7 +805,7 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
                    M, D, K, float(spec.ln_eps), ACT=ACTIVATIONS.index(spec.activation),
                    LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **flags, **rows)
 
-    cols = runtime.column_tiles(D, K, operand_dtype(h, r), heavy)
+    cols = runtime.column_tiles(D, K, operand_dtype(h, r))
     tiles = cdiv(M, cols["BLOCK_M"])
     splits = runtime.token_splits(tiles, cdiv(D, cols["BLOCK_D"]))
     tiles_per_split = cdiv(tiles, splits)

@@ -102,7 +102,7 @@ def row_tiles(D, K, dtype, heavy=False):
     interpreter (fast, and many chunks per row in the tests). On a GPU 8 warps, and as many rows as fit
     the registers without spilling (benchmarks/compile_report checks it): 64 (tensor-core friendly) at
     k <= 64, fewer for a wider bottleneck or fp32 operands (full-precision dots hold more); ``heavy``
-    variants (see column_tiles) get narrower chunks."""
+    variants (an extra LayerNorm, dropout, mixed dtypes: more work per element) get narrower chunks."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
@@ -114,21 +114,17 @@ def row_tiles(D, K, dtype, heavy=False):
 
 
 @functools.lru_cache(maxsize=None)
-def column_tiles(D, K, dtype, heavy=False):
+def column_tiles(D, K, dtype):
     """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
-    of BLOCK_M rows, accumulating [BLOCK_D, BLOCK_K] weight-gradient tiles on chip. ``heavy``: the
-    variant does more per element (an extra LayerNorm, dropout, mixed dtypes) and gets narrower chunks
-    to stay within the registers."""
+    of BLOCK_M rows, accumulating two [BLOCK_K, BLOCK_D] fp32 weight-gradient tiles on chip. 16 columns:
+    at 32, the fp16 and mixed-dtype variants spill at k = 64 on sm_90 (benchmarks/compile_report). 64 rows
+    at k <= 64; at k = 256 the accumulators alone take 32 registers a thread and even 16 rows spill a
+    few dozen bytes (reported by compile_report, not failed on)."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
-    if dtype == torch.float32:
-        rows, cols = 16, 16
-    elif block_k <= 64:
-        rows, cols = 64, 16 if heavy else 32
-    else:
-        rows, cols = 16 if heavy else 32, 16
-    return dict(BLOCK_M=rows, BLOCK_D=cols, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+    rows = 64 if block_k <= 64 and dtype != torch.float32 else 16
+    return dict(BLOCK_M=rows, BLOCK_D=16, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
 
 
 def _interpreter_chunk(D):
