@@ -46,6 +46,8 @@ def signature(kernel, args, meta):
         specialize = not fn.params[i].do_not_specialize
         if name in meta or fn.params[i].is_constexpr:
             sig[name], consts[(i,)] = "constexpr", v
+        elif isinstance(v, tuple) or v is None:  # tuple arguments (the GMU's per-stream tensors), or an absent one
+            sig[name] = _nested_signature((i,), v, specialize, consts, attrs)
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + TYPES[v.dtype]
             if specialize and v.data_ptr() % 16 == 0:
@@ -60,6 +62,28 @@ def signature(kernel, args, meta):
             sig[name] = "fp32"
     options = {k: meta[k] for k in OPTIONS if k in meta}
     return sig, consts, attrs, options
+
+
+def _nested_signature(path, v, specialize, consts, attrs):
+    """Signature of a tuple argument (a NamedTuple keeps its type, which the kernel's attribute access needs)
+    or of None (a constexpr), recording constants and attributes at their paths, as Triton's launcher does."""
+    if v is None:
+        consts[path] = None
+        return "constexpr"
+    if isinstance(v, tuple):
+        parts = [_nested_signature(path + (j,), e, specialize, consts, attrs) for j, e in enumerate(v)]
+        return type(v)(*parts) if hasattr(v, "_fields") else tuple(parts)
+    if isinstance(v, torch.Tensor):
+        if specialize and v.data_ptr() % 16 == 0:
+            attrs[path] = [["tt.divisibility", 16]]
+        return "*" + TYPES[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        if specialize and v % 16 == 0:
+            attrs[path] = [["tt.divisibility", 16]]
+        return "i64" if abs(v) >= 2 ** 31 else "i32"
+    return "fp32"
 
 
 def compile_launch(kernel, sig, consts, attrs, options, target):
@@ -83,17 +107,46 @@ def resources(cubin):
 
 
 # Kernels still holding whole rows in registers (issue 13 rewrites them): reported, not failed on spills.
-SPILL_EXEMPT = {"gmu_fwd_kernel", "gmu_bwd_kernel", "fusion_fwd_kernel", "fusion_bwd_kernel",
-                "fusion_weight_grad_kernel"}
+SPILL_EXEMPT = {"fusion_fwd_kernel", "fusion_bwd_kernel", "fusion_weight_grad_kernel"}
 # The adapter block's dtype layouts: (h, r, parameters); "mix" is autocast's (16-bit h, fp32 r and parameters).
 ADAPTER_DTYPES = {"bf16": (torch.bfloat16,) * 3, "fp16": (torch.float16,) * 3,
                   "mix": (torch.bfloat16, torch.float32, torch.float32), "fp32": (torch.float32,) * 3}
 
 
+# The GMU's dtype layouts (x and modalities, r, parameters) and modality sets (width, token-aligned): one
+# token-aligned modality (the sigmoid gate, direct form), or an aligned one and a wide per-sample one (softmax
+# gate, GMU form).
+GMU_DTYPES = {"bf16": (torch.bfloat16,) * 3, "fp16": (torch.float16,) * 3,
+              "mix": (torch.bfloat16, torch.float32, torch.float32)}
+GMU_MODALITIES = {"1 aligned": ((74, True),), "aligned+per-sample": ((74, True), (2048, False))}
+
+
+def gmu_case(d, k, modalities, x_dtype, r_dtype, p_dtype, B=2, T=8):
+    """(tensors, options) of one GMU call: stream LayerNorms, the fused output LayerNorm, a per-channel
+    scaling, every parameter requiring grad."""
+    def rand(*shape, dtype=p_dtype):
+        return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+    widths = [d, *(w for w, _ in modalities)]
+    S = len(widths)
+    gate = "sigmoid" if S == 2 else "softmax"
+    gates = 1 if gate == "sigmoid" else S
+    tensors = dict(x=rand(B, T, d, dtype=x_dtype), r=rand(B, T, d, dtype=r_dtype),
+                   modalities=[torch.randn(B, T, w, dtype=x_dtype) if aligned else torch.randn(B, w, dtype=x_dtype)
+                               for w, aligned in modalities],
+                   stream_w=[rand(k, w) for w in widths], stream_b=[rand(k) for _ in widths],
+                   stream_ln_w=[rand(w) for w in widths], stream_ln_b=[rand(w) for w in widths],
+                   gate_w=rand(gates, k, S * k), gate_b=rand(gates, k), w_up=rand(d, k), b_up=rand(d),
+                   scaling=rand(d), ln_weight=rand(d), ln_bias=rand(d))
+    if S > 2:
+        tensors["gmu_w"] = rand(S, k, k)
+    return tensors, dict(gate=gate)
+
+
 def cases():
     from ampfuse import testing
     from ampfuse.ops.adapter_block import adapter_block
-    from benchmarks.run import fusion_inputs, gmu_inputs
+    from benchmarks.run import fusion_inputs
     from ampfuse.ops.fusion import fusion_layer
     from ampfuse.ops.gmu import gmu_adapter
 
@@ -105,10 +158,11 @@ def cases():
             tensors["r"] = tensors["r"].detach().to(r_dtype).requires_grad_()
             yield f"adapter d={d} k={k} {layout} {placement}", lambda t=tensors, kw=kwargs | scale: testing.call(
                 adapter_block, t, backend="triton", **kw).sum().backward()
+    for d, layout, (name, modalities) in itertools.product((384, 768, 1024), GMU_DTYPES, GMU_MODALITIES.items()):
+        t, kwargs = gmu_case(d, 64, modalities, *GMU_DTYPES[layout])
+        yield f"gmu d={d} k=64 {layout} {name}", lambda t=t, kw=kwargs: gmu_adapter(
+            **t, **kw, backend="triton").sum().backward()
     for d, dtype in itertools.product((384, 768, 1024), (torch.bfloat16, torch.float32)):
-        t = gmu_inputs(2, 8, d, 64, dtype, "cpu")()
-        yield f"gmu d={d} k=64 {TYPES[dtype]}", lambda t=t: gmu_adapter(**t, gate="softmax",
-                                                                         backend="triton").sum().backward()
         t = fusion_inputs(16, d, dtype, "cpu")()
         yield f"fusion d={d} {TYPES[dtype]}", lambda t=t: fusion_layer(**t, beta=0.5, backend="triton").sum().backward()
 

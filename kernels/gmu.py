@@ -225,13 +225,14 @@ def _pre_activation(saved, consts, j: tl.constexpr, b, rows, row_mask, kk, k_mas
 
 
 @triton.jit
-def _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG: tl.constexpr,
+def _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, op, CFG: tl.constexpr,
                  BLOCK_M: tl.constexpr):
-    """(a_0, ..., a_{S-1}) of a tile from the saved pre-activations."""
+    """(a_0, ..., a_{S-1}) of a tile from the saved pre-activations, in the operand dtype (as the forward
+    held them)."""
     acts = ()
     for j in tl.static_range(CFG.S):
         z = _pre_activation(saved, consts, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
-        acts = acts + (activation(z, CFG.ACT),)
+        acts = acts + (activation(z, CFG.ACT).to(op),)
     return acts
 
 
@@ -262,26 +263,37 @@ def _gmu_block(params, j, kk, k_mask, K):
 
 
 @triton.jit
-def _logit(acts, params, j: tl.constexpr, kk, k_mask, K, op, CFG: tl.constexpr, PRECISION: tl.constexpr):
-    """Gate logits of stream j: sum_i a_i G_{j,i}^T + g_j; 0 for the sigmoid gate's second stream."""
-    l = acts[0] * 0.0
+def _logit(acts, params, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
+    """Gate logits of stream j (a constexpr or a loop index): sum_i a_i G_{j,i}^T + g_j; 0 for the sigmoid
+    gate's second stream. ``acts``: the S activation tiles in the operand dtype."""
+    l = tl.zeros(acts[0].shape, dtype=tl.float32)
     if j < CFG.SG:
         for i in tl.static_range(CFG.S):
-            l = tl.dot(acts[i].to(op), tl.trans(_gate_block(params, j, i, kk, k_mask, K, CFG.S).to(op)), acc=l,
-                       input_precision=PRECISION)
+            g = _gate_block(params, j, i, kk, k_mask, K, CFG.S).to(acts[i].dtype)
+            l = tl.dot(acts[i], tl.trans(g), acc=l, input_precision=PRECISION)
         l += _vec(params.gate_b, j * K + kk, k_mask)[None, :]
     return l
 
 
 @triton.jit
-def _gated(a, params, j: tl.constexpr, kk, k_mask, K, op, GMU_FORM: tl.constexpr, PRECISION: tl.constexpr):
-    """h_j: a_j (direct form) or tanh(a_j V_j^T) (GMU form)."""
+def _gated(a, params, j, kk, k_mask, K, GMU_FORM: tl.constexpr, PRECISION: tl.constexpr):
+    """h_j, fp32: a_j (direct form) or tanh(a_j V_j^T) (GMU form); ``a`` in the operand dtype."""
     if GMU_FORM:
-        pre = tl.dot(a.to(op), tl.trans(_gmu_block(params, j, kk, k_mask, K).to(op)), input_precision=PRECISION)
+        pre = tl.dot(a, tl.trans(_gmu_block(params, j, kk, k_mask, K).to(a.dtype)), input_precision=PRECISION)
         h = 2.0 * tl.sigmoid(2.0 * pre) - 1.0
     else:
-        h = a
+        h = a.to(tl.float32)
     return h
+
+
+@triton.jit
+def _select(t, j, S: tl.constexpr):
+    """t[j] for a runtime j (the streams' loops are runtime loops: unrolled, every stream's weight blocks
+    would be loaded up front and held in registers at once)."""
+    out = t[0]
+    for i in tl.static_range(1, S):
+        out = tl.where(j == i, t[i], out)
+    return out
 
 
 @triton.jit
@@ -501,15 +513,15 @@ def _stream_pass(streams, params, j: tl.constexpr, r_ptr, consts, rows, row_mask
 
 
 @triton.jit
-def _gate_forward(acts, params, kk, k_mask, K, op, CFG: tl.constexpr, PRECISION: tl.constexpr):
+def _gate_forward(acts, params, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
     """(fused, lse): fused = sum_j softmax_j(l) h_j by an online softmax over the streams (no S logit tiles
     held at once), lse the log-sum-exp of the logits (backward recomputes each softmax weight from it)."""
-    m = acts[0] * 0.0 + float("-inf")
-    den = acts[0] * 0.0
-    num = acts[0] * 0.0
-    for j in tl.static_range(CFG.S):
-        l = _logit(acts, params, j, kk, k_mask, K, op.dtype, CFG, PRECISION)
-        h = _gated(acts[j], params, j, kk, k_mask, K, op.dtype, CFG.GMU_FORM, PRECISION)
+    m = tl.full(acts[0].shape, float("-inf"), dtype=tl.float32)
+    den = tl.zeros(acts[0].shape, dtype=tl.float32)
+    num = tl.zeros(acts[0].shape, dtype=tl.float32)
+    for j in range(0, CFG.S):
+        l = _logit(acts, params, j, kk, k_mask, K, CFG, PRECISION)
+        h = _gated(_select(acts, j, CFG.S), params, j, kk, k_mask, K, CFG.GMU_FORM, PRECISION)
         m_new = tl.maximum(m, l)
         alpha = tl.exp(m - m_new)
         p = tl.exp(l - m_new)
@@ -556,7 +568,7 @@ def gmu_fwd_kernel(
         if CFG.STREAM_LN:
             tl.store(_row_scalar(saved, NP, 0, rows, N, K), mean_j, mask=row_mask)
             tl.store(_row_scalar(saved, NP, 1, rows, N, K), rstd_j, mask=row_mask)
-    acts = (activation(z, CFG.ACT),)
+    acts = (activation(z, CFG.ACT).to(op.dtype),)
     for j in tl.static_range(1, CFG.S):
         if CFG.ALIGNED[j]:
             z, mean_j, rstd_j, _s, _m, _m2, _t, _b = _stream_pass(
@@ -569,10 +581,10 @@ def gmu_fwd_kernel(
                     tl.store(_row_scalar(saved, NP, 2 * CFG.TOK[j] + 1, rows, N, K), rstd_j, mask=row_mask)
         else:
             z = _pre_activation(saved, consts, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
-        acts = acts + (activation(z, CFG.ACT),)
+        acts = acts + (activation(z, CFG.ACT).to(op.dtype),)
 
     # ---- gate, on chip ----
-    fused, lse = _gate_forward(acts, params, kk, k_mask, K, op, CFG, PRECISION)
+    fused, lse = _gate_forward(acts, params, kk, k_mask, K, CFG, PRECISION)
     if SAVE:
         tl.store(_plane(saved, CFG.N_TOK, rows, kk, N, K), fused, mask=tile_mask)
         tl.store(_plane(saved, CFG.N_TOK + 1, rows, kk, N, K), lse, mask=tile_mask)
@@ -690,27 +702,29 @@ def gmu_bwd_rows_kernel(
     # ---- the gate, on chip: with z_j = exp(l_j - lse), fused = sum_j z_j h_j,
     #   dh_j = dfused z_j,  dl_j = z_j dfused (h_j - fused),  da_i = sum_j dl_j G_{j,i} + (dh_i or, GMU form,
     #   (dh_i (1 - h_i^2)) V_i)
-    acts = _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
+    acts = _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, op.dtype, CFG, BLOCK_M)
     lse = tl.load(_plane(saved, CFG.N_TOK + 1, rows, kk, N, K), mask=tile_mask, other=0.0)
     das = ()
     for j in tl.static_range(CFG.S):
         das = das + (tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),)
-    for j in tl.static_range(CFG.S):
-        l = _logit(acts, params, j, kk, k_mask, K, op.dtype, CFG, PRECISION)
-        h = _gated(acts[j], params, j, kk, k_mask, K, op.dtype, CFG.GMU_FORM, PRECISION)
-        zj = tl.where(tile_mask, tl.exp(l - lse), 0.0)
-        dh = dfused * zj
+    for j in range(0, CFG.S):
+        l = _logit(acts, params, j, kk, k_mask, K, CFG, PRECISION)
+        h = _gated(_select(acts, j, CFG.S), params, j, kk, k_mask, K, CFG.GMU_FORM, PRECISION)
+        dh = dfused * tl.where(tile_mask, tl.exp(l - lse), 0.0)
         if CFG.GMU_FORM:
-            dpre = dh * (1.0 - h * h)
-            das = _tuple_add(das, j, tl.dot(dpre.to(op.dtype), _gmu_block(params, j, kk, k_mask, K).to(op.dtype),
-                                            input_precision=PRECISION), CFG.S)
+            dd = tl.dot((dh * (1.0 - h * h)).to(op.dtype), _gmu_block(params, j, kk, k_mask, K).to(op.dtype),
+                        input_precision=PRECISION)
         else:
-            das = _tuple_add(das, j, dh, CFG.S)
-        if j < CFG.SG:
-            dl = (dh * (h - fused)).to(op.dtype)
-            for i in tl.static_range(CFG.S):
-                das = _tuple_add(das, i, tl.dot(dl, _gate_block(params, j, i, kk, k_mask, K, CFG.S).to(op.dtype),
-                                                input_precision=PRECISION), CFG.S)
+            dd = dh
+        dl = (dh * (h - fused)).to(op.dtype)
+        out = ()
+        for i in tl.static_range(CFG.S):
+            da = das[i] + tl.where(j == i, dd, 0.0)
+            if j < CFG.SG:
+                da = tl.dot(dl, _gate_block(params, j, i, kk, k_mask, K, CFG.S).to(op.dtype), acc=da,
+                            input_precision=PRECISION)
+            out = out + (da,)
+        das = out
 
     # ---- dz_j, and the LayerNorm row scalars: for LN_j right before W_j, with dxn = dz W_j and
     # z - f2 = (gamma o xhat) W_j^T: mean(dxn o gamma) = dz . f1 / D_j, mean(dxn o gamma o xhat) = dz . (z - f2) / D_j
@@ -939,23 +953,23 @@ def _gate_unit(params, u: tl.constexpr, split, consts, saved, rowgrad, part, off
     for tile in range(first, tl.minimum(first + tiles_per_split, B * tl.cdiv(T, BLOCK_M))):
         b, rows, row_mask = _tile_rows(tile, T, BLOCK_M)
         tile_mask = row_mask[:, None] & k_mask[None, :]
-        acts = _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
+        acts = _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, op.dtype, CFG, BLOCK_M)
         fused = tl.load(_plane(saved, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0)
         lse = tl.load(_plane(saved, CFG.N_TOK + 1, rows, kk, N, K), mask=tile_mask, other=0.0)
         dfused = tl.load(_plane(rowgrad, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0)
-        l = _logit(acts, params, j, kk, k_mask, K, op.dtype, CFG, PRECISION)
-        h = _gated(acts[j], params, j, kk, k_mask, K, op.dtype, CFG.GMU_FORM, PRECISION)
+        l = _logit(acts, params, j, kk, k_mask, K, CFG, PRECISION)
+        h = _gated(acts[j], params, j, kk, k_mask, K, CFG.GMU_FORM, PRECISION)
         dh = dfused * tl.where(tile_mask, tl.exp(l - lse), 0.0)
         if u < CFG.SG:
             dl = dh * (h - fused)
             dl_op = tl.trans(dl.to(op.dtype))
             for i in tl.static_range(CFG.S):
-                accs = _tuple_add(accs, i, tl.dot(dl_op, acts[i].to(op.dtype), input_precision=PRECISION), CFG.S)
+                accs = _tuple_add(accs, i, tl.dot(dl_op, acts[i], input_precision=PRECISION), CFG.S)
             acc_b += tl.sum(dl, axis=0)
         else:
             dpre = dh * (1.0 - h * h)
-            accs = _tuple_add(accs, 0, tl.dot(tl.trans(dpre.to(op.dtype)), acts[j].to(op.dtype),
-                                              input_precision=PRECISION), CFG.S)
+            accs = _tuple_add(accs, 0, tl.dot(tl.trans(dpre.to(op.dtype)), acts[j], input_precision=PRECISION),
+                              CFG.S)
     row = part + split.to(tl.int64) * offsets.reduced + offsets.gate
     mask = k_mask[:, None] & k_mask[None, :]
     if u < CFG.SG:
