@@ -104,11 +104,22 @@ class GradOffsets(NamedTuple):
 # CONSTS (fp32): s (D) | fold f1_j, f2_j (S x 2 x K) | Gram of s o W_up centred (K x K), its column sums
 # (K), G bc (K), |bc|^2, sum b' (b' = s o b_up, bc = b' - mean b') | per-sample pre-activations
 # (B x N_PS x K) | per-sample mean, rstd (B x N_PS x 2).
-# SAVED (fp32): planes of (N, K): z_j of each token stream, fused, log-sum-exp of the gate logits; then
+# SAVED (fp32): planes of (N, K): z_j of each token stream, then the log-sum-exp of the gate logits; then
 # rows of N: mean_j, rstd_j of each token stream (STREAM_LN), mean and rstd of the output LayerNorm.
-# ROWGRAD (fp32): planes dz_j of each token stream, dfused; rows of N: mean(g), mean(g ohat) (g = dy o
-# ln_weight), then c1_j, c2_j of each token stream; then (tiles, N_PS, K) per-tile sums of dz_j of the
-# per-sample streams.
+# FUSED (operand dtype): (N, K), the gate's output (a dot operand wherever it is read).
+# KGRAD (operand dtype): planes dz_j of each token stream, dl_g of each gate's logits, dpre_j of the GMU
+# form's tanh: the operands of the weight-gradient GEMMs (16 bits where the operands are).
+# ROWGRAD (fp32): rows of N: mean(g), mean(g ohat) (g = dy o ln_weight), then c1_j, c2_j of each token
+# stream; then (tiles, N_PS, K) per-tile sums of dz_j of the per-sample streams.
+
+
+class Buffers(NamedTuple):
+    """The buffers the kernels hand each other (layouts above); None where not made yet."""
+    consts: object
+    saved: object
+    fused: object
+    kgrad: object = None
+    rowgrad: object = None
 
 
 def consts_size(D, K, S, B, n_ps):
@@ -116,11 +127,15 @@ def consts_size(D, K, S, B, n_ps):
 
 
 def saved_size(N, K, n_tok):
-    return (n_tok + 2) * N * K + (2 * n_tok + 2) * N
+    return (n_tok + 1) * N * K + (2 * n_tok + 2) * N
+
+
+def kgrad_planes(n_tok, S, SG, gmu_form):
+    return n_tok + SG + S * gmu_form
 
 
 def rowgrad_size(N, K, n_tok, tiles, n_ps):
-    return (n_tok + 1) * N * K + (2 * n_tok + 2) * N + tiles * n_ps * K
+    return (2 * n_tok + 2) * N + tiles * n_ps * K
 
 
 @triton.jit
@@ -148,6 +163,12 @@ def _sample_stats(consts, D, K, B, S: tl.constexpr, N_PS: tl.constexpr):
 def _plane(buf, p, rows, kk, N, K):
     """Pointers of rows ``rows`` of plane p of a buffer of (N, K) planes: [BLOCK_M, BLOCK_K]."""
     return buf + p * N * K + rows[:, None] * K + kk[None, :]
+
+
+@triton.jit
+def _plane_t(buf, p, rows, kk, N, K):
+    """The transposed pointers of _plane: [BLOCK_K, BLOCK_M]."""
+    return buf + p * N * K + rows[None, :] * K + kk[:, None]
 
 
 @triton.jit
@@ -212,26 +233,26 @@ def _scaled_w_up(params, consts, cols, col_mask, kk, k_mask, K):
 
 
 @triton.jit
-def _pre_activation(saved, consts, j: tl.constexpr, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG: tl.constexpr,
+def _pre_activation(bufs, j: tl.constexpr, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """z_j of a tile, [BLOCK_M, BLOCK_K] fp32: a saved plane for a token stream, the sample's row of the
     constants for a per-sample stream (broadcast)."""
     if CFG.ALIGNED[j]:
-        z = tl.load(_plane(saved, CFG.TOK[j], rows, kk, N, K), mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        z = tl.load(_plane(bufs.saved, CFG.TOK[j], rows, kk, N, K), mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
     else:
-        row = _vec(_sample_z(consts, D, K, B, CFG.S), (b * CFG.N_PS + CFG.PS[j]) * K + kk, k_mask)
+        row = _vec(_sample_z(bufs.consts, D, K, B, CFG.S), (b * CFG.N_PS + CFG.PS[j]) * K + kk, k_mask)
         z = tl.zeros([BLOCK_M, kk.shape[0]], dtype=tl.float32) + row[None, :]
     return z
 
 
 @triton.jit
-def _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, op, CFG: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
+def _activations(bufs, b, rows, row_mask, kk, k_mask, N, D, K, B, op, CFG: tl.constexpr, BLOCK_M: tl.constexpr):
     """(a_0, ..., a_{S-1}) of a tile from the saved pre-activations, in the operand dtype (as the forward
     held them)."""
     acts = ()
     for j in tl.static_range(CFG.S):
-        z = _pre_activation(saved, consts, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
+        z = _pre_activation(bufs, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
         acts = acts + (activation(z, CFG.ACT).to(op),)
     return acts
 
@@ -537,8 +558,7 @@ def gmu_fwd_kernel(
     params,                 # Params
     r_ptr,                  # (N, D) residual, read when FUSE_LN (dtype may differ from x's: autocast)
     y_ptr,                  # out (N, D): x's dtype, or that of x + r under FUSE_LN
-    consts,                 # gmu_prep_kernel's buffer
-    saved,                  # out when SAVE: the SAVED buffer
+    bufs,                   # Buffers: consts (gmu_prep_kernel's); out when SAVE: saved, fused
     B, T, K,
     eps,                    # the stream LayerNorms'
     ln_eps,                 # the output LayerNorm's
@@ -557,7 +577,8 @@ def gmu_fwd_kernel(
     k_mask = kk < K
     tile_mask = row_mask[:, None] & k_mask[None, :]
     op = _operand(x_ptr, r_ptr, CFG.FUSE_LN)
-    NP: tl.constexpr = CFG.N_TOK + 2  # planes of SAVED
+    consts, saved = bufs.consts, bufs.saved
+    NP: tl.constexpr = CFG.N_TOK + 1  # planes of SAVED
 
     # ---- streams: the text stream's pass also gathers the residual's sums for the output moments ----
     z, mean_j, rstd_j, shift_r, mean_r, m2_r, acc_t, acc_b = _stream_pass(
@@ -580,15 +601,15 @@ def gmu_fwd_kernel(
                     tl.store(_row_scalar(saved, NP, 2 * CFG.TOK[j], rows, N, K), mean_j, mask=row_mask)
                     tl.store(_row_scalar(saved, NP, 2 * CFG.TOK[j] + 1, rows, N, K), rstd_j, mask=row_mask)
         else:
-            z = _pre_activation(saved, consts, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
+            z = _pre_activation(bufs, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
         acts = acts + (activation(z, CFG.ACT).to(op.dtype),)
 
     # ---- gate, on chip ----
     fused, lse = _gate_forward(acts, params, kk, k_mask, K, CFG, PRECISION)
-    if SAVE:
-        tl.store(_plane(saved, CFG.N_TOK, rows, kk, N, K), fused, mask=tile_mask)
-        tl.store(_plane(saved, CFG.N_TOK + 1, rows, kk, N, K), lse, mask=tile_mask)
     fused_op = fused.to(op.dtype)
+    if SAVE:
+        tl.store(_plane(bufs.fused, 0, rows, kk, N, K), fused_op, mask=tile_mask)
+        tl.store(_plane(saved, CFG.N_TOK, rows, kk, N, K), lse, mask=tile_mask)
 
     # ---- the output LayerNorm's moments, algebraically: o = res + w, w_c = sum_i p_i W'[c, i] + b'_c.
     # With Ac the centred rows of W'^T, bc the centred b', T' = sum_c (res_c - mean_r) W'[c, :]:
@@ -634,9 +655,7 @@ def gmu_bwd_rows_kernel(
     params,                 # Params
     dy_ptr,                 # (N, D)
     r_ptr,                  # (N, D), read when FUSE_LN
-    consts,                 # gmu_prep_kernel's buffer
-    saved,                  # the forward's SAVED buffer
-    rowgrad,                # out: the ROWGRAD buffer
+    bufs,                   # Buffers: the forward's consts, saved, fused; out: kgrad, rowgrad
     B, T, K,
     CFG: tl.constexpr,      # Config
     PRECISION: tl.constexpr,
@@ -653,10 +672,10 @@ def gmu_bwd_rows_kernel(
     k_mask = kk < K
     tile_mask = row_mask[:, None] & k_mask[None, :]
     op = _operand(x_ptr, r_ptr, CFG.FUSE_LN)
-    NP: tl.constexpr = CFG.N_TOK + 2
-    RP: tl.constexpr = CFG.N_TOK + 1  # planes of ROWGRAD
-    fused = tl.load(_plane(saved, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0)
-    fused_op = fused.to(op.dtype)
+    consts, saved, kgrad, rowgrad = bufs.consts, bufs.saved, bufs.kgrad, bufs.rowgrad
+    NP: tl.constexpr = CFG.N_TOK + 1
+    fused_op = tl.load(_plane(bufs.fused, 0, rows, kk, N, K), mask=tile_mask, other=0.0)
+    fused = fused_op.to(tl.float32)
 
     # ---- dfused = dv W_up = sum_c do_c W'[c, :] (W' = s o W_up). Under FUSE_LN, with g = dy o ln_weight and
     # the forward's mean_o, rstd_o: do = rstd_o (g - mean(g) - ohat mean(g ohat)), so
@@ -692,18 +711,17 @@ def gmu_bwd_rows_kernel(
         mgo = sum_go / D
         asum = _vec(_gram(consts, D, K, CFG.S) + K * K, kk, k_mask)
         dfused = rstd_o[:, None] * (xg - mg[:, None] * asum[None, :] - mgo[:, None] * xo)
-        tl.store(_row_scalar(rowgrad, RP, 0, rows, N, K), mg, mask=row_mask)
-        tl.store(_row_scalar(rowgrad, RP, 1, rows, N, K), mgo, mask=row_mask)
+        tl.store(_row_scalar(rowgrad, 0, 0, rows, N, K), mg, mask=row_mask)
+        tl.store(_row_scalar(rowgrad, 0, 1, rows, N, K), mgo, mask=row_mask)
     else:
         dfused = xg
     dfused = tl.where(tile_mask, dfused, 0.0)
-    tl.store(_plane(rowgrad, CFG.N_TOK, rows, kk, N, K), dfused, mask=tile_mask)
 
     # ---- the gate, on chip: with z_j = exp(l_j - lse), fused = sum_j z_j h_j,
     #   dh_j = dfused z_j,  dl_j = z_j dfused (h_j - fused),  da_i = sum_j dl_j G_{j,i} + (dh_i or, GMU form,
-    #   (dh_i (1 - h_i^2)) V_i)
-    acts = _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, op.dtype, CFG, BLOCK_M)
-    lse = tl.load(_plane(saved, CFG.N_TOK + 1, rows, kk, N, K), mask=tile_mask, other=0.0)
+    #   dpre_i V_i with dpre_i = dh_i (1 - h_i^2)). dl_j and dpre_j go to KGRAD for the gate's weight gradients.
+    acts = _activations(bufs, b, rows, row_mask, kk, k_mask, N, D, K, B, op.dtype, CFG, BLOCK_M)
+    lse = tl.load(_plane(saved, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0)
     das = ()
     for j in tl.static_range(CFG.S):
         das = das + (tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),)
@@ -712,11 +730,14 @@ def gmu_bwd_rows_kernel(
         h = _gated(_select(acts, j, CFG.S), params, j, kk, k_mask, K, CFG.GMU_FORM, PRECISION)
         dh = dfused * tl.where(tile_mask, tl.exp(l - lse), 0.0)
         if CFG.GMU_FORM:
-            dd = tl.dot((dh * (1.0 - h * h)).to(op.dtype), _gmu_block(params, j, kk, k_mask, K).to(op.dtype),
-                        input_precision=PRECISION)
+            dpre = (dh * (1.0 - h * h)).to(op.dtype)
+            tl.store(_plane(kgrad, CFG.N_TOK + CFG.SG + j, rows, kk, N, K), dpre, mask=tile_mask)
+            dd = tl.dot(dpre, _gmu_block(params, j, kk, k_mask, K).to(op.dtype), input_precision=PRECISION)
         else:
             dd = dh
         dl = (dh * (h - fused)).to(op.dtype)
+        if j < CFG.SG:
+            tl.store(_plane(kgrad, CFG.N_TOK + j, rows, kk, N, K), dl, mask=tile_mask)
         out = ()
         for i in tl.static_range(CFG.S):
             da = das[i] + tl.where(j == i, dd, 0.0)
@@ -729,158 +750,190 @@ def gmu_bwd_rows_kernel(
     # ---- dz_j, and the LayerNorm row scalars: for LN_j right before W_j, with dxn = dz W_j and
     # z - f2 = (gamma o xhat) W_j^T: mean(dxn o gamma) = dz . f1 / D_j, mean(dxn o gamma o xhat) = dz . (z - f2) / D_j
     for j in tl.static_range(CFG.S):
-        z = _pre_activation(saved, consts, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
+        z = _pre_activation(bufs, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
         dz = tl.where(tile_mask, das[j] * activation_grad(z, CFG.ACT), 0.0)
         if CFG.ALIGNED[j]:
-            tl.store(_plane(rowgrad, CFG.TOK[j], rows, kk, N, K), dz, mask=tile_mask)
+            tl.store(_plane(kgrad, CFG.TOK[j], rows, kk, N, K), dz.to(kgrad.dtype.element_ty), mask=tile_mask)
             if CFG.STREAM_LN:
                 fold = _fold(consts, D, K, j)
                 width = streams.widths[j]
                 c1 = tl.sum(dz * _vec(fold, kk, k_mask)[None, :], axis=1) / width
                 c2 = tl.sum(dz * (z - _vec(fold + K, kk, k_mask)[None, :]), axis=1) / width
-                tl.store(_row_scalar(rowgrad, RP, 2 + 2 * CFG.TOK[j], rows, N, K), c1, mask=row_mask)
-                tl.store(_row_scalar(rowgrad, RP, 3 + 2 * CFG.TOK[j], rows, N, K), c2, mask=row_mask)
+                tl.store(_row_scalar(rowgrad, 0, 2 + 2 * CFG.TOK[j], rows, N, K), c1, mask=row_mask)
+                tl.store(_row_scalar(rowgrad, 0, 3 + 2 * CFG.TOK[j], rows, N, K), c2, mask=row_mask)
         else:  # a per-sample stream: this tile's share of its sample's dz
-            part = _row_scalar(rowgrad, RP, 2 + 2 * CFG.N_TOK, 0, N, K) + (tile * CFG.N_PS + CFG.PS[j]) * K
+            part = _row_scalar(rowgrad, 0, 2 + 2 * CFG.N_TOK, 0, N, K) + (tile * CFG.N_PS + CFG.PS[j]) * K
             tl.store(part + kk, tl.sum(dz, axis=0), mask=k_mask)
 
 
 @triton.jit
-def _stream_input_grad(dz_op, x, w_op, lam, mu, mean, rstd, c1, c2, col_mask, op, STREAM_LN: tl.constexpr,
+def _stream_input_grad(dz_op, x, w_op, lam, mean, rstd, c1, c2, col_mask, STREAM_LN: tl.constexpr,
                        PRECISION: tl.constexpr):
-    """One chunk of a stream's backward below its projection: (d input, xn = LN_j(input), dxn = dz W_j,
-    xhat); exact from the row scalars."""
+    """One chunk of a stream's backward below its projection, exact from the row scalars: (d input, xhat)."""
     dxn = tl.dot(dz_op, w_op, input_precision=PRECISION)
     if STREAM_LN:
         xhat = tl.where(col_mask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
-        xn = xhat * lam[None, :] + mu[None, :]
         dx = tl.where(col_mask[None, :], (dxn * lam[None, :] - c1[:, None] - xhat * c2[:, None]) * rstd[:, None], 0.0)
     else:
         xhat = x
-        xn = x
         dx = dxn
-    return dx, xn, dxn, xhat
+    return dx, xhat
 
 
 @triton.jit
-def _store_stream_grads(dst, off, width, chunk, cols, col_mask, kk, k_mask, K, acc_w, acc_c, acc_lam, acc_mu,
+def _store_stream_grads(dst, off, width, chunk, cols, col_mask, kk, k_mask, K, m, acc_c, w, lam, mu,
                         STREAM_LN: tl.constexpr):
-    """A stream's gradients for one column chunk at dst + off: dW_j (K, D_j), dc_j (K; chunk 0), LN_j's (D_j)."""
+    """A stream's gradients for one column chunk at dst + off, from the two sums over tokens the units keep:
+    m = dz^T xhat ([BLOCK_K, BLOCK_D]; xhat the normalised input, or the input without LN_j) and
+    acc_c = sum dz. With xn = xhat o lam + mu and dxn = dz W (w: W_j's chunk):
+        dW_j = m o lam + acc_c mu^T,   dc_j = acc_c,   dlam = sum_k W o m,   dmu = acc_c W
+    (the per-column sums come out of the GEMM: no per-column accumulators on chip, which spilled)."""
     base = dst + off
-    tl.store(base + kk[:, None] * width + cols[None, :], acc_w.to(dst.dtype.element_ty),
+    dw = m
+    if STREAM_LN:
+        dw = m * lam[None, :] + acc_c[:, None] * mu[None, :]
+    tl.store(base + kk[:, None] * width + cols[None, :], dw.to(dst.dtype.element_ty),
              mask=k_mask[:, None] & col_mask[None, :])
     if chunk == 0:
         tl.store(base + K * width + kk, acc_c.to(dst.dtype.element_ty), mask=k_mask)
     if STREAM_LN:
-        tl.store(base + K * width + K + cols, acc_lam.to(dst.dtype.element_ty), mask=col_mask)
-        tl.store(base + K * width + K + width + cols, acc_mu.to(dst.dtype.element_ty), mask=col_mask)
+        w = w.to(tl.float32)
+        tl.store(base + K * width + K + cols, tl.sum(w * m, axis=0).to(dst.dtype.element_ty), mask=col_mask)
+        tl.store(base + K * width + K + width + cols, tl.sum(w * acc_c[:, None], axis=0).to(dst.dtype.element_ty),
+                 mask=col_mask)
 
 
 @triton.jit
-def _token_stream_unit(streams, params, j: tl.constexpr, chunk, split, dy_ptr, r_ptr, grads, consts, saved, rowgrad,
-                       part, offsets, B, T, K, tiles_per_split, op, CFG: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns ``chunk`` of token stream j over the split's tiles: d input, the stream's weight gradients as
-    GEMMs over tokens; for the text stream also dr, W_up, b_up, the scaling and the output LayerNorm."""
+def _token_stream_unit(streams, params, j: tl.constexpr, unit, split, dy_ptr, r_ptr, grads, bufs, part, offsets, B,
+                       T, K, tiles_per_split, op, CFG: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
+    """Columns of ``unit`` (CHUNKS chunks of BLOCK_D) of token stream j over the split's tiles: d input, the
+    stream's weight gradients as GEMMs over tokens; for the text stream also dr, W_up, b_up, the scaling and the
+    output LayerNorm. A tile's k-wide operands are loaded once for the unit's chunks, and each chunk is narrow
+    (a wide one held too much at once and spilled)."""
     N = B * T
     D = streams.widths[0]
     width = streams.widths[j]
-    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_mask = cols < width
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
-    NP: tl.constexpr = CFG.N_TOK + 2
-    RP: tl.constexpr = CFG.N_TOK + 1
-    w_op = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                   other=0.0).to(op.dtype)
-    lam = tl.zeros([BLOCK_D], dtype=tl.float32)
-    mu = lam
-    if CFG.STREAM_LN:
-        lam = _vec(streams.ln_w[j], cols, col_mask)
-        mu = _vec(streams.ln_b[j], cols, col_mask)
-    acc_w = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)   # dW_j[:, cols] = dz^T xn
-    acc_c = tl.zeros([BLOCK_K], dtype=tl.float32)
-    acc_lam = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_mu = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)  # dW_up[cols, :] = dv^T fused
-    acc_bu = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_s = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_lnw = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_lnb = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if j == 0:
-        wu_t = _w_up_t(params, cols, col_mask, kk, k_mask, K).to(op.dtype)
-        s = _vec(consts, cols, col_mask)
-        bu = _vec(params.b_up, cols, col_mask)
+    NP: tl.constexpr = CFG.N_TOK + 1
+    col0 = unit * (CHUNKS * BLOCK_D)
+    ms = ()       # per chunk: dz^T xhat
+    acc_dos = ()  # per chunk: fused^T do (text stream)
+    sum_dos = ()  # per chunk: sum do
+    acc_lnw = ()  # per chunk: the output LayerNorm's sums (LN_GRAD)
+    acc_lnb = ()
+    for c in tl.static_range(CHUNKS):
+        ms = ms + (tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32),)
+        acc_dos = acc_dos + (tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32),)
+        sum_dos = sum_dos + (tl.zeros([BLOCK_D], dtype=tl.float32),)
+        acc_lnw = acc_lnw + (tl.zeros([BLOCK_D], dtype=tl.float32),)
+        acc_lnb = acc_lnb + (tl.zeros([BLOCK_D], dtype=tl.float32),)
+    acc_c = tl.zeros([BLOCK_K], dtype=tl.float32)            # sum dz
     first = split * tiles_per_split
     for tile in range(first, tl.minimum(first + tiles_per_split, B * tl.cdiv(T, BLOCK_M))):
         b, rows, row_mask = _tile_rows(tile, T, BLOCK_M)
         tile_mask = row_mask[:, None] & k_mask[None, :]
-        dz = tl.load(_plane(rowgrad, CFG.TOK[j], rows, kk, N, K), mask=tile_mask, other=0.0)
-        dz_op = dz.to(op.dtype)
-        x = _load_tile(streams.inputs[j], rows, row_mask, cols, col_mask, width)
-        mean = tl.where(row_mask, 0.0, 0.0)
-        rstd = mean
-        c1 = mean
-        c2 = mean
+        dz_op = tl.load(_plane(bufs.kgrad, CFG.TOK[j], rows, kk, N, K), mask=tile_mask, other=0.0).to(op.dtype)
+        acc_c += tl.sum(dz_op.to(tl.float32), axis=0)
+        zero = tl.where(row_mask, 0.0, 0.0)
+        mean, rstd, c1, c2 = zero, zero, zero, zero
         if CFG.STREAM_LN:
-            mean = tl.load(_row_scalar(saved, NP, 2 * CFG.TOK[j], rows, N, K), mask=row_mask, other=0.0)
-            rstd = tl.load(_row_scalar(saved, NP, 2 * CFG.TOK[j] + 1, rows, N, K), mask=row_mask, other=0.0)
-            c1 = tl.load(_row_scalar(rowgrad, RP, 2 + 2 * CFG.TOK[j], rows, N, K), mask=row_mask, other=0.0)
-            c2 = tl.load(_row_scalar(rowgrad, RP, 3 + 2 * CFG.TOK[j], rows, N, K), mask=row_mask, other=0.0)
-        dx, xn, dxn, xhat = _stream_input_grad(dz_op, x, w_op, lam, mu, mean, rstd, c1, c2, col_mask, op.dtype,
-                                               CFG.STREAM_LN, PRECISION)
-        acc_w = tl.dot(tl.trans(dz_op), xn.to(op.dtype), acc=acc_w, input_precision=PRECISION)
-        acc_c += tl.sum(dz, axis=0)
-        if CFG.STREAM_LN:
-            acc_lam += tl.sum(dxn * xhat, axis=0)
-            acc_mu += tl.sum(dxn, axis=0)
+            mean = tl.load(_row_scalar(bufs.saved, NP, 2 * CFG.TOK[j], rows, N, K), mask=row_mask, other=0.0)
+            rstd = tl.load(_row_scalar(bufs.saved, NP, 2 * CFG.TOK[j] + 1, rows, N, K), mask=row_mask, other=0.0)
+            c1 = tl.load(_row_scalar(bufs.rowgrad, 0, 2 + 2 * CFG.TOK[j], rows, N, K), mask=row_mask, other=0.0)
+            c2 = tl.load(_row_scalar(bufs.rowgrad, 0, 3 + 2 * CFG.TOK[j], rows, N, K), mask=row_mask, other=0.0)
+        mean_o, rstd_o, mg, mgo = zero, zero, zero, zero
         if j == 0:
-            # ---- the output: o = x + s v (+ r), v = fused W_up^T + b_up ----
-            fused_op = tl.load(_plane(saved, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0).to(op.dtype)
-            v = tl.dot(fused_op, wu_t, input_precision=PRECISION) + bu[None, :]
-            dy = _load_tile(dy_ptr, rows, row_mask, cols, col_mask, D)
+            fused_op = tl.load(_plane(bufs.fused, 0, rows, kk, N, K), mask=tile_mask, other=0.0).to(op.dtype)
             if CFG.FUSE_LN:
-                mean_o = tl.load(_row_scalar(saved, NP, 2 * CFG.N_TOK, rows, N, K), mask=row_mask, other=0.0)
-                rstd_o = tl.load(_row_scalar(saved, NP, 2 * CFG.N_TOK + 1, rows, N, K), mask=row_mask, other=0.0)
-                mg = tl.load(_row_scalar(rowgrad, RP, 0, rows, N, K), mask=row_mask, other=0.0)
-                mgo = tl.load(_row_scalar(rowgrad, RP, 1, rows, N, K), mask=row_mask, other=0.0)
-                o = x + v * s[None, :] + _load_tile(r_ptr, rows, row_mask, cols, col_mask, D)
-                ohat = tl.where(col_mask[None, :], (o - mean_o[:, None]) * rstd_o[:, None], 0.0)
-                g = dy * _vec(params.ln_weight, cols, col_mask)[None, :]
-                do = tl.where(col_mask[None, :], (g - mg[:, None] - ohat * mgo[:, None]) * rstd_o[:, None], 0.0)
-                if CFG.LN_GRAD:
-                    acc_lnw += tl.sum(dy * ohat, axis=0)
-                    acc_lnb += tl.sum(dy, axis=0)
-                if CFG.DR_GRAD:
-                    _store_tile(grads.dr, do, rows, row_mask, cols, col_mask, D)
+                mean_o = tl.load(_row_scalar(bufs.saved, NP, 2 * CFG.N_TOK, rows, N, K), mask=row_mask, other=0.0)
+                rstd_o = tl.load(_row_scalar(bufs.saved, NP, 2 * CFG.N_TOK + 1, rows, N, K), mask=row_mask,
+                                 other=0.0)
+                mg = tl.load(_row_scalar(bufs.rowgrad, 0, 0, rows, N, K), mask=row_mask, other=0.0)
+                mgo = tl.load(_row_scalar(bufs.rowgrad, 0, 1, rows, N, K), mask=row_mask, other=0.0)
+        next_ms, next_dos, next_sums, next_lnw, next_lnb = (), (), (), (), ()
+        for c in tl.static_range(CHUNKS):
+            cols = col0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
+            col_mask = cols < width
+            w_op = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :],
+                           mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(op.dtype)
+            lam = tl.zeros([BLOCK_D], dtype=tl.float32)
+            if CFG.STREAM_LN:
+                lam = _vec(streams.ln_w[j], cols, col_mask)
+            x = _load_tile(streams.inputs[j], rows, row_mask, cols, col_mask, width)
+            dx, xhat = _stream_input_grad(dz_op, x, w_op, lam, mean, rstd, c1, c2, col_mask, CFG.STREAM_LN,
+                                          PRECISION)
+            next_ms = next_ms + (tl.dot(tl.trans(dz_op), xhat.to(op.dtype), acc=ms[c], input_precision=PRECISION),)
+            if j == 0:
+                # ---- the output: o = x + s v (+ r), v = fused W_up^T + b_up ----
+                dy = _load_tile(dy_ptr, rows, row_mask, cols, col_mask, D)
+                lnw = acc_lnw[c]
+                lnb = acc_lnb[c]
+                if CFG.FUSE_LN:
+                    v = tl.dot(fused_op, _w_up_t(params, cols, col_mask, kk, k_mask, K).to(op.dtype),
+                               input_precision=PRECISION) + _vec(params.b_up, cols, col_mask)[None, :]
+                    o = x + v * _vec(bufs.consts, cols, col_mask)[None, :] \
+                        + _load_tile(r_ptr, rows, row_mask, cols, col_mask, D)
+                    ohat = tl.where(col_mask[None, :], (o - mean_o[:, None]) * rstd_o[:, None], 0.0)
+                    g = dy * _vec(params.ln_weight, cols, col_mask)[None, :]
+                    do = tl.where(col_mask[None, :], (g - mg[:, None] - ohat * mgo[:, None]) * rstd_o[:, None], 0.0)
+                    if CFG.LN_GRAD:
+                        lnw += tl.sum(dy * ohat, axis=0)
+                        lnb += tl.sum(dy, axis=0)
+                    if CFG.DR_GRAD:
+                        _store_tile(grads.dr, do, rows, row_mask, cols, col_mask, D)
+                else:
+                    do = dy
+                next_sums = next_sums + (sum_dos[c] + tl.sum(do, axis=0),)
+                next_dos = next_dos + (tl.dot(tl.trans(fused_op), do.to(op.dtype), acc=acc_dos[c],
+                                              input_precision=PRECISION),)
+                next_lnw = next_lnw + (lnw,)
+                next_lnb = next_lnb + (lnb,)
+                _store_tile(grads.dx, dx + do, rows, row_mask, cols, col_mask, D)
             else:
-                do = dy
-            acc_s += tl.sum(do * v, axis=0)
-            dv = do * s[None, :]
-            acc_bu += tl.sum(dv, axis=0)
-            acc_up = tl.dot(tl.trans(dv.to(op.dtype)), fused_op, acc=acc_up, input_precision=PRECISION)
-            _store_tile(grads.dx, dx + do, rows, row_mask, cols, col_mask, D)
-        elif CFG.MOD_GRAD:
-            _store_tile(grads.dm[j], dx, rows, row_mask, cols, col_mask, width)
+                next_sums = next_sums + (sum_dos[c],)
+                next_dos = next_dos + (acc_dos[c],)
+                next_lnw = next_lnw + (acc_lnw[c],)
+                next_lnb = next_lnb + (acc_lnb[c],)
+                if CFG.MOD_GRAD:
+                    _store_tile(grads.dm[j], dx, rows, row_mask, cols, col_mask, width)
+        ms, acc_dos, sum_dos, acc_lnw, acc_lnb = next_ms, next_dos, next_sums, next_lnw, next_lnb
 
     row = part + split.to(tl.int64) * offsets.reduced
-    _store_stream_grads(row, offsets.stream[j], width, chunk, cols, col_mask, kk, k_mask, K, acc_w, acc_c, acc_lam,
-                        acc_mu, CFG.STREAM_LN)
-    if j == 0:
-        up = row + offsets.up
-        tl.store(up + cols[:, None] * K + kk[None, :], acc_up, mask=col_mask[:, None] & k_mask[None, :])
-        tl.store(up + D * K + cols, acc_bu, mask=col_mask)
-        if CFG.SCALE_MODE != SCALE_FLOAT:  # per channel; a learned scalar sums them afterwards
-            tl.store(up + D * K + D + cols, acc_s, mask=col_mask)
-        if CFG.LN_GRAD:
-            tl.store(up + D * K + 2 * D + cols, acc_lnw, mask=col_mask)
-            tl.store(up + D * K + 3 * D + cols, acc_lnb, mask=col_mask)
+    for c in tl.static_range(CHUNKS):
+        cols = col0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_mask = cols < width
+        w = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(op.dtype)
+        lam = tl.zeros([BLOCK_D], dtype=tl.float32)
+        mu = lam
+        if CFG.STREAM_LN:
+            lam = _vec(streams.ln_w[j], cols, col_mask)
+            mu = _vec(streams.ln_b[j], cols, col_mask)
+        _store_stream_grads(row, offsets.stream[j], width, unit * CHUNKS + c, cols, col_mask, kk, k_mask, K, ms[c],
+                            acc_c, w, lam, mu, CFG.STREAM_LN)
+        if j == 0:
+            # with v = fused W_up^T + b_up: dW_up = s o (fused^T do)^T, db_up = s o sum do,
+            # ds = sum_t do o v = sum_k W_up o (fused^T do)^T + b_up o sum do
+            up = row + offsets.up
+            s = _vec(bufs.consts, cols, col_mask)
+            wu = _w_up_t(params, cols, col_mask, kk, k_mask, K).to(tl.float32)  # [BLOCK_K, BLOCK_D]
+            tl.store(up + cols[None, :] * K + kk[:, None], acc_dos[c] * s[None, :],
+                     mask=k_mask[:, None] & col_mask[None, :])
+            tl.store(up + D * K + cols, sum_dos[c] * s, mask=col_mask)
+            if CFG.SCALE_MODE != SCALE_FLOAT:  # per channel; a learned scalar sums them afterwards
+                ds = tl.sum(wu * acc_dos[c], axis=0) + _vec(params.b_up, cols, col_mask) * sum_dos[c]
+                tl.store(up + D * K + D + cols, ds, mask=col_mask)
+            if CFG.LN_GRAD:
+                tl.store(up + D * K + 2 * D + cols, acc_lnw[c], mask=col_mask)
+                tl.store(up + D * K + 3 * D + cols, acc_lnb[c], mask=col_mask)
 
 
 @triton.jit
-def _sample_stream_unit(streams, j: tl.constexpr, chunk, grads, consts, rowgrad, flat, offsets, B, T, K,
-                        row_tiles_per_sample, op, CFG: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sample_stream_unit(streams, j: tl.constexpr, chunk, grads, bufs, flat, offsets, B, T, K, row_tiles_per_sample,
+                        op, CFG: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     """Columns ``chunk`` of per-sample stream j over all B samples: dz per sample is the fixed-order sum of
     the row kernel's per-tile sums; d m_j and the stream's weight gradients go straight to their outputs."""
     N = B * T
@@ -890,7 +943,6 @@ def _sample_stream_unit(streams, j: tl.constexpr, chunk, grads, consts, rowgrad,
     col_mask = cols < width
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
-    RP: tl.constexpr = CFG.N_TOK + 1
     w_op = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                    other=0.0).to(op.dtype)
     lam = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -898,14 +950,12 @@ def _sample_stream_unit(streams, j: tl.constexpr, chunk, grads, consts, rowgrad,
     if CFG.STREAM_LN:
         lam = _vec(streams.ln_w[j], cols, col_mask)
         mu = _vec(streams.ln_b[j], cols, col_mask)
-    fold = _fold(consts, D, K, j)
+    fold = _fold(bufs.consts, D, K, j)
     f1 = _vec(fold, kk, k_mask)
     f2 = _vec(fold + K, kk, k_mask)
-    sums = _row_scalar(rowgrad, RP, 2 + 2 * CFG.N_TOK, 0, N, K)
-    acc_w = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    sums = _row_scalar(bufs.rowgrad, 0, 2 + 2 * CFG.N_TOK, 0, N, K)
+    m = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_K], dtype=tl.float32)
-    acc_lam = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_mu = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(0, B, BLOCK_M):
         samples = s0 + tl.arange(0, BLOCK_M)
         smask = samples < B
@@ -915,36 +965,33 @@ def _sample_stream_unit(streams, j: tl.constexpr, chunk, grads, consts, rowgrad,
             tiles = samples * row_tiles_per_sample + tb
             dz += tl.load(sums + (tiles[:, None] * CFG.N_PS + CFG.PS[j]) * K + kk[None, :], mask=tile_mask, other=0.0)
         slot = samples * CFG.N_PS + CFG.PS[j]
-        z = tl.load(_sample_z(consts, D, K, B, CFG.S) + slot[:, None] * K + kk[None, :], mask=tile_mask, other=0.0)
-        stats = _sample_stats(consts, D, K, B, CFG.S, CFG.N_PS) + slot * 2
+        z = tl.load(_sample_z(bufs.consts, D, K, B, CFG.S) + slot[:, None] * K + kk[None, :], mask=tile_mask,
+                    other=0.0)
+        stats = _sample_stats(bufs.consts, D, K, B, CFG.S, CFG.N_PS) + slot * 2
         mean = tl.load(stats, mask=smask, other=0.0)
         rstd = tl.load(stats + 1, mask=smask, other=0.0)
         c1 = tl.sum(dz * f1[None, :], axis=1) / width
         c2 = tl.sum(dz * (z - f2[None, :]), axis=1) / width
         dz_op = dz.to(op.dtype)
         x = _load_tile(streams.inputs[j], samples, smask, cols, col_mask, width)
-        dx, xn, dxn, xhat = _stream_input_grad(dz_op, x, w_op, lam, mu, mean, rstd, c1, c2, col_mask, op.dtype,
-                                               CFG.STREAM_LN, PRECISION)
-        acc_w = tl.dot(tl.trans(dz_op), xn.to(op.dtype), acc=acc_w, input_precision=PRECISION)
+        dx, xhat = _stream_input_grad(dz_op, x, w_op, lam, mean, rstd, c1, c2, col_mask, CFG.STREAM_LN, PRECISION)
+        m = tl.dot(tl.trans(dz_op), xhat.to(op.dtype), acc=m, input_precision=PRECISION)
         acc_c += tl.sum(dz, axis=0)
-        if CFG.STREAM_LN:
-            acc_lam += tl.sum(dxn * xhat, axis=0)
-            acc_mu += tl.sum(dxn, axis=0)
         if CFG.MOD_GRAD:
             _store_tile(grads.dm[j], dx, samples, smask, cols, col_mask, width)
-    _store_stream_grads(flat, offsets.stream[j], width, chunk, cols, col_mask, kk, k_mask, K, acc_w, acc_c, acc_lam,
-                        acc_mu, CFG.STREAM_LN)
+    _store_stream_grads(flat, offsets.stream[j], width, chunk, cols, col_mask, kk, k_mask, K, m, acc_c, w_op, lam, mu,
+                        CFG.STREAM_LN)
 
 
 @triton.jit
-def _gate_unit(params, u: tl.constexpr, split, consts, saved, rowgrad, part, offsets, B, T, D, K, tiles_per_split,
-               op, CFG: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Unit u < SG: gate u's weights, dG_{u,i} = dl_u^T a_i and dg_u = sum dl_u; unit SG + j (GMU form):
-    dV_j = dpre_j^T a_j; over the split's tiles, the gate recomputed from the saved pre-activations."""
+def _gate_unit(u: tl.constexpr, split, bufs, part, offsets, B, T, D, K, tiles_per_split, op, CFG: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Unit u < SG: gate u's weights over the split's tiles, dG_{u,i} = dl_u^T a_i and dg_u = sum dl_u; unit
+    SG + j (GMU form): dV_j = dpre_j^T a_j. dl and dpre come from the row kernel (KGRAD), a_i from the saved
+    pre-activations."""
     N = B * T
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
-    j: tl.constexpr = u if u < CFG.SG else u - CFG.SG
     accs = ()
     for i in tl.static_range(CFG.S):
         accs = accs + (tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32),)
@@ -953,23 +1000,19 @@ def _gate_unit(params, u: tl.constexpr, split, consts, saved, rowgrad, part, off
     for tile in range(first, tl.minimum(first + tiles_per_split, B * tl.cdiv(T, BLOCK_M))):
         b, rows, row_mask = _tile_rows(tile, T, BLOCK_M)
         tile_mask = row_mask[:, None] & k_mask[None, :]
-        acts = _activations(saved, consts, b, rows, row_mask, kk, k_mask, N, D, K, B, op.dtype, CFG, BLOCK_M)
-        fused = tl.load(_plane(saved, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0)
-        lse = tl.load(_plane(saved, CFG.N_TOK + 1, rows, kk, N, K), mask=tile_mask, other=0.0)
-        dfused = tl.load(_plane(rowgrad, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0)
-        l = _logit(acts, params, j, kk, k_mask, K, CFG, PRECISION)
-        h = _gated(acts[j], params, j, kk, k_mask, K, CFG.GMU_FORM, PRECISION)
-        dh = dfused * tl.where(tile_mask, tl.exp(l - lse), 0.0)
+        # dl_u or dpre_j, loaded transposed: [BLOCK_K, BLOCK_M] (M = K: Hopper's wgmma)
+        g_t = tl.load(_plane_t(bufs.kgrad, CFG.N_TOK + u, rows, kk, N, K), mask=tile_mask.T, other=0.0)
         if u < CFG.SG:
-            dl = dh * (h - fused)
-            dl_op = tl.trans(dl.to(op.dtype))
             for i in tl.static_range(CFG.S):
-                accs = _tuple_add(accs, i, tl.dot(dl_op, acts[i], input_precision=PRECISION), CFG.S)
-            acc_b += tl.sum(dl, axis=0)
+                a = activation(_pre_activation(bufs, i, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M),
+                               CFG.ACT)
+                accs = _tuple_add(accs, i, tl.dot(g_t.to(op.dtype), a.to(op.dtype), input_precision=PRECISION),
+                                  CFG.S)
+            acc_b += tl.sum(g_t.to(tl.float32), axis=1)
         else:
-            dpre = dh * (1.0 - h * h)
-            accs = _tuple_add(accs, 0, tl.dot(tl.trans(dpre.to(op.dtype)), acts[j], input_precision=PRECISION),
-                              CFG.S)
+            a = activation(_pre_activation(bufs, u - CFG.SG, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG,
+                                           BLOCK_M), CFG.ACT)
+            accs = _tuple_add(accs, 0, tl.dot(g_t.to(op.dtype), a.to(op.dtype), input_precision=PRECISION), CFG.S)
     row = part + split.to(tl.int64) * offsets.reduced + offsets.gate
     mask = k_mask[:, None] & k_mask[None, :]
     if u < CFG.SG:
@@ -977,7 +1020,7 @@ def _gate_unit(params, u: tl.constexpr, split, consts, saved, rowgrad, part, off
             tl.store(row + u * K * CFG.S * K + kk[:, None] * (CFG.S * K) + i * K + kk[None, :], accs[i], mask=mask)
         tl.store(row + CFG.SG * K * CFG.S * K + u * K + kk, acc_b, mask=k_mask)
     else:
-        gmu = row + CFG.SG * K * CFG.S * K + CFG.SG * K + j * K * K
+        gmu = row + CFG.SG * K * CFG.S * K + CFG.SG * K + (u - CFG.SG) * K * K
         tl.store(gmu + kk[:, None] * K + kk[None, :], accs[0], mask=mask)
 
 
@@ -995,9 +1038,7 @@ def gmu_bwd_cols_kernel(
     dy_ptr,                 # (N, D)
     r_ptr,                  # (N, D), read when FUSE_LN
     grads,                  # Grads: out dx (x's dtype), dr (r's), dm_j (the modalities')
-    consts,                 # gmu_prep_kernel's buffer
-    saved,                  # the forward's SAVED buffer
-    rowgrad,                # gmu_bwd_rows_kernel's ROWGRAD buffer
+    bufs,                   # Buffers: the forward's and gmu_bwd_rows_kernel's
     part,                   # out: (splits, offsets.reduced) fp32 partial gradients
     flat,                   # out: the final gradient buffer, whose part past offsets.reduced this kernel writes
     offsets,                # GradOffsets
@@ -1009,28 +1050,32 @@ def gmu_bwd_cols_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    CHUNKS: tl.constexpr,   # chunks of BLOCK_D columns per token-stream unit
 ):
-    # units (axis 0): each stream's column chunks in stream order, then the SG gates, then (GMU form) the S
-    # GMU matrices; per-sample streams' chunks run in split 0 only
+    # units (axis 0): each stream's columns in stream order (CHUNKS * BLOCK_D columns per unit of a token stream,
+    # BLOCK_D of a per-sample one), then the SG gates, then (GMU form) the S GMU matrices; per-sample streams'
+    # units run in split 0 only
     unit = tl.program_id(0)
     split = tl.program_id(1)
     op = _operand(streams.inputs[0], r_ptr, CFG.FUSE_LN)
     start = 0
     for j in tl.static_range(CFG.S):
-        chunks = tl.cdiv(streams.widths[j], BLOCK_D)
+        if CFG.ALIGNED[j]:
+            chunks = tl.cdiv(streams.widths[j], CHUNKS * BLOCK_D)
+        else:
+            chunks = tl.cdiv(streams.widths[j], BLOCK_D)
         if (unit >= start) & (unit < start + chunks):
             if CFG.ALIGNED[j]:
-                _token_stream_unit(streams, params, j, unit - start, split, dy_ptr, r_ptr, grads, consts, saved,
-                                   rowgrad, part, offsets, B, T, K, tiles_per_split, op, CFG, PRECISION, BLOCK_M,
-                                   BLOCK_D, BLOCK_K)
+                _token_stream_unit(streams, params, j, unit - start, split, dy_ptr, r_ptr, grads, bufs, part, offsets,
+                                   B, T, K, tiles_per_split, op, CFG, PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, CHUNKS)
             elif split == 0:
-                _sample_stream_unit(streams, j, unit - start, grads, consts, rowgrad, flat, offsets, B, T, K,
+                _sample_stream_unit(streams, j, unit - start, grads, bufs, flat, offsets, B, T, K,
                                     row_tiles_per_sample, op, CFG, PRECISION, BLOCK_M, BLOCK_D, BLOCK_K)
         start += chunks
     for u in tl.static_range(CFG.SG + CFG.S * CFG.GMU_FORM):
         if unit == start + u:
-            _gate_unit(params, u, split, consts, saved, rowgrad, part, offsets, B, T, streams.widths[0], K,
-                       tiles_per_split, op, CFG, PRECISION, BLOCK_M, BLOCK_K)
+            _gate_unit(u, split, bufs, part, offsets, B, T, streams.widths[0], K, tiles_per_split, op, CFG,
+                       PRECISION, BLOCK_M, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -1056,12 +1101,15 @@ def tiles(kind, K, S, dtype):
     block_k = runtime.block_width(K)
     precision = "ieee" if dtype == torch.float32 else "tf32"  # 16-bit operands ignore it
     if runtime.interpreting():
-        return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=precision,
-                    **({"BLOCK_G": 16} if kind == "prep" else {}))
+        return dict(BLOCK_M=16, BLOCK_D=32 if kind != "cols" else 16, BLOCK_K=block_k, PRECISION=precision,
+                    **({"BLOCK_G": 16} if kind == "prep" else {}), **({"CHUNKS": 2} if kind == "cols" else {}))
     if kind == "prep":
         return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, BLOCK_G=min(block_k, 64), PRECISION=precision,
                     num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_D=64, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
+    if kind == "cols":
+        return dict(BLOCK_M=64, BLOCK_D=16, CHUNKS=2, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
+    # the row kernel holds the gate's S activation and S gradient tiles at once: 32-row tiles
+    return dict(BLOCK_M=32 if kind == "rows" else 64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1136,8 +1184,9 @@ def _kernel_args(spec, x, modalities, params):
 
 
 def forward(spec, x, r, modalities, params, save):
-    """(y, saved, consts) for contiguous x (B, T, D), r (B, T, D) under spec.fuse_ln, modalities (B, T, D_j) or
-    (B, D_j): y in x's dtype, or that of x + r under spec.fuse_ln; saved (SAVED) only when ``save``."""
+    """(y, Buffers) for contiguous x (B, T, D), r (B, T, D) under spec.fuse_ln, modalities (B, T, D_j) or
+    (B, D_j): y in x's dtype, or that of x + r under spec.fuse_ln; the buffers' saved and fused (what backward
+    reads besides the inputs and consts) only when ``save``."""
     B, T, D = x.shape
     K = params.w_up.shape[1]
     streams, shared, cfg = _kernel_args(spec, x, modalities, params)
@@ -1149,15 +1198,17 @@ def forward(spec, x, r, modalities, params, save):
     runtime.launch(gmu_prep_kernel, (programs,), streams, shared, consts, B, K, float(spec.stream_ln_eps), CFG=cfg,
                    **prep)
     y = runtime.empty_output(x.shape, torch.promote_types(x.dtype, r.dtype) if spec.fuse_ln else x.dtype, x.device)
-    saved = runtime.empty_output((saved_size(B * T, K, cfg.N_TOK),), torch.float32, x.device) if save else None
+    bufs = Buffers(consts, None, None)
+    if save:
+        bufs = Buffers(consts, runtime.empty_output((saved_size(B * T, K, cfg.N_TOK),), torch.float32, x.device),
+                       runtime.empty_output((B * T, K), op, x.device))
     fwd = tiles("fwd", K, cfg.S, op)
-    runtime.launch(gmu_fwd_kernel, (B * triton.cdiv(T, fwd["BLOCK_M"]),), streams, shared, r, y, consts,
-                   consts if saved is None else saved, B, T, K, float(spec.stream_ln_eps), float(spec.ln_eps), CFG=cfg,
-                   SAVE=save, **fwd)
-    return y, saved, consts
+    runtime.launch(gmu_fwd_kernel, (B * triton.cdiv(T, fwd["BLOCK_M"]),), streams, shared, r, y, bufs, B, T, K,
+                   float(spec.stream_ln_eps), float(spec.ln_eps), CFG=cfg, SAVE=save, **fwd)
+    return y, bufs
 
 
-def backward(spec, dy, x, r, modalities, params, saved, consts, dr_grad, ln_grad, mod_grad, grad_dtype):
+def backward(spec, dy, x, r, modalities, params, bufs, dr_grad, ln_grad, mod_grad, grad_dtype):
     """(dx, dr, dms, flat): dx in x's dtype; dr (r's dtype) when ``dr_grad``; dms (one per modality, in its
     dtype and shape) when ``mod_grad``, else Nones; flat the parameter gradients in ``grad_dtype`` placed by
     gradient_layout."""
@@ -1170,14 +1221,16 @@ def backward(spec, dy, x, r, modalities, params, saved, consts, dr_grad, ln_grad
 
     rows = tiles("rows", K, cfg.S, op)
     row_tiles = triton.cdiv(T, rows["BLOCK_M"])
-    rowgrad = runtime.empty_output((rowgrad_size(B * T, K, cfg.N_TOK, B * row_tiles, cfg.N_PS),), torch.float32,
-                                   x.device)
-    runtime.launch(gmu_bwd_rows_kernel, (B * row_tiles,), streams, shared, dy, r, consts, saved, rowgrad, B, T, K,
-                   CFG=cfg, **rows)
+    bufs = Buffers(bufs.consts, bufs.saved, bufs.fused,
+                   runtime.empty_output((kgrad_planes(cfg.N_TOK, cfg.S, cfg.SG, cfg.GMU_FORM), B * T, K), op, x.device),
+                   runtime.empty_output((rowgrad_size(B * T, K, cfg.N_TOK, B * row_tiles, cfg.N_PS),), torch.float32,
+                                        x.device))
+    runtime.launch(gmu_bwd_rows_kernel, (B * row_tiles,), streams, shared, dy, r, bufs, B, T, K, CFG=cfg, **rows)
 
     cols = tiles("cols", K, cfg.S, op)
     token_tiles = B * triton.cdiv(T, cols["BLOCK_M"])
-    units = sum(triton.cdiv(w, cols["BLOCK_D"]) for w in streams.widths) + cfg.SG + cfg.S * cfg.GMU_FORM
+    units = sum(triton.cdiv(w, cols["BLOCK_D"] * (cols["CHUNKS"] if a else 1)) for w, a in zip(streams.widths, cfg.ALIGNED))
+    units += cfg.SG + cfg.S * cfg.GMU_FORM
     splits = runtime.token_splits(token_tiles, units)
     tiles_per_split = triton.cdiv(token_tiles, splits)
     splits = triton.cdiv(token_tiles, tiles_per_split)
@@ -1187,8 +1240,8 @@ def backward(spec, dy, x, r, modalities, params, saved, consts, dr_grad, ln_grad
     part = runtime.empty_output((splits, offsets.reduced), torch.float32, x.device)
     flat = runtime.empty_output((total,), grad_dtype, x.device)
     grads = Grads(dx, dr, (dx, *dms) if mod_grad else None)
-    runtime.launch(gmu_bwd_cols_kernel, (units, splits), streams, shared, dy, r, grads, consts, saved, rowgrad, part,
-                   flat, offsets, B, T, K, tiles_per_split, row_tiles, CFG=cfg, **cols)
+    runtime.launch(gmu_bwd_cols_kernel, (units, splits), streams, shared, dy, r, grads, bufs, part, flat, offsets, B,
+                   T, K, tiles_per_split, row_tiles, CFG=cfg, **cols)
     block = 1024
     runtime.launch(reduce_partials_kernel, (triton.cdiv(offsets.reduced, block),), part, flat, splits,
                    offsets.reduced, BLOCK_T=block)

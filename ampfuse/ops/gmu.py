@@ -164,20 +164,20 @@ def _named_gradients(spec, flat, params, widths, aligned, ln_grad):
     return grads
 
 
-def _backward(spec, dy, x, r, modalities, params, saved, consts, needs, traced=False):
+def _backward(spec, dy, x, r, modalities, params, bufs, needs, traced=False):
     """(dx, dr, [dm_i], {name: gradient}) for needs = (dr, ln_weight or ln_bias, any modality); ``traced``:
     through the backward custom op (torch.compile's path)."""
     dr_grad, ln_grad, mod_grad = needs
     if traced:
         dx, dr, flat, *dms = _gmu_backward_op(
             dy.contiguous(), x, r, list(modalities), list(params.stream_w), list(params.stream_b),
-            list(params.stream_ln_w or ()), list(params.stream_ln_b or ()), *params[4:], saved, consts, spec.encode(),
+            list(params.stream_ln_w or ()), list(params.stream_ln_b or ()), *params[4:], *bufs[:3], spec.encode(),
             list(needs))
         dr = dr if dr_grad else None
         dms = dms if mod_grad else [None] * len(modalities)
     else:
-        dx, dr, dms, flat = _kernels().backward(spec, dy.contiguous(), x, r, modalities, params, saved, consts,
-                                                dr_grad, ln_grad, mod_grad, _grad_dtype(params))
+        dx, dr, dms, flat = _kernels().backward(spec, dy.contiguous(), x, r, modalities, params, bufs, dr_grad,
+                                                ln_grad, mod_grad, _grad_dtype(params))
     widths = tuple(t.shape[-1] for t in (x, *modalities))
     aligned = tuple(t.dim() == 3 for t in (x, *modalities))
     return dx, dr, dms, _named_gradients(spec, flat, params, widths, aligned, ln_grad)
@@ -197,20 +197,20 @@ class _GMUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, backend, n_mod, x, r, *tensors):
         modalities, params = list(tensors[:n_mod]), GMUParams.unflat(tensors[n_mod:], n_mod + 1, spec.stream_ln)
-        y, saved, consts = _kernels().forward(spec, x, r, modalities, params, save=True)
+        y, bufs = _kernels().forward(spec, x, r, modalities, params, save=True)
         ctx.spec, ctx.n_mod = spec, n_mod
-        ctx.save_for_backward(x, r, saved, consts, *tensors)
+        ctx.save_for_backward(x, r, *bufs[:3], *tensors)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, r, saved, consts, *tensors = ctx.saved_tensors
+        x, r, consts, saved, fused, *tensors = ctx.saved_tensors
         n_mod, spec = ctx.n_mod, ctx.spec
         modalities, params = tensors[:n_mod], GMUParams.unflat(tensors[n_mod:], n_mod + 1, spec.stream_ln)
         needs = ctx.needs_input_grad[5:]
         names = _flat_names(n_mod + 1, spec.stream_ln)
         ln_grad = any(need for name, need in zip(names, needs[n_mod:]) if name in ("ln_weight", "ln_bias"))
-        dx, dr, dms, grads = _backward(spec, dy, x, r, modalities, params, saved, consts,
+        dx, dr, dms, grads = _backward(spec, dy, x, r, modalities, params, _kernels().Buffers(consts, saved, fused),
                                        (bool(ctx.needs_input_grad[4]), ln_grad, any(needs[:n_mod])))
         out = [None, None, None, dx if ctx.needs_input_grad[3] else None, dr]
         out += [dm if need else None for dm, need in zip(dms, needs[:n_mod])]
@@ -230,10 +230,12 @@ def _op_params(stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu
 def _gmu_op(x: Tensor, r: Optional[Tensor], modalities: List[Tensor], stream_w: List[Tensor], stream_b: List[Tensor],
             stream_ln_w: List[Tensor], stream_ln_b: List[Tensor], gate_w: Tensor, gate_b: Tensor,
             gmu_w: Optional[Tensor], w_up: Tensor, b_up: Tensor, scale: Optional[Tensor], ln_weight: Optional[Tensor],
-            ln_bias: Optional[Tensor], spec: str) -> Tuple[Tensor, Tensor, Tensor]:
+            ln_bias: Optional[Tensor], spec: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, consts, saved, fused): y and the buffers backward reads."""
     params = _op_params(stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
                         ln_weight, ln_bias)
-    return _kernels().forward(_decode(spec), x, r, modalities, params, save=True)
+    y, bufs = _kernels().forward(_decode(spec), x, r, modalities, params, save=True)
+    return y, *bufs[:3]
 
 
 @_gmu_op.register_fake
@@ -245,31 +247,32 @@ def _(x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, ga
     n_tok = 1 + sum(m.dim() == 3 for m in modalities)
     kernels = _kernels()
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, r.dtype) if spec_.fuse_ln else x.dtype)
-    saved = x.new_empty(kernels.saved_size(B * T, K, n_tok), dtype=torch.float32)
     consts = x.new_empty(kernels.consts_size(D, K, len(modalities) + 1, B, len(modalities) + 1 - n_tok),
                          dtype=torch.float32)
-    return y, saved, consts
+    saved = x.new_empty(kernels.saved_size(B * T, K, n_tok), dtype=torch.float32)
+    fused = x.new_empty((B * T, K), dtype=kernels.operand_dtype(x, r if spec_.fuse_ln else None))
+    return y, consts, saved, fused
 
 
 @torch.library.custom_op("ampfuse::gmu_adapter_backward", mutates_args=())
 def _gmu_backward_op(dy: Tensor, x: Tensor, r: Optional[Tensor], modalities: List[Tensor], stream_w: List[Tensor],
                      stream_b: List[Tensor], stream_ln_w: List[Tensor], stream_ln_b: List[Tensor], gate_w: Tensor,
                      gate_b: Tensor, gmu_w: Optional[Tensor], w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
-                     ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], saved: Tensor, consts: Tensor, spec: str,
-                     needs: List[bool]) -> List[Tensor]:
+                     ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], consts: Tensor, saved: Tensor,
+                     fused: Tensor, spec: str, needs: List[bool]) -> List[Tensor]:
     """[dx, dr, flat, dm_0, ...]: flat as kernels.gmu.gradient_layout places it; dr, dm_i empty when not
     wanted."""
     params = _op_params(stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
                         ln_weight, ln_bias)
-    dx, dr, dms, flat = _kernels().backward(_decode(spec), dy, x, r, modalities, params, saved, consts, *needs,
-                                            _grad_dtype(params))
+    dx, dr, dms, flat = _kernels().backward(_decode(spec), dy, x, r, modalities, params,
+                                            _kernels().Buffers(consts, saved, fused), *needs, _grad_dtype(params))
     empty = x.new_empty(0)
     return [dx, empty if dr is None else dr, flat, *(empty if dm is None else dm for dm in dms)]
 
 
 @_gmu_backward_op.register_fake
 def _(dy, x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
-      ln_weight, ln_bias, saved, consts, spec, needs):
+      ln_weight, ln_bias, consts, saved, fused, spec, needs):
     params = _op_params(stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
                         ln_weight, ln_bias)
     widths = tuple(t.shape[-1] for t in (x, *modalities))
@@ -288,12 +291,11 @@ def _op_setup_context(ctx, inputs, output):
     x, r, modalities, *rest = inputs[:15]
     ctx.spec = inputs[15]
     ctx.counts = [len(modalities)] + [len(t) for t in rest[:4]]
-    ctx.save_for_backward(x, r, output[1], output[2], *modalities, *rest[0], *rest[1], *rest[2], *rest[3],
-                          *rest[4:])
+    ctx.save_for_backward(x, r, *output[1:], *modalities, *rest[0], *rest[1], *rest[2], *rest[3], *rest[4:])
 
 
-def _op_backward(ctx, dy, _d_saved, _d_consts):
-    x, r, saved, consts, *tensors = ctx.saved_tensors
+def _op_backward(ctx, dy, _d_consts, _d_saved, _d_fused):
+    x, r, consts, saved, fused, *tensors = ctx.saved_tensors
     n_mod, *lens = ctx.counts
     modalities, tensors = tensors[:n_mod], tensors[n_mod:]
     lists = []
@@ -304,7 +306,7 @@ def _op_backward(ctx, dy, _d_saved, _d_consts):
     spec = _decode(ctx.spec)
     needs = ctx.needs_input_grad
     ln_grad = bool(needs[13] or needs[14])
-    dx, dr, dms, grads = _backward(spec, dy, x, r, modalities, params, saved, consts,
+    dx, dr, dms, grads = _backward(spec, dy, x, r, modalities, params, _kernels().Buffers(consts, saved, fused),
                                    (bool(needs[1]), ln_grad, bool(needs[2])), traced=True)
     per_stream = [[grads.get(f"{name}.{j}") for j in range(n)] if needs[3 + i] else [None] * n
                   for i, (name, n) in enumerate(zip(_OP_LISTS, lens))]
