@@ -101,11 +101,12 @@ class GradOffsets(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- buffer layouts
-# CONSTS (fp32): s (D) | fold f1_j, f2_j (S x 2 x K) | Gram of s o W_up centred (K x K), its column sums
-# (K), G bc (K), |bc|^2, sum b' (b' = s o b_up, bc = b' - mean b') | per-sample pre-activations
+# CONSTS (fp32): s (D) | fold f1_j, f2_j (S x 2 x K) | asum = 1^T (s o W_up) (K) | per-sample pre-activations
 # (B x N_PS x K) | per-sample mean, rstd (B x N_PS x 2).
 # SAVED (fp32): planes of (N, K): z_j of each token stream, then the log-sum-exp of the gate logits; then
 # rows of N: mean_j, rstd_j of each token stream (STREAM_LN), mean and rstd of the output LayerNorm.
+# WEIGHTS (operand dtype): gate_w (SG, K, S K) then gmu_w (S, K, K), cast once per call by the prep kernel (fp32
+# parameters under autocast would otherwise be loaded, and held, at twice the registers).
 # FUSED (operand dtype): (N, K), the gate's output (a dot operand wherever it is read).
 # KGRAD (operand dtype): planes dz_j of each token stream, dl_g of each gate's logits, dpre_j of the GMU
 # form's tanh: the operands of the weight-gradient GEMMs (16 bits where the operands are).
@@ -116,6 +117,7 @@ class GradOffsets(NamedTuple):
 class Buffers(NamedTuple):
     """The buffers the kernels hand each other (layouts above); None where not made yet."""
     consts: object
+    weights: object
     saved: object
     fused: object
     kgrad: object = None
@@ -123,11 +125,15 @@ class Buffers(NamedTuple):
 
 
 def consts_size(D, K, S, B, n_ps):
-    return D + 2 * S * K + K * K + 2 * K + 2 + B * n_ps * K + 2 * B * n_ps
+    return D + 2 * S * K + K + B * n_ps * K + 2 * B * n_ps
 
 
 def saved_size(N, K, n_tok):
     return (n_tok + 1) * N * K + (2 * n_tok + 2) * N
+
+
+def weights_size(K, S, SG, gmu_form):
+    return SG * K * S * K + gmu_form * S * K * K
 
 
 def kgrad_planes(n_tok, S, SG, gmu_form):
@@ -145,13 +151,13 @@ def _fold(consts, D, K, j):
 
 
 @triton.jit
-def _gram(consts, D, K, S: tl.constexpr):
+def _asum(consts, D, K, S: tl.constexpr):
     return consts + D + 2 * S * K
 
 
 @triton.jit
 def _sample_z(consts, D, K, B, S: tl.constexpr):
-    return _gram(consts, D, K, S) + K * K + 2 * K + 2
+    return _asum(consts, D, K, S) + K
 
 
 @triton.jit
@@ -226,13 +232,6 @@ def _w_up_t(params, cols, col_mask, kk, k_mask, K):
 
 
 @triton.jit
-def _scaled_w_up(params, consts, cols, col_mask, kk, k_mask, K):
-    """W' = s o W_up at ``cols``: [BLOCK_D, BLOCK_K] fp32."""
-    wu = tl.load(params.w_up + cols[:, None] * K + kk[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-    return wu.to(tl.float32) * _vec(consts, cols, col_mask)[:, None]
-
-
-@triton.jit
 def _pre_activation(bufs, j: tl.constexpr, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """z_j of a tile, [BLOCK_M, BLOCK_K] fp32: a saved plane for a token stream, the sample's row of the
@@ -270,38 +269,38 @@ def _tuple_add(t, i: tl.constexpr, value, S: tl.constexpr):
 
 
 @triton.jit
-def _gate_block(params, g, i, kk, k_mask, K, S: tl.constexpr):
+def _gate_block(gate_w, g, i, kk, k_mask, K, S: tl.constexpr):
     """G_{g,i} = gate_w[g, :, i K:(i+1) K]: [BLOCK_K (gate feature r), BLOCK_K (stream i's feature c)]."""
     offs = g * K * S * K + kk[:, None] * (S * K) + i * K + kk[None, :]
-    return tl.load(params.gate_w + offs, mask=k_mask[:, None] & k_mask[None, :], other=0.0)
+    return tl.load(gate_w + offs, mask=k_mask[:, None] & k_mask[None, :], other=0.0)
 
 
 @triton.jit
-def _gmu_block(params, j, kk, k_mask, K):
+def _gmu_block(gmu_w, j, kk, k_mask, K):
     """V_j = gmu_w[j]: [BLOCK_K (r), BLOCK_K (c)]."""
     offs = j * K * K + kk[:, None] * K + kk[None, :]
-    return tl.load(params.gmu_w + offs, mask=k_mask[:, None] & k_mask[None, :], other=0.0)
+    return tl.load(gmu_w + offs, mask=k_mask[:, None] & k_mask[None, :], other=0.0)
 
 
 @triton.jit
-def _logit(acts, params, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
+def _logit(acts, params, weights, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
     """Gate logits of stream j (a constexpr or a loop index): sum_i a_i G_{j,i}^T + g_j; 0 for the sigmoid
-    gate's second stream. ``acts``: the S activation tiles in the operand dtype."""
+    gate's second stream. ``acts``: the S activation tiles, ``weights``: WEIGHTS, both in the operand dtype."""
     l = tl.zeros(acts[0].shape, dtype=tl.float32)
     if j < CFG.SG:
         for i in tl.static_range(CFG.S):
-            g = _gate_block(params, j, i, kk, k_mask, K, CFG.S).to(acts[i].dtype)
+            g = _gate_block(weights, j, i, kk, k_mask, K, CFG.S)
             l = tl.dot(acts[i], tl.trans(g), acc=l, input_precision=PRECISION)
         l += _vec(params.gate_b, j * K + kk, k_mask)[None, :]
     return l
 
 
 @triton.jit
-def _gated(a, params, j, kk, k_mask, K, GMU_FORM: tl.constexpr, PRECISION: tl.constexpr):
+def _gated(a, weights, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
     """h_j, fp32: a_j (direct form) or tanh(a_j V_j^T) (GMU form); ``a`` in the operand dtype."""
-    if GMU_FORM:
-        pre = tl.dot(a, tl.trans(_gmu_block(params, j, kk, k_mask, K).to(a.dtype)), input_precision=PRECISION)
-        h = 2.0 * tl.sigmoid(2.0 * pre) - 1.0
+    if CFG.GMU_FORM:
+        v = _gmu_block(weights + CFG.SG * K * CFG.S * K, j, kk, k_mask, K)
+        h = 2.0 * tl.sigmoid(2.0 * tl.dot(a, tl.trans(v), input_precision=PRECISION)) - 1.0
     else:
         h = a.to(tl.float32)
     return h
@@ -393,55 +392,11 @@ def _sample_projections(streams, consts, tile, B, D, K, kk, k_mask, eps, op, CFG
 
 
 @triton.jit
-def _gram_block(params, consts, pi, pj, D, K, SCALE_MODE: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Rows gi, columns gj of the centred Gram matrix of A = (s o W_up)^T (K x D), with A's row sums,
-    G bc (bc: s o b_up centred) and the scalars |bc|^2, sum s o b_up. These give the output LayerNorm's
-    variance from k-wide data (see gmu_fwd_kernel)."""
-    gi = pi * BLOCK_G + tl.arange(0, BLOCK_G)
-    gj = pj * BLOCK_G + tl.arange(0, BLOCK_G)
-    i_mask, j_mask = gi < K, gj < K
-    sum_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    sum_j = tl.zeros([BLOCK_G], dtype=tl.float32)
-    bsum = tl.sum(sum_i, axis=0)
-    for c0 in range(0, D, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        s = _scale_chunk(params, cols, col_mask, SCALE_MODE)
-        sum_i += tl.sum(_load_tile(params.w_up, cols, col_mask, gi, i_mask, K) * s[:, None], axis=0)
-        sum_j += tl.sum(_load_tile(params.w_up, cols, col_mask, gj, j_mask, K) * s[:, None], axis=0)
-        bsum += tl.sum(s * _vec(params.b_up, cols, col_mask), axis=0)
-    mean_i, mean_j, bmean = sum_i / D, sum_j / D, bsum / D
-    gram = tl.zeros([BLOCK_G, BLOCK_G], dtype=tl.float32)
-    gbc = tl.zeros([BLOCK_G], dtype=tl.float32)
-    bsq = bsum * 0.0
-    for c0 in range(0, D, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        s = _scale_chunk(params, cols, col_mask, SCALE_MODE)
-        ac_i = tl.where(col_mask[:, None], _load_tile(params.w_up, cols, col_mask, gi, i_mask, K) * s[:, None]
-                        - mean_i[None, :], 0.0)  # [BLOCK_D, BLOCK_G]
-        ac_j = tl.where(col_mask[:, None], _load_tile(params.w_up, cols, col_mask, gj, j_mask, K) * s[:, None]
-                        - mean_j[None, :], 0.0)
-        gram = tl.dot(tl.trans(ac_i), ac_j, acc=gram, input_precision=PRECISION)
-        bc = tl.where(col_mask, s * _vec(params.b_up, cols, col_mask) - bmean, 0.0)
-        gbc += tl.sum(ac_i * bc[:, None], axis=0)
-        bsq += tl.sum(bc * bc, axis=0)
-    base = _gram(consts, D, K, S)
-    tl.store(base + gi[:, None] * K + gj[None, :], gram, mask=i_mask[:, None] & j_mask[None, :])
-    if pj == 0:
-        tl.store(base + K * K + gi, sum_i, mask=i_mask)
-        tl.store(base + K * K + K + gi, gbc, mask=i_mask)
-    if (pi == 0) & (pj == 0):
-        tl.store(base + K * K + 2 * K, bsq)
-        tl.store(base + K * K + 2 * K + 1, bsum)
-
-
-@triton.jit
 def gmu_prep_kernel(
     streams,                # Streams
     params,                 # Params
     consts,                 # out: the CONSTS buffer
+    weights,                # out: the WEIGHTS buffer
     B, K,
     eps,                    # the stream LayerNorms'
     CFG: tl.constexpr,      # Config
@@ -449,58 +404,58 @@ def gmu_prep_kernel(
     BLOCK_M: tl.constexpr,  # samples per per-sample program
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr,  # Gram tile: program (i, j) of the last cdiv(K, BLOCK_G)^2 owns rows i, columns j
 ):
-    # programs: S fold programs (the first also writes s), then cdiv(B, BLOCK_M) per-sample programs when
-    # there are per-sample streams, then the Gram's programs when FUSE_LN
+    # programs: S fold programs (the first also writes s and asum), then cdiv(B, BLOCK_M) per-sample programs
+    # when there are per-sample streams
     pid = tl.program_id(0)
     D = streams.widths[0]
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
-    op = _operand(streams.inputs[0], streams.inputs[0], False)
+    op = tl.zeros([1], dtype=weights.dtype.element_ty)  # (the operand dtype: see _operand)
     for j in tl.static_range(CFG.S):
         if pid == j:
             _fold_vectors(streams, j, consts, D, K, kk, k_mask, CFG.STREAM_LN, BLOCK_D)
+    mask = k_mask[:, None] & k_mask[None, :]
+    if pid < CFG.SG:  # gate pid's weights, in the operand dtype
+        for i in tl.static_range(CFG.S):
+            offs = pid * K * CFG.S * K + kk[:, None] * (CFG.S * K) + i * K + kk[None, :]
+            tl.store(weights + offs, _gate_block(params.gate_w, pid, i, kk, k_mask, K, CFG.S).to(op.dtype),
+                     mask=mask)
+    if CFG.GMU_FORM:
+        if pid < CFG.S:
+            offs = CFG.SG * K * CFG.S * K + pid * K * K + kk[:, None] * K + kk[None, :]
+            tl.store(weights + offs, _gmu_block(params.gmu_w, pid, kk, k_mask, K).to(op.dtype), mask=mask)
     if pid == 0:
+        asum = tl.zeros([BLOCK_K], dtype=tl.float32)
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            tl.store(consts + cols, _scale_chunk(params, cols, col_mask, CFG.SCALE_MODE), mask=col_mask)
-    sample_programs = 0
+            sc = _scale_chunk(params, cols, col_mask, CFG.SCALE_MODE)
+            tl.store(consts + cols, sc, mask=col_mask)
+            asum += tl.sum(_load_tile(params.w_up, cols, col_mask, kk, k_mask, K) * sc[:, None], axis=0)
+        tl.store(_asum(consts, D, K, CFG.S) + kk, asum, mask=k_mask)
     if CFG.N_PS > 0:
-        sample_programs = tl.cdiv(B, BLOCK_M)
-        if (pid >= CFG.S) & (pid < CFG.S + sample_programs):
+        if (pid >= CFG.S) & (pid < CFG.S + tl.cdiv(B, BLOCK_M)):
             _sample_projections(streams, consts, pid - CFG.S, B, D, K, kk, k_mask, eps, op, CFG, PRECISION, BLOCK_M,
                                 BLOCK_D)
-    if CFG.FUSE_LN:
-        g = pid - CFG.S - sample_programs
-        n = tl.cdiv(K, BLOCK_G)
-        if (g >= 0) & (g < n * n):
-            _gram_block(params, consts, g // n, g % n, D, K, CFG.SCALE_MODE, CFG.S, PRECISION, BLOCK_D, BLOCK_G)
 
 
 @triton.jit
-def _stream_pass(streams, params, j: tl.constexpr, r_ptr, consts, rows, row_mask, kk, k_mask, K, eps, op,
-                 CFG: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One pass over token stream j's input: (z_j, mean_j, rstd_j, and for RESIDUAL (the text stream under
-    FUSE_LN) the sums of the residual x + r that give the output moments: shift_r, mean_r, m2_r,
-    T = sum_c (res_c - shift_r) W'[c, :], sum_c (res_c - shift_r) b'_c with W' = s o W_up, b' = s o b_up)."""
+def _stream_pass(streams, j: tl.constexpr, consts, rows, row_mask, kk, k_mask, K, eps, op, CFG: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One pass over token stream j's input: (z_j, mean_j, rstd_j). The moments are sums of x - shift and its
+    square, with the shift the row's first-chunk mean: a row's large common offset is gone before anything is
+    squared, and the same shift keeps it out of the 16-bit dot operand."""
     width = streams.widths[j]
     x_ptr = streams.inputs[j]
     zero = tl.where(row_mask, 0.0, 0.0)
     cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < width
-    first = _load_tile(x_ptr, rows, row_mask, cols, col_mask, width)
     shift = zero
     if CFG.STREAM_LN:
-        shift = tl.sum(first, axis=1) / tl.minimum(width, BLOCK_D)
-    shift_r = zero
-    if RESIDUAL:
-        shift_r = tl.sum(first + _load_tile(r_ptr, rows, row_mask, cols, col_mask, width), axis=1) / tl.minimum(
-            width, BLOCK_D)
+        shift = tl.sum(_load_tile(x_ptr, rows, row_mask, cols, cols < width, width), axis=1) / tl.minimum(width,
+                                                                                                         BLOCK_D)
     acc = tl.zeros([rows.shape[0], kk.shape[0]], dtype=tl.float32)
-    acc_t = tl.zeros([rows.shape[0], kk.shape[0]], dtype=tl.float32)
-    mean, m2, mean_r, m2_r, acc_b = zero, zero, zero, zero, zero
+    s1, s2 = zero, zero
     for c0 in range(0, width, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < width
@@ -508,41 +463,47 @@ def _stream_pass(streams, params, j: tl.constexpr, r_ptr, consts, rows, row_mask
         w = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                     other=0.0)
         if CFG.STREAM_LN:  # the LayerNorm's weight joins the activation side: W_j stays exact in 16 bits
-            mean, m2 = merge_moments(mean, m2, x, col_mask, c0, width)
-            xs = tl.where(col_mask[None, :], (x - shift[:, None]) * _vec(streams.ln_w[j], cols, col_mask)[None, :],
-                          0.0)
+            xc = tl.where(col_mask[None, :], x - shift[:, None], 0.0)
+            s1 += tl.sum(xc, axis=1)
+            s2 += tl.sum(xc * xc, axis=1)
+            xs = xc * _vec(streams.ln_w[j], cols, col_mask)[None, :]
         else:
             xs = x
         acc = tl.dot(xs.to(op.dtype), tl.trans(w.to(op.dtype)), acc=acc, input_precision=PRECISION)
-        if RESIDUAL:
-            res = x + _load_tile(r_ptr, rows, row_mask, cols, col_mask, width)
-            mean_r, m2_r = merge_moments(mean_r, m2_r, res, col_mask, c0, width)
-            res_c = tl.where(col_mask[None, :], res - shift_r[:, None], 0.0)
-            acc_t = tl.dot(res_c.to(op.dtype), _scaled_w_up(params, consts, cols, col_mask, kk, k_mask, K).to(op.dtype),
-                           acc=acc_t, input_precision=PRECISION)
-            b = _vec(consts, cols, col_mask) * _vec(params.b_up, cols, col_mask)
-            acc_b += tl.sum(res_c * b[None, :], axis=1)
     fold = _fold(consts, streams.widths[0], K, j)
     f2 = _vec(fold + K, kk, k_mask)
+    mean = shift + s1 / width
     rstd = zero
     if CFG.STREAM_LN:
-        rstd = 1.0 / tl.sqrt(m2 / width + eps)
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 - s1 * s1 / width, 0.0) / width + eps)
         z = rstd[:, None] * (acc + (shift - mean)[:, None] * _vec(fold, kk, k_mask)[None, :]) + f2[None, :]
     else:
         z = acc + f2[None, :]
-    return z, mean, rstd, shift_r, mean_r, m2_r, acc_t, acc_b
+    return z, mean, rstd
 
 
 @triton.jit
-def _gate_forward(acts, params, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
+def _output_chunk(x_ptr, r_ptr, params, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
+                  FUSE_LN: tl.constexpr, PRECISION: tl.constexpr):
+    """o = x + s v (+ r under FUSE_LN) of one chunk, fp32, with v = fused W_up^T + b_up."""
+    v = tl.dot(fused_op, _w_up_t(params, cols, col_mask, kk, k_mask, K).to(fused_op.dtype), input_precision=PRECISION)
+    v += _vec(params.b_up, cols, col_mask)[None, :]
+    o = _load_tile(x_ptr, rows, row_mask, cols, col_mask, D) + v * _vec(consts, cols, col_mask)[None, :]
+    if FUSE_LN:
+        o += _load_tile(r_ptr, rows, row_mask, cols, col_mask, D)
+    return o
+
+
+@triton.jit
+def _gate_forward(acts, params, weights, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
     """(fused, lse): fused = sum_j softmax_j(l) h_j by an online softmax over the streams (no S logit tiles
     held at once), lse the log-sum-exp of the logits (backward recomputes each softmax weight from it)."""
     m = tl.full(acts[0].shape, float("-inf"), dtype=tl.float32)
     den = tl.zeros(acts[0].shape, dtype=tl.float32)
     num = tl.zeros(acts[0].shape, dtype=tl.float32)
     for j in range(0, CFG.S):
-        l = _logit(acts, params, j, kk, k_mask, K, CFG, PRECISION)
-        h = _gated(_select(acts, j, CFG.S), params, j, kk, k_mask, K, CFG.GMU_FORM, PRECISION)
+        l = _logit(acts, params, weights, j, kk, k_mask, K, CFG, PRECISION)
+        h = _gated(_select(acts, j, CFG.S), weights, j, kk, k_mask, K, CFG, PRECISION)
         m_new = tl.maximum(m, l)
         alpha = tl.exp(m - m_new)
         p = tl.exp(l - m_new)
@@ -580,21 +541,12 @@ def gmu_fwd_kernel(
     consts, saved = bufs.consts, bufs.saved
     NP: tl.constexpr = CFG.N_TOK + 1  # planes of SAVED
 
-    # ---- streams: the text stream's pass also gathers the residual's sums for the output moments ----
-    z, mean_j, rstd_j, shift_r, mean_r, m2_r, acc_t, acc_b = _stream_pass(
-        streams, params, 0, r_ptr, consts, rows, row_mask, kk, k_mask, K, eps, op, CFG, CFG.FUSE_LN, PRECISION,
-        BLOCK_D)
-    if SAVE:
-        tl.store(_plane(saved, 0, rows, kk, N, K), z, mask=tile_mask)
-        if CFG.STREAM_LN:
-            tl.store(_row_scalar(saved, NP, 0, rows, N, K), mean_j, mask=row_mask)
-            tl.store(_row_scalar(saved, NP, 1, rows, N, K), rstd_j, mask=row_mask)
-    acts = (activation(z, CFG.ACT).to(op.dtype),)
-    for j in tl.static_range(1, CFG.S):
+    # ---- streams ----
+    acts = ()
+    for j in tl.static_range(CFG.S):
         if CFG.ALIGNED[j]:
-            z, mean_j, rstd_j, _s, _m, _m2, _t, _b = _stream_pass(
-                streams, params, j, r_ptr, consts, rows, row_mask, kk, k_mask, K, eps, op, CFG, False, PRECISION,
-                BLOCK_D)
+            z, mean_j, rstd_j = _stream_pass(streams, j, consts, rows, row_mask, kk, k_mask, K, eps, op, CFG,
+                                             PRECISION, BLOCK_D)
             if SAVE:
                 tl.store(_plane(saved, CFG.TOK[j], rows, kk, N, K), z, mask=tile_mask)
                 if CFG.STREAM_LN:
@@ -605,30 +557,26 @@ def gmu_fwd_kernel(
         acts = acts + (activation(z, CFG.ACT).to(op.dtype),)
 
     # ---- gate, on chip ----
-    fused, lse = _gate_forward(acts, params, kk, k_mask, K, CFG, PRECISION)
+    fused, lse = _gate_forward(acts, params, bufs.weights, kk, k_mask, K, CFG, PRECISION)
     fused_op = fused.to(op.dtype)
     if SAVE:
         tl.store(_plane(bufs.fused, 0, rows, kk, N, K), fused_op, mask=tile_mask)
         tl.store(_plane(saved, CFG.N_TOK, rows, kk, N, K), lse, mask=tile_mask)
 
-    # ---- the output LayerNorm's moments, algebraically: o = res + w, w_c = sum_i p_i W'[c, i] + b'_c.
-    # With Ac the centred rows of W'^T, bc the centred b', T' = sum_c (res_c - mean_r) W'[c, :]:
-    #   sum_c (w_c - mean w)^2 = p Gc p^T + 2 p . (Ac bc) + |bc|^2
-    #   sum_c (w_c - mean w)(res_c - mean_r) = p . T' + sum_c (res_c - mean_r) b'_c
+    # ---- the output LayerNorm's moments: one exact pass over o = x + s v + r (x and r again, from L2). The
+    # adapter block gets them algebraically from a Gram matrix of s o W_up during its first pass; here that
+    # pass's extra state, held through the gate, spilled on Hopper.
     mean_o = tl.where(row_mask, 0.0, 0.0)
     rstd_o = mean_o
     if CFG.FUSE_LN:
-        gram = _gram(consts, D, K, CFG.S)
-        asum = _vec(gram + K * K, kk, k_mask)
-        gbc = _vec(gram + K * K + K, kk, k_mask)
-        bsq, bsum = tl.load(gram + K * K + 2 * K), tl.load(gram + K * K + 2 * K + 1)
-        gc = tl.load(gram + kk[:, None] * K + kk[None, :], mask=k_mask[:, None] & k_mask[None, :], other=0.0)
-        t = acc_t + (shift_r - mean_r)[:, None] * asum[None, :]
-        cross = tl.sum(fused * t, axis=1) + acc_b + (shift_r - mean_r) * bsum
-        quad = tl.sum(tl.dot(fused, gc, input_precision=PRECISION) * fused, axis=1)
-        quad += 2.0 * tl.sum(fused * gbc[None, :], axis=1) + bsq
-        mean_o = mean_r + (tl.sum(fused * asum[None, :], axis=1) + bsum) / D
-        rstd_o = 1.0 / tl.sqrt(tl.maximum(quad + 2.0 * cross + m2_r, 0.0) / D + ln_eps)
+        m2 = mean_o
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            o = _output_chunk(x_ptr, r_ptr, params, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask,
+                                  D, K, CFG.FUSE_LN, PRECISION)
+            mean_o, m2 = merge_moments(mean_o, m2, o, col_mask, c0, D)
+        rstd_o = 1.0 / tl.sqrt(m2 / D + ln_eps)
         if SAVE:
             tl.store(_row_scalar(saved, NP, 2 * CFG.N_TOK, rows, N, K), mean_o, mask=row_mask)
             tl.store(_row_scalar(saved, NP, 2 * CFG.N_TOK + 1, rows, N, K), rstd_o, mask=row_mask)
@@ -637,11 +585,9 @@ def gmu_fwd_kernel(
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        v = tl.dot(fused_op, _w_up_t(params, cols, col_mask, kk, k_mask, K).to(op.dtype), input_precision=PRECISION)
-        v += _vec(params.b_up, cols, col_mask)[None, :]
-        o = _load_tile(x_ptr, rows, row_mask, cols, col_mask, D) + v * _vec(consts, cols, col_mask)[None, :]
+        o = _output_chunk(x_ptr, r_ptr, params, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask, D,
+                              K, CFG.FUSE_LN, PRECISION)
         if CFG.FUSE_LN:
-            o += _load_tile(r_ptr, rows, row_mask, cols, col_mask, D)
             o = (o - mean_o[:, None]) * rstd_o[:, None] * _vec(params.ln_weight, cols, col_mask)[None, :] \
                 + _vec(params.ln_bias, cols, col_mask)[None, :]
         _store_tile(y_ptr, o, rows, row_mask, cols, col_mask, D)
@@ -675,7 +621,6 @@ def gmu_bwd_rows_kernel(
     consts, saved, kgrad, rowgrad = bufs.consts, bufs.saved, bufs.kgrad, bufs.rowgrad
     NP: tl.constexpr = CFG.N_TOK + 1
     fused_op = tl.load(_plane(bufs.fused, 0, rows, kk, N, K), mask=tile_mask, other=0.0)
-    fused = fused_op.to(tl.float32)
 
     # ---- dfused = dv W_up = sum_c do_c W'[c, :] (W' = s o W_up). Under FUSE_LN, with g = dy o ln_weight and
     # the forward's mean_o, rstd_o: do = rstd_o (g - mean(g) - ohat mean(g ohat)), so
@@ -693,12 +638,13 @@ def gmu_bwd_rows_kernel(
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        wp = _scaled_w_up(params, consts, cols, col_mask, kk, k_mask, K).to(op.dtype)
+        s = _vec(consts, cols, col_mask)
+        wut = _w_up_t(params, cols, col_mask, kk, k_mask, K).to(op.dtype)  # W_up^T, loaded once for both uses
+        wp = tl.trans(wut.to(tl.float32) * s[None, :]).to(op.dtype)
         g = _load_tile(dy_ptr, rows, row_mask, cols, col_mask, D)
         if CFG.FUSE_LN:
-            v = tl.dot(fused_op, _w_up_t(params, cols, col_mask, kk, k_mask, K).to(op.dtype), input_precision=PRECISION)
-            v += _vec(params.b_up, cols, col_mask)[None, :]
-            o = _load_tile(x_ptr, rows, row_mask, cols, col_mask, D) + v * _vec(consts, cols, col_mask)[None, :] \
+            v = tl.dot(fused_op, wut, input_precision=PRECISION) + _vec(params.b_up, cols, col_mask)[None, :]
+            o = _load_tile(x_ptr, rows, row_mask, cols, col_mask, D) + v * s[None, :] \
                 + _load_tile(r_ptr, rows, row_mask, cols, col_mask, D)
             ohat = tl.where(col_mask[None, :], (o - mean_o[:, None]) * rstd_o[:, None], 0.0)
             g = g * _vec(params.ln_weight, cols, col_mask)[None, :]
@@ -709,7 +655,7 @@ def gmu_bwd_rows_kernel(
     if CFG.FUSE_LN:
         mg = sum_g / D
         mgo = sum_go / D
-        asum = _vec(_gram(consts, D, K, CFG.S) + K * K, kk, k_mask)
+        asum = _vec(_asum(consts, D, K, CFG.S), kk, k_mask)
         dfused = rstd_o[:, None] * (xg - mg[:, None] * asum[None, :] - mgo[:, None] * xo)
         tl.store(_row_scalar(rowgrad, 0, 0, rows, N, K), mg, mask=row_mask)
         tl.store(_row_scalar(rowgrad, 0, 1, rows, N, K), mgo, mask=row_mask)
@@ -722,17 +668,19 @@ def gmu_bwd_rows_kernel(
     #   dpre_i V_i with dpre_i = dh_i (1 - h_i^2)). dl_j and dpre_j go to KGRAD for the gate's weight gradients.
     acts = _activations(bufs, b, rows, row_mask, kk, k_mask, N, D, K, B, op.dtype, CFG, BLOCK_M)
     lse = tl.load(_plane(saved, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0)
+    fused = fused_op.to(tl.float32)
     das = ()
     for j in tl.static_range(CFG.S):
         das = das + (tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),)
     for j in range(0, CFG.S):
-        l = _logit(acts, params, j, kk, k_mask, K, CFG, PRECISION)
-        h = _gated(_select(acts, j, CFG.S), params, j, kk, k_mask, K, CFG.GMU_FORM, PRECISION)
+        l = _logit(acts, params, bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
+        h = _gated(_select(acts, j, CFG.S), bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
         dh = dfused * tl.where(tile_mask, tl.exp(l - lse), 0.0)
         if CFG.GMU_FORM:
             dpre = (dh * (1.0 - h * h)).to(op.dtype)
             tl.store(_plane(kgrad, CFG.N_TOK + CFG.SG + j, rows, kk, N, K), dpre, mask=tile_mask)
-            dd = tl.dot(dpre, _gmu_block(params, j, kk, k_mask, K).to(op.dtype), input_precision=PRECISION)
+            dd = tl.dot(dpre, _gmu_block(bufs.weights + CFG.SG * K * CFG.S * K, j, kk, k_mask, K),
+                        input_precision=PRECISION)
         else:
             dd = dh
         dl = (dh * (h - fused)).to(op.dtype)
@@ -742,7 +690,7 @@ def gmu_bwd_rows_kernel(
         for i in tl.static_range(CFG.S):
             da = das[i] + tl.where(j == i, dd, 0.0)
             if j < CFG.SG:
-                da = tl.dot(dl, _gate_block(params, j, i, kk, k_mask, K, CFG.S).to(op.dtype), acc=da,
+                da = tl.dot(dl, _gate_block(bufs.weights, j, i, kk, k_mask, K, CFG.S), acc=da,
                             input_precision=PRECISION)
             out = out + (da,)
         das = out
@@ -1102,10 +1050,9 @@ def tiles(kind, K, S, dtype):
     precision = "ieee" if dtype == torch.float32 else "tf32"  # 16-bit operands ignore it
     if runtime.interpreting():
         return dict(BLOCK_M=16, BLOCK_D=32 if kind != "cols" else 16, BLOCK_K=block_k, PRECISION=precision,
-                    **({"BLOCK_G": 16} if kind == "prep" else {}), **({"CHUNKS": 2} if kind == "cols" else {}))
+                    **({"CHUNKS": 2} if kind == "cols" else {}))
     if kind == "prep":
-        return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, BLOCK_G=min(block_k, 64), PRECISION=precision,
-                    num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, PRECISION=precision, num_warps=4)
     if kind == "cols":
         return dict(BLOCK_M=64, BLOCK_D=16, CHUNKS=2, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
     # the row kernel holds the gate's S activation and S gradient tiles at once: 32-row tiles
@@ -1192,15 +1139,16 @@ def forward(spec, x, r, modalities, params, save):
     streams, shared, cfg = _kernel_args(spec, x, modalities, params)
     op = operand_dtype(x, r if spec.fuse_ln else None)
     consts = runtime.empty_output((consts_size(D, K, cfg.S, B, cfg.N_PS),), torch.float32, x.device)
+    weights = runtime.empty_output((weights_size(K, cfg.S, cfg.SG, cfg.GMU_FORM),), op, x.device)
     prep = tiles("prep", K, cfg.S, op)
     programs = cfg.S + (triton.cdiv(B, prep["BLOCK_M"]) if cfg.N_PS else 0)
-    programs += triton.cdiv(K, prep["BLOCK_G"]) ** 2 if cfg.FUSE_LN else 0
-    runtime.launch(gmu_prep_kernel, (programs,), streams, shared, consts, B, K, float(spec.stream_ln_eps), CFG=cfg,
-                   **prep)
+    runtime.launch(gmu_prep_kernel, (programs,), streams, shared, consts, weights, B, K, float(spec.stream_ln_eps),
+                   CFG=cfg, **prep)
     y = runtime.empty_output(x.shape, torch.promote_types(x.dtype, r.dtype) if spec.fuse_ln else x.dtype, x.device)
-    bufs = Buffers(consts, None, None)
+    bufs = Buffers(consts, weights, None, None)
     if save:
-        bufs = Buffers(consts, runtime.empty_output((saved_size(B * T, K, cfg.N_TOK),), torch.float32, x.device),
+        bufs = Buffers(consts, weights, runtime.empty_output((saved_size(B * T, K, cfg.N_TOK),), torch.float32,
+                                                             x.device),
                        runtime.empty_output((B * T, K), op, x.device))
     fwd = tiles("fwd", K, cfg.S, op)
     runtime.launch(gmu_fwd_kernel, (B * triton.cdiv(T, fwd["BLOCK_M"]),), streams, shared, r, y, bufs, B, T, K,
@@ -1221,7 +1169,7 @@ def backward(spec, dy, x, r, modalities, params, bufs, dr_grad, ln_grad, mod_gra
 
     rows = tiles("rows", K, cfg.S, op)
     row_tiles = triton.cdiv(T, rows["BLOCK_M"])
-    bufs = Buffers(bufs.consts, bufs.saved, bufs.fused,
+    bufs = Buffers(bufs.consts, bufs.weights, bufs.saved, bufs.fused,
                    runtime.empty_output((kgrad_planes(cfg.N_TOK, cfg.S, cfg.SG, cfg.GMU_FORM), B * T, K), op, x.device),
                    runtime.empty_output((rowgrad_size(B * T, K, cfg.N_TOK, B * row_tiles, cfg.N_PS),), torch.float32,
                                         x.device))

@@ -171,7 +171,7 @@ def _backward(spec, dy, x, r, modalities, params, bufs, needs, traced=False):
     if traced:
         dx, dr, flat, *dms = _gmu_backward_op(
             dy.contiguous(), x, r, list(modalities), list(params.stream_w), list(params.stream_b),
-            list(params.stream_ln_w or ()), list(params.stream_ln_b or ()), *params[4:], *bufs[:3], spec.encode(),
+            list(params.stream_ln_w or ()), list(params.stream_ln_b or ()), *params[4:], *bufs[:4], spec.encode(),
             list(needs))
         dr = dr if dr_grad else None
         dms = dms if mod_grad else [None] * len(modalities)
@@ -199,18 +199,19 @@ class _GMUFunction(torch.autograd.Function):
         modalities, params = list(tensors[:n_mod]), GMUParams.unflat(tensors[n_mod:], n_mod + 1, spec.stream_ln)
         y, bufs = _kernels().forward(spec, x, r, modalities, params, save=True)
         ctx.spec, ctx.n_mod = spec, n_mod
-        ctx.save_for_backward(x, r, *bufs[:3], *tensors)
+        ctx.save_for_backward(x, r, *bufs[:4], *tensors)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, r, consts, saved, fused, *tensors = ctx.saved_tensors
+        x, r, consts, weights, saved, fused, *tensors = ctx.saved_tensors
         n_mod, spec = ctx.n_mod, ctx.spec
         modalities, params = tensors[:n_mod], GMUParams.unflat(tensors[n_mod:], n_mod + 1, spec.stream_ln)
         needs = ctx.needs_input_grad[5:]
         names = _flat_names(n_mod + 1, spec.stream_ln)
         ln_grad = any(need for name, need in zip(names, needs[n_mod:]) if name in ("ln_weight", "ln_bias"))
-        dx, dr, dms, grads = _backward(spec, dy, x, r, modalities, params, _kernels().Buffers(consts, saved, fused),
+        dx, dr, dms, grads = _backward(spec, dy, x, r, modalities, params,
+                                       _kernels().Buffers(consts, weights, saved, fused),
                                        (bool(ctx.needs_input_grad[4]), ln_grad, any(needs[:n_mod])))
         out = [None, None, None, dx if ctx.needs_input_grad[3] else None, dr]
         out += [dm if need else None for dm, need in zip(dms, needs[:n_mod])]
@@ -230,12 +231,12 @@ def _op_params(stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu
 def _gmu_op(x: Tensor, r: Optional[Tensor], modalities: List[Tensor], stream_w: List[Tensor], stream_b: List[Tensor],
             stream_ln_w: List[Tensor], stream_ln_b: List[Tensor], gate_w: Tensor, gate_b: Tensor,
             gmu_w: Optional[Tensor], w_up: Tensor, b_up: Tensor, scale: Optional[Tensor], ln_weight: Optional[Tensor],
-            ln_bias: Optional[Tensor], spec: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, consts, saved, fused): y and the buffers backward reads."""
+            ln_bias: Optional[Tensor], spec: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, consts, weights, saved, fused): y and the buffers backward reads."""
     params = _op_params(stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
                         ln_weight, ln_bias)
     y, bufs = _kernels().forward(_decode(spec), x, r, modalities, params, save=True)
-    return y, *bufs[:3]
+    return y, *bufs[:4]
 
 
 @_gmu_op.register_fake
@@ -249,30 +250,34 @@ def _(x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, ga
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, r.dtype) if spec_.fuse_ln else x.dtype)
     consts = x.new_empty(kernels.consts_size(D, K, len(modalities) + 1, B, len(modalities) + 1 - n_tok),
                          dtype=torch.float32)
+    op = kernels.operand_dtype(x, r if spec_.fuse_ln else None)
+    S = len(modalities) + 1
+    weights = x.new_empty(kernels.weights_size(K, S, gate_w.shape[0], gmu_w is not None), dtype=op)
     saved = x.new_empty(kernels.saved_size(B * T, K, n_tok), dtype=torch.float32)
-    fused = x.new_empty((B * T, K), dtype=kernels.operand_dtype(x, r if spec_.fuse_ln else None))
-    return y, consts, saved, fused
+    fused = x.new_empty((B * T, K), dtype=op)
+    return y, consts, weights, saved, fused
 
 
 @torch.library.custom_op("ampfuse::gmu_adapter_backward", mutates_args=())
 def _gmu_backward_op(dy: Tensor, x: Tensor, r: Optional[Tensor], modalities: List[Tensor], stream_w: List[Tensor],
                      stream_b: List[Tensor], stream_ln_w: List[Tensor], stream_ln_b: List[Tensor], gate_w: Tensor,
                      gate_b: Tensor, gmu_w: Optional[Tensor], w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
-                     ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], consts: Tensor, saved: Tensor,
-                     fused: Tensor, spec: str, needs: List[bool]) -> List[Tensor]:
+                     ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], consts: Tensor, weights: Tensor,
+                     saved: Tensor, fused: Tensor, spec: str, needs: List[bool]) -> List[Tensor]:
     """[dx, dr, flat, dm_0, ...]: flat as kernels.gmu.gradient_layout places it; dr, dm_i empty when not
     wanted."""
     params = _op_params(stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
                         ln_weight, ln_bias)
     dx, dr, dms, flat = _kernels().backward(_decode(spec), dy, x, r, modalities, params,
-                                            _kernels().Buffers(consts, saved, fused), *needs, _grad_dtype(params))
+                                            _kernels().Buffers(consts, weights, saved, fused), *needs,
+                                            _grad_dtype(params))
     empty = x.new_empty(0)
     return [dx, empty if dr is None else dr, flat, *(empty if dm is None else dm for dm in dms)]
 
 
 @_gmu_backward_op.register_fake
 def _(dy, x, r, modalities, stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
-      ln_weight, ln_bias, consts, saved, fused, spec, needs):
+      ln_weight, ln_bias, consts, weights, saved, fused, spec, needs):
     params = _op_params(stream_w, stream_b, stream_ln_w, stream_ln_b, gate_w, gate_b, gmu_w, w_up, b_up, scale,
                         ln_weight, ln_bias)
     widths = tuple(t.shape[-1] for t in (x, *modalities))
@@ -294,8 +299,8 @@ def _op_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, r, *output[1:], *modalities, *rest[0], *rest[1], *rest[2], *rest[3], *rest[4:])
 
 
-def _op_backward(ctx, dy, _d_consts, _d_saved, _d_fused):
-    x, r, consts, saved, fused, *tensors = ctx.saved_tensors
+def _op_backward(ctx, dy, _d_consts, _d_weights, _d_saved, _d_fused):
+    x, r, consts, weights, saved, fused, *tensors = ctx.saved_tensors
     n_mod, *lens = ctx.counts
     modalities, tensors = tensors[:n_mod], tensors[n_mod:]
     lists = []
@@ -306,7 +311,8 @@ def _op_backward(ctx, dy, _d_consts, _d_saved, _d_fused):
     spec = _decode(ctx.spec)
     needs = ctx.needs_input_grad
     ln_grad = bool(needs[13] or needs[14])
-    dx, dr, dms, grads = _backward(spec, dy, x, r, modalities, params, _kernels().Buffers(consts, saved, fused),
+    dx, dr, dms, grads = _backward(spec, dy, x, r, modalities, params,
+                                   _kernels().Buffers(consts, weights, saved, fused),
                                    (bool(needs[1]), ln_grad, bool(needs[2])), traced=True)
     per_stream = [[grads.get(f"{name}.{j}") for j in range(n)] if needs[3 + i] else [None] * n
                   for i, (name, n) in enumerate(zip(_OP_LISTS, lens))]
