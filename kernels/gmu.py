@@ -5,40 +5,44 @@ Streams j = 0 (the text x, width d) .. S-1 (the modalities, widths d_j) are each
 the mix back to d. No row of any width d_j lives in registers (design rule 1): a program owns
 BLOCK_M tokens of one sample and walks each width in chunks of BLOCK_D columns; between chunks only
 [BLOCK_M, BLOCK_K] tiles and per-row scalars stay on chip. Per-stream arguments travel as tuples
-with one element per stream (`Streams`), the static options as one constexpr `Config`: a fifth
-modality is one more tuple element, not more code.
+with one element per stream (`Streams`), the static options as one constexpr `Config`, and the
+kernels loop over the streams: a fifth modality is one more tuple element, not more code.
 
 forward, 2 launches
-  gmu_prep_kernel      per-call constants, one fp32 buffer (CONSTS below): the scaling as a
-                       d-vector; each stream's LayerNorm fold vectors f1 = W_j gamma_j and
-                       f2 = W_j beta_j + c_j; the centred Gram matrix of s o W_up and its companions,
-                       which give the output LayerNorm's variance without another pass (as in the
-                       adapter block); and the per-sample streams' pre-activations, computed once
-                       per sample (B rows, exact two-pass LayerNorm), never per token.
+  gmu_prep_kernel      per-call constants (CONSTS below): the scaling as a d-vector, each stream's
+                       LayerNorm fold vectors f1 = W_j gamma_j and f2 = W_j beta_j + c_j, the column
+                       sums of s o W_up; the gate and GMU weights in the operand dtype (WEIGHTS); and
+                       the per-sample streams' pre-activations, computed once per sample (B rows, exact
+                       two-pass LayerNorm), never per token.
   gmu_fwd_kernel       one pass over each token-aligned input: LN_j is folded into the projection,
                        LN(x) W^T = rstd ((x - c) o gamma) W^T - rstd (mean - c) W gamma + W beta, with c
-                       a per-row shift (the first chunk's mean) so that 16-bit dot operands do not
-                       carry the row's mean; the pass over x also takes the moments of x + r and its
-                       product with s o W_up (the output moments, algebraically). The gate runs on
-                       chip as an online softmax over the streams (the sigmoid gate is the softmax
-                       with the second stream's logit fixed at 0). A last pass writes y. Saves, fp32:
-                       the token streams' pre-activations z_j, fused, the gate's log-sum-exp, and the
-                       row statistics (SAVED below).
+                       the row's first-chunk mean, so that 16-bit dot operands do not carry the row's
+                       mean; the gate on chip, as an online softmax over the streams (the sigmoid gate
+                       is the softmax with the second stream's logit fixed at 0); under the fused
+                       LayerNorm, one exact pass for the moments of o = x + s v + r; a last pass writes
+                       y. Saves the token streams' pre-activations z_j and the gate's log-sum-exp
+                       (fp32), fused (operand dtype) and the row statistics (SAVED, FUSED below).
 backward, 3 launches
-  gmu_bwd_rows_kernel  one pass over dy, x, r: the output LayerNorm's row sums and
-                       dfused = dv W_up folded into three dots per chunk; then the gate's backward on
-                       chip; writes dz_j of the token streams, dfused, the row scalars of the
-                       LayerNorms' backward (algebraic: mean(dxhat) = dz . f1 / d_j,
-                       mean(dxhat o xhat) = dz . (z - f2) / d_j), and per tile the sums of dz_j of
-                       the per-sample streams (ROWGRAD below).
-  gmu_bwd_cols_kernel  grid (units, token splits). A unit is a column chunk of one token stream (dx or
-                       dm_j elementwise from the row scalars, W_j, c_j and the LayerNorm's gradients
-                       as GEMMs over the split's tokens on chip; the text stream's chunks also carry
-                       dr, W_up, b_up, the scaling and the output LayerNorm), a column chunk of one
-                       per-sample stream (over all B samples; split 0 only, written straight to the
-                       gradient buffer), or one gate's / one GMU matrix's gradient (the gate
-                       recomputed from the saved z_j and log-sum-exp). One fp32 partial per split.
-  reduce_partials_kernel  sums the splits in a fixed order (deterministic) in the parameters' dtype.
+  gmu_bwd_rows_kernel  one pass over dy, x, r: the output LayerNorm's row sums and dfused = dv W_up,
+                       folded as rstd_o (g W' - mean(g) 1 W' - mean(g ohat) ohat W') (three dots per
+                       chunk, none needing the row sums first); then the gate's backward on chip.
+                       Writes dz_j of the token streams, the gate's dl_g and dpre_j (KGRAD, operand
+                       dtype), the row scalars of the LayerNorms' backward (algebraic:
+                       mean(dxhat) = dz . f1 / d_j, mean(dxhat o xhat) = dz . (z - f2) / d_j) and, per
+                       tile, the sums of dz_j of the per-sample streams (ROWGRAD).
+  gmu_bwd_cols_kernel  grid (units, token splits). A unit is: two 16-column chunks of one token stream
+                       (dx or dm_j elementwise from the row scalars; W_j's gradient as the GEMM
+                       m = dz^T xhat over the split's tokens, the LayerNorm's and the bias's gradients
+                       derived from m and sum dz, so no per-column accumulator sits on chip; the text
+                       stream's units also carry dr and W_up, b_up, the scaling and the output
+                       LayerNorm, from fused^T do); a 16-column chunk of a per-sample stream (over all
+                       B samples, split 0 only, written straight to the gradient buffer); or one
+                       gate's (dl_g^T a_i) or one GMU matrix's (dpre_j^T a_j) gradient. One fp32
+                       partial per split.
+  reduce_partials_kernel  sums the splits in a fixed order (deterministic), in the parameters' dtype.
+
+Launch settings (`tiles`) keep every kernel free of spills when compiled for sm_90 at BERT widths
+(python -m benchmarks.compile_report --only gmu).
 """
 
 from typing import NamedTuple, Optional
