@@ -138,9 +138,15 @@ def gmu_adapter_reference(x, modalities, stream_w, stream_b, gate_w, gate_b, w_u
 
 # ----------------------------------------------------------------------------- autograd
 
+_KERNELS = []
+
+
 def _kernels():
-    from ..kernels import gmu as kernels  # deferred: TRITON_INTERPRET is read when the kernels are imported
-    return kernels
+    """kernels/gmu.py, imported on first use (TRITON_INTERPRET is read when the kernels are imported)."""
+    if not _KERNELS:
+        from ..kernels import gmu as kernels
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
 
 
 def _grad_dtype(params):
@@ -149,18 +155,38 @@ def _grad_dtype(params):
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
+def _split_plan(entries, total):
+    """(sizes, [(name, piece, shape)]): ``flat.split(sizes)[piece]`` is the gradient ``name`` (the gaps of the
+    layout are pieces of their own), so one split serves every gradient."""
+    sizes, picks, at = [], [], 0
+    for name, offset, shape in sorted(entries, key=lambda e: e[1]):
+        if offset > at:
+            sizes.append(offset - at)
+        picks.append((name, len(sizes), shape))
+        sizes.append(int(torch.Size(shape).numel()))
+        at = offset + sizes[-1]
+    if total > at:
+        sizes.append(total - at)
+    return sizes, picks
+
+
 def _named_gradients(spec, flat, params, widths, aligned, ln_grad):
     """{name: gradient}: views of ``flat`` (cast only where it is not the parameter's dtype); "stream_w.1"
     names element 1 of a per-stream tuple. A learned scalar's gradient is the sum of its d partials."""
-    entries, _, _ = _kernels().gradient_layout(widths, aligned, params.w_up.shape[1], spec, ln_grad)
+    entries, _, total = _kernels().gradient_layout(widths, aligned, params.w_up.shape[1], spec, ln_grad)
+    sizes, picks = _split_plan(entries, total)
+    pieces = flat.split(sizes)
     grads = {}
-    for name, offset, shape in entries:
+    for name, piece, shape in picks:
         base, _, index = name.partition(".")
         param = getattr(params, base)[int(index)] if index else getattr(params, base)
-        grad = flat[offset:offset + int(torch.Size(shape).numel())]
+        grad = pieces[piece]
         if name == "scale" and spec.scale_mode == "scalar":
             grad = grad.sum(dtype=torch.float32)
-        grads[name] = grad.view(param.shape).to(param.dtype)
+        if grad.shape != param.shape:
+            grad = grad.view(param.shape)
+        grads[name] = grad if grad.dtype == param.dtype else grad.to(param.dtype)
     return grads
 
 
@@ -368,51 +394,69 @@ def gmu_adapter(x: Tensor, modalities: Sequence[Tensor], stream_w: Sequence[Tens
     spec = GMUSpec(activation, gate, "direct" if gmu_w is None else "gmu", stream_ln_w is not None, fuse, scale_mode,
                    scale_value, float(stream_ln_eps), float(ln_eps))
     # the kernels read every tensor as row-major memory
-    contiguous = (lambda t: t if t is None or t.is_contiguous() else t.contiguous())  # noqa: E731
-    lists = (lambda seq: None if seq is None else tuple(contiguous(t) for t in seq))  # noqa: E731
-    params = GMUParams(lists(stream_w), lists(stream_b), lists(stream_ln_w), lists(stream_ln_b), contiguous(gate_w),
-                       contiguous(gate_b), contiguous(gmu_w), contiguous(w_up), contiguous(b_up), contiguous(scale),
-                       ln_weight if fuse else None, ln_bias if fuse else None)
-    params = params._replace(ln_weight=contiguous(params.ln_weight), ln_bias=contiguous(params.ln_bias))
-    x, r = contiguous(x), contiguous(r) if fuse else None
-    modalities = [contiguous(m) for m in modalities]
+    x, r, gate_w, gate_b, gmu_w, w_up, b_up, scale, ln_weight, ln_bias = _contiguous(
+        (x, r if fuse else None, gate_w, gate_b, gmu_w, w_up, b_up, scale, ln_weight, ln_bias))
+    modalities = _contiguous(modalities)
+    params = GMUParams(tuple(_contiguous(stream_w)), tuple(_contiguous(stream_b)),
+                       None if stream_ln_w is None else tuple(_contiguous(stream_ln_w)),
+                       None if stream_ln_b is None else tuple(_contiguous(stream_ln_b)), gate_w, gate_b, gmu_w, w_up,
+                       b_up, scale, ln_weight, ln_bias)
     if torch.compiler.is_compiling():
         return _gmu_op(x, r, modalities, list(params.stream_w), list(params.stream_b),
                        list(params.stream_ln_w or ()), list(params.stream_ln_b or ()), *params[4:], spec.encode())[0]
-    flat = params.flat()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, r, *modalities, *flat)):
-        return _GMUFunction.apply(spec, name, len(modalities), x, r, *modalities, *flat)
+    if torch.is_grad_enabled():
+        flat = params.flat()
+        if any(t is not None and t.requires_grad for t in (x, r, *modalities, *flat)):
+            return _GMUFunction.apply(spec, name, len(modalities), x, r, *modalities, *flat)
     return _kernels().forward(spec, x, r, modalities, params, save=False)[0]
+
+
+def _contiguous(seq):
+    """The tensors of ``seq`` as a list, each copied only where it is not contiguous (None kept)."""
+    out = []
+    for t in seq:
+        out.append(t if t is None or t.is_contiguous() else t.contiguous())
+    return out
 
 
 def _check_inputs(x, modalities, stream_w, stream_b, gate_w, gate_b, w_up, b_up, gmu_w, stream_ln_w, stream_ln_b,
                   scaling, gate, r, ln_weight, ln_bias):
-    """Validates shapes, dtypes and devices. One combined test first (it is on every call's path); the named
-    checks below run only to say what is wrong."""
+    """Validates shapes, dtypes and devices. One combined test first (it is on every call's path: plain loops,
+    no per-argument messages); the named checks below run only to say what is wrong."""
     try:
         B, T, d = x.shape
         k, S, dev = w_up.shape[1], len(modalities) + 1, x.device
-        gates = 1 if gate == "sigmoid" else S
-        inputs = [x, *modalities]
         ln = stream_ln_w is not None
-        fine = (x.is_floating_point() and d > 0 and k > 0 and S >= 2 and gate in GATES and (gate == "softmax" or S == 2)
-                and len(stream_w) == len(stream_b) == S and (ln == (stream_ln_b is not None))
-                and (not ln or len(stream_ln_w) == len(stream_ln_b) == S)
-                and all(m.dtype == x.dtype and m.device == dev and (m.shape[:2] == (B, T) and m.dim() == 3
-                                                                    or m.dim() == 2 and m.shape[0] == B)
-                        for m in modalities)
-                and all(stream_w[j].shape == (k, t.shape[-1]) and stream_b[j].shape == (k,)
-                        and (not ln or stream_ln_w[j].shape == stream_ln_b[j].shape == (t.shape[-1],))
-                        for j, t in enumerate(inputs))
-                and gate_w.shape == (gates, k, S * k) and gate_b.shape == (gates, k) and w_up.shape == (d, k)
-                and b_up.shape == (d,) and (gmu_w is None or gmu_w.shape == (S, k, k))
-                and (isinstance(scaling, float) or isinstance(scaling, Tensor) and (scaling.numel() == 1
-                                                                                    or scaling.shape == (d,)))
-                and (ln_weight is None or r.shape == x.shape and ln_weight.shape == ln_bias.shape == (d,))
-                and all(t.device == dev and t.is_floating_point()
-                        for t in (*stream_w, *stream_b, *(stream_ln_w or ()), *(stream_ln_b or ()), gate_w, gate_b,
-                                  w_up, b_up, *(t for t in (gmu_w, scaling, r, ln_weight, ln_bias)
-                                                if isinstance(t, Tensor) and (t is not r or ln_weight is not None)))))
+        fine = (d > 0 and k > 0 and S >= 2 and x.is_floating_point() and len(stream_w) == S and len(stream_b) == S
+                and (gate == "softmax" or gate == "sigmoid" and S == 2) and ln == (stream_ln_b is not None)
+                and (not ln or len(stream_ln_w) == S and len(stream_ln_b) == S))
+        if fine:
+            gates = 1 if gate == "sigmoid" else S
+            fine = (gate_w.shape == (gates, k, S * k) and gate_b.shape == (gates, k) and w_up.shape == (d, k)
+                    and b_up.shape == (d,) and (gmu_w is None or gmu_w.shape == (S, k, k))
+                    and (isinstance(scaling, float) or isinstance(scaling, Tensor) and (scaling.numel() == 1
+                                                                                        or scaling.shape == (d,)))
+                    and (ln_weight is None or r.shape == x.shape and ln_weight.shape == (d,)
+                         and ln_bias.shape == (d,)))
+            tensors = [gate_w, gate_b, w_up, b_up, *stream_w, *stream_b]
+            for t in (gmu_w, scaling, ln_weight, ln_bias):
+                if isinstance(t, Tensor):
+                    tensors.append(t)
+            if ln_weight is not None:
+                tensors.append(r)
+            for j in range(S):
+                width = d
+                if j:
+                    m = modalities[j - 1]
+                    fine = fine and m.dtype == x.dtype and m.device == dev and (
+                        m.shape[:2] == (B, T) if m.dim() == 3 else m.dim() == 2 and m.shape[0] == B)
+                    width = m.shape[-1]
+                fine = fine and stream_w[j].shape == (k, width) and stream_b[j].shape == (k,)
+                if ln:
+                    fine = fine and stream_ln_w[j].shape == (width,) and stream_ln_b[j].shape == (width,)
+                    tensors += (stream_ln_w[j], stream_ln_b[j])
+            for t in tensors:
+                fine = fine and t.device == dev and t.is_floating_point()
     except (AttributeError, IndexError, TypeError, ValueError):
         fine = False
     if not fine:
