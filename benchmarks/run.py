@@ -162,8 +162,10 @@ def adapter_inputs(n, d, k, dtype, device):
     return make
 
 
-def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log, emit):
-    """Times every implementation on every case; each row goes to emit as soon as it is measured."""
+def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log, emit,
+                 dtype_label=None):
+    """Times every implementation on every case; each row goes to emit as soon as it is measured. Rows are
+    labelled with ``dtype_label`` when given (a dtype mix), else the dtype."""
     impls = impls_for(device, dtype, sizes)
     for case in cases:
         rot = Rotating(inputs_for(*case, dtype, device), device)
@@ -179,7 +181,8 @@ def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, devic
                 nbytes = bytes_for(*case, dtype, mode)
                 flops = flops_for(*case, mode)
                 roof_ms = max(nbytes / ceil["copy_GBps"] / 1e6, flops / ceil["matmul_TFLOPs"] / 1e9)
-                emit(dict(suite=name, op=name, mode=mode, backend=impl, dtype=str(dtype).replace("torch.", ""),
+                emit(dict(suite=name, op=name, mode=mode, backend=impl,
+                          dtype=dtype_label or str(dtype).replace("torch.", ""),
                           shape=list(case), median_ms=ms, GBps=nbytes / ms / 1e6, roofline_pct=100 * roof_ms / ms,
                           launches=launches))
                 log(f"  {name:8} {mode:17} {str(case):22} {impl:28} {ms:9.4f} ms  {100 * roof_ms / ms:6.1f}% roof")
@@ -230,13 +233,19 @@ def gmu_cases(sizes, device):
     return [(b, 128, d, k) for d in (384, 768, 1024) for k in (16, 64) for b in (8, 32, 128, 512)]
 
 
-def gmu_inputs(b, t, d, k, dtype, device):
+def gmu_inputs(b, t, d, k, dtype, device, r_dtype=None):
+    """The gmu suite's tensors: text, a token-aligned 74-wide and a per-sample 35-wide modality (frozen features),
+    softmax gate, stream LayerNorms, the sub-layer's LayerNorm fused. ``r_dtype`` gives r and the parameters
+    their own dtype (autocast's layout: 16-bit x and modalities, fp32 r and parameters)."""
     sizes = [d, 74, 35]
+    p_dtype = r_dtype or dtype
 
     def make():
-        g = dict(device=device, dtype=dtype)
+        g = dict(device=device, dtype=p_dtype)
         req = lambda x: x.requires_grad_()  # noqa: E731
-        return dict(x=req(torch.randn(b, t, d, **g)), modalities=[torch.randn(b, t, 74, **g), torch.randn(b, 35, **g)],
+        return dict(x=req(torch.randn(b, t, d, device=device, dtype=dtype)),
+                    modalities=[torch.randn(b, t, 74, device=device, dtype=dtype),
+                                torch.randn(b, 35, device=device, dtype=dtype)],
                     stream_w=[req(torch.randn(k, s, **g) * s ** -0.5) for s in sizes],
                     stream_b=[req(torch.zeros(k, **g)) for _ in sizes],
                     stream_ln_w=[req(torch.ones(s, **g)) for s in sizes],
@@ -245,6 +254,10 @@ def gmu_inputs(b, t, d, k, dtype, device):
                     w_up=req(torch.randn(d, k, **g) * k ** -0.5), b_up=req(torch.zeros(d, **g)),
                     r=req(torch.randn(b, t, d, **g)), ln_weight=torch.ones(d, **g), ln_bias=torch.zeros(d, **g))
     return make
+
+
+def gmu_mix_inputs(b, t, d, k, dtype, device):
+    return gmu_inputs(b, t, d, k, dtype, device, r_dtype=torch.float32)
 
 
 def gmu_implementations(device, dtype, sizes):
@@ -262,10 +275,21 @@ def gmu_implementations(device, dtype, sizes):
     return impls
 
 
-def gmu_bytes(b, t, d, k, dtype, mode):
+def gmu_bytes(b, t, d, k, dtype, mode, r_dtype=None):
+    """Activation bytes of one call: forward reads x, r and the token-aligned modality and writes y (in the dtype
+    of x + r); backward reads dy, x, r and the modality and writes dx, dr. The per-sample modality (b x 35) and
+    the weights add little."""
     e = torch.tensor([], dtype=dtype).element_size()
+    e_r = torch.tensor([], dtype=r_dtype or dtype).element_size()
+    e_y = max(e, e_r)
     n = b * t
-    return e * (n * (3 * d + 74) + b * 35) if mode == "forward" else e * n * (6 * d + 74)
+    if mode == "forward":
+        return n * ((e + e_r + e_y) * d + e * 74) + b * 35 * e
+    return n * ((e_y + 2 * e + 2 * e_r) * d + e * 74) + b * 35 * e
+
+
+def gmu_mix_bytes(b, t, d, k, dtype, mode):
+    return gmu_bytes(b, t, d, k, dtype, mode, r_dtype=torch.float32)
 
 
 def gmu_flops(b, t, d, k, mode):
@@ -491,6 +515,10 @@ def main(argv=None):
     if "gmu" in suites:
         run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_inputs, gmu_bytes, gmu_flops,
                      device, dtype, args.sizes, ceil, log, emit)
+        if dtype != torch.float32:  # autocast's layout: 16-bit x and modalities, fp32 r and parameters
+            run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_mix_inputs, gmu_mix_bytes,
+                         gmu_flops, device, dtype, args.sizes, ceil, log, emit,
+                         dtype_label=f"{args.dtype}+fp32 (autocast mix)")
     if "fusion" in suites:
         run_op_suite("fusion", fusion_cases(args.sizes, device), fusion_implementations, fusion_inputs, fusion_bytes,
                      fusion_flops, device, dtype, args.sizes, ceil, log, emit)
