@@ -1,17 +1,26 @@
 """Build of ampfuse. The Triton kernels in kernels/ install as ampfuse.kernels.
 
-The CUDA extension ampfuse._C (csrc/) is compiled when a CUDA build of torch and a CUDA toolkit
-are present at build time (install with --no-build-isolation so the build sees your torch);
-otherwise the package installs without it and says so in one line. AMPFUSE_NO_CUDA=1 skips it;
-TORCH_CUDA_ARCH_LIST overrides the default targets (Ampere 8.0 and Hopper 9.0).
+The CUDA extension ampfuse._C (csrc/) is built the way xformers, mmcv and detectron2 decide it:
+when torch (a CUDA build, importable at build time: install it first and use --no-build-isolation)
+sees a CUDA device and a CUDA toolkit is found, or when FORCE_CUDA=1 (a machine without a GPU:
+CI, a wheel for others). It is compiled for the visible GPUs' architectures unless
+TORCH_CUDA_ARCH_LIST says otherwise (FORCE_CUDA=1 without a GPU: 8.0;9.0, Ampere and Hopper).
+AMPFUSE_NO_CUDA=1 skips it. One line says what is built and why; the same line is installed as
+ampfuse/_build.json, which `ampfuse-info` reports (pip -q hides what a build prints).
 """
 
+import json
 import os
+import runpy
 import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 packages = find_packages(include=["ampfuse", "ampfuse.*"]) + ["ampfuse.kernels"]
+DEFAULT_ARCHS = "8.0;9.0"  # what FORCE_CUDA=1 builds without a GPU (and what CI compiles)
+MIN_CAPABILITY = (8, 0)  # bf16 WMMA (csrc/adapter_block.cu)
 
 
 def _toolkit():
@@ -28,50 +37,92 @@ def _toolkit():
     return None
 
 
+def code_macros():
+    """kernels/codes.py's activation and scale-mode codes as nvcc -D flags (read as a plain file:
+    importing ampfuse.kernels would need torch and triton)."""
+    macros = runpy.run_path(os.path.join(ROOT, "kernels", "codes.py"))["macros"]()
+    return [f"-D{name}={value}" for name, value in sorted(macros.items())]
+
+
 def cuda_extension():
-    """([extension], cmdclass), or ([], {}) with the reason printed."""
+    """(ext_modules, cmdclass, note): the extension and its build command, or none; `note` is the
+    one line saying what is built and why."""
+    force = os.environ.get("FORCE_CUDA") == "1"
+
     def skip(reason):
-        print(f"ampfuse: building without the CUDA extension ({reason}); the triton and torch backends work")
-        return [], {}
+        return [], {}, f"not building the CUDA extension ampfuse._C: {reason}; the triton and torch backends work"
+
+    def fail(reason):  # FORCE_CUDA=1 asked for the extension: building without it would hide the problem
+        raise SystemExit(f"ampfuse: FORCE_CUDA=1, but {reason}")
 
     if os.environ.get("AMPFUSE_NO_CUDA") == "1":
         return skip("AMPFUSE_NO_CUDA=1")
     home = _toolkit()
     if home is None:
-        return skip("no CUDA toolkit found: set CUDA_HOME")
+        return fail("no CUDA toolkit was found: set CUDA_HOME") if force else skip("no CUDA toolkit found")
     os.environ["CUDA_HOME"] = home  # read by torch.utils.cpp_extension when it is imported
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError:
-        return skip("torch is not importable at build time: install torch first and use --no-build-isolation")
+        why = "torch is not importable at build time (install torch first and use --no-build-isolation)"
+        return fail(why) if force else skip(why)
     if torch.version.cuda is None:
-        return skip(f"torch {torch.__version__} is a CPU build")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        why = f"torch {torch.__version__} is a CPU build"
+        return fail(why) if force else skip(why)
+    gpus = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    if not gpus and not force:
+        return skip("torch sees no CUDA device (FORCE_CUDA=1 builds it anyway)")
+    why = "FORCE_CUDA=1" if force else "torch sees a GPU"
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        why += ", architectures from TORCH_CUDA_ARCH_LIST"
+    elif gpus:
+        usable = [c for c in gpus if c >= MIN_CAPABILITY]
+        if not usable:
+            return skip(f"the GPU is sm_{gpus[0][0]}{gpus[0][1]}; the extension needs sm_80 or newer")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{major}.{minor}" for major, minor in usable)
+        why += ", for its architecture only (TORCH_CUDA_ARCH_LIST to change)"
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        why += " without a GPU: the default architectures"
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
     ext = CUDAExtension(
         name="ampfuse._C",
         sources=["csrc/bindings.cpp", "csrc/adapter_block.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"],
+                            # --threads 0: nvcc compiles the architectures in parallel, one per core
+                            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--threads", "0", *code_macros()]},
     )
-    print(f"ampfuse: building the CUDA extension with {home} for TORCH_CUDA_ARCH_LIST="
-          f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    note = (f"building the CUDA extension ampfuse._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+            f"({why}) with the toolkit in {home}")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}, note
 
 
-ext_modules, cmdclass = cuda_extension()
+class BuildPy(build_py):
+    """Installs the build decision as ampfuse/_build.json, for `ampfuse-info`."""
+
+    def run(self):
+        super().run()
+        path = os.path.join(self.build_lib, "ampfuse", "_build.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"cuda_extension": NOTE}, f)
+
+
+ext_modules, cmdclass, NOTE = cuda_extension()
+print(f"ampfuse: {NOTE}", flush=True)
 
 setup(
     name="ampfuse",
     version="0.1.0",
     description="Fused Triton/CUDA kernels for adapter-based multimodal fine-tuning of frozen BERT models",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
     package_dir={"ampfuse.kernels": "kernels"},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={**cmdclass, "build_py": BuildPy},
     install_requires=[
         "torch>=2.6",
         "numpy>=1.24",

@@ -62,12 +62,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def why_unavailable(name: str, device: torch.device, dtype: torch.dtype):
-    """None when ``name`` can run tensors of this device and dtype, else the reason in words."""
+def why_unavailable(name: str, device: torch.device, dtypes):
+    """None when ``name`` can run tensors of this device and dtype(s) (one dtype, or a tuple of the
+    operands' dtypes), else the reason in words."""
+    dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
     if name == "torch":
         return None
-    if dtype not in KERNEL_DTYPES:
-        return f"dtype {dtype} is not supported by the {name} kernels (float16, bfloat16, float32)"
+    for dtype in dtypes:
+        if dtype not in KERNEL_DTYPES:
+            return f"dtype {dtype} is not supported by the {name} kernels (float16, bfloat16, float32)"
     if name == "triton":
         error = _import_error("triton")
         if error:
@@ -75,6 +78,10 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype):
         if device.type != "cuda" and not interpreting():
             return (f"tensors are on {device}; the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 "
                     "(set before ampfuse is imported) to run the kernels in Triton's CPU interpreter")
+        if interpreting() and torch.bfloat16 in dtypes:  # refused rather than a silently wrong answer
+            return ("Triton's CPU interpreter (TRITON_INTERPRET=1) keeps bfloat16 as raw bits, so bfloat16 "
+                    "arithmetic comes out wrong there (triton issue 11584); use float16 or float32 in the "
+                    "interpreter and bfloat16 on a GPU")
         return None
     error = _import_error("ampfuse._C")
     if error:
@@ -86,8 +93,9 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype):
 
 
 @torch.compiler.assume_constant_result  # decided once when torch.compile traces the caller
-def resolve(device: torch.device, dtype: torch.dtype, explicit=None, op: str = "op") -> str:
-    """The backend that runs this call; raises BackendUnavailableError when it cannot."""
+def resolve(device: torch.device, dtype, explicit=None, op: str = "op") -> str:
+    """The backend that runs this call (``dtype``: one dtype or a tuple of the operands' dtypes);
+    raises BackendUnavailableError when it cannot."""
     name = _check_name(explicit, "backend") if explicit is not None else requested_backend()
     if name is None:
         if device.type == "cuda" and why_unavailable("triton", device, dtype) is None:

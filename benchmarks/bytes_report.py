@@ -7,8 +7,9 @@ excluded): "moved" is every byte a kernel loads or stores, re-reads included (wh
 system serves, L2 or HBM), "unique" counts each address once per launch (what HBM must serve at
 best). Bytes in the activation tensors (h, r, y, dy, dh, dr) are reported apart from the rest (the
 k-wide tensors saved between kernels, the weights and constants, which a larger token count
-amortises). The floor is docs/design.md section 4's: the adapter block's forward reads h and r and
-writes y; its backward reads dy, h, r and writes dh and dr.
+amortises). The floor is docs/design.md section 5's: the adapter block's forward reads h and r and
+writes y; its backward reads dy, h, r and writes dh and dr. The kernels run with the tile sizes a
+GPU launch uses (not the interpreter's small test tiles), so re-reads per token are the GPU's.
 """
 
 import argparse
@@ -187,6 +188,7 @@ def main(argv=None):
     p.add_argument("--op", default="", help="only ops whose name contains this text ('adapter', 'gmu')")
     args = p.parse_args(argv)
     _install()
+    runtime._INTERPRETING = False  # the GPU's tile settings (the kernels still run in the interpreter)
     results = {}
     # fp16 stands for bf16 here (same sizes; the interpreter cannot do bf16 arithmetic)
     for (op, measure), (label, dtype, r_dtype) in itertools.product(

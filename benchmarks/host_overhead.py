@@ -81,13 +81,34 @@ def gmu_case():
     return call(gmu_adapter, backend="triton"), call(gmu_adapter_reference), tensors
 
 
-CASES = {"adapter_block": adapter_case, "gmu_adapter": gmu_case}
+def fusion_case():
+    """(fused op, eager reference, tensors) of the fusion layer with two modalities (frozen features), tiny and
+    on the CPU."""
+    from ampfuse.ops.fusion import fusion_layer, fusion_layer_reference
+
+    g = torch.Generator().manual_seed(0)
+    d, widths = 64, (20, 12)
+
+    def rand(*shape, grad=True):
+        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).requires_grad_(grad)
+
+    tensors = dict(x=rand(2, 4, d), modalities=[rand(2, 4, w, grad=False) for w in widths],
+                   gate_w=[rand(d, d + w) for w in widths], gate_b=[rand(d) for _ in widths],
+                   proj_w=[rand(d, w) for w in widths], proj_b=[rand(d) for _ in widths], ln_weight=rand(d),
+                   ln_bias=rand(d))
+
+    def call(fn, **options):
+        return lambda t: fn(**t, beta=0.5, **options)
+    return call(fusion_layer, backend="triton"), call(fusion_layer_reference), tensors
+
+
+CASES = {"adapter_block": adapter_case, "gmu_adapter": gmu_case, "fusion_layer": fusion_case}
 
 
 def measure(name, reps):
     fused, eager, tensors = CASES[name]()  # fn(tensors) -> output
-    frozen = {n: [v.detach() for v in t] if isinstance(t, list) else t.detach() for n, t in tensors.items()}
-    dy = torch.randn_like(fused(tensors))
+    frozen = {n: [t.detach() for t in v] if isinstance(v, list) else v.detach() for n, v in tensors.items()}
+    dy = torch.randn_like(_no_grad(eager, frozen))
     rows = []
 
     def launches(fn):
@@ -102,6 +123,28 @@ def measure(name, reps):
                "eager_us": per_call_us(make(eager), reps), "launches": launches(make(fused))}
         rows.append(row)
     return rows
+
+
+class _Identity(torch.autograd.Function):
+    """The least an autograd.Function costs: save the inputs, return an empty output, pass dy back."""
+
+    @staticmethod
+    def forward(ctx, h, *params):
+        ctx.save_for_backward(h, *params)
+        return torch.empty_like(h)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (dy,) + (None,) * (len(ctx.saved_tensors) - 1)
+
+
+def function_floor_us(reps):
+    """(forward, forward + backward) microseconds of _Identity over the adapter block's twelve tensors."""
+    _, _, tensors = adapter_case()
+    h, params = tensors["h"], [t for n, t in tensors.items() if n != "h"] + [tensors["h"]] * 3
+    dy = torch.randn_like(h)
+    return (per_call_us(lambda: _Identity.apply(h, *params), reps),
+            per_call_us(lambda: _Identity.apply(h, *params).backward(dy), reps))
 
 
 def _no_grad(fn, tensors):
@@ -121,7 +164,9 @@ def main(argv=None):
     x, y = torch.ones(2), torch.ones(2)
     add_us = per_call_us(lambda: torch.add(x, y), args.reps * 5)
     rows = [row for name in CASES for row in measure(name, args.reps)]
-    print(f"torch.add of two 2-element tensors: {add_us:.2f} us (the unit below)")
+    floor_fwd, floor_fwd_bwd = function_floor_us(args.reps)
+    print(f"torch.add of two 2-element tensors: {add_us:.2f} us (the unit below); an empty autograd.Function of "
+          f"12 tensors costs {floor_fwd / add_us:.1f} adds forward, {floor_fwd_bwd / add_us:.1f} forward + backward")
     print(f"{'op':14} {'mode':20} {'fused us':>9} {'x add':>6} {'target':>7} {'launches':>8} {'eager us':>9}")
     for row in rows:
         row["adds"] = row["fused_us"] / add_us
@@ -131,7 +176,8 @@ def main(argv=None):
               f"{row['launches']:8} {row['eager_us']:9.1f}{flag}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch_add_us": add_us, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"torch_add_us": add_us, "function_floor_us": [floor_fwd, floor_fwd_bwd],
+                   "torch": torch.__version__, "rows": rows}, f, indent=1)
     return rows
 
 

@@ -152,40 +152,70 @@ def adapters_library_block(device):
     return run
 
 
-def adapter_inputs(n, d, k, dtype, device):
+def adapter_inputs(n, d, k, dtype, device, mix=False):
+    """Inputs of one adapter-block call; ``mix``: autocast's layout, h in ``dtype``, r and the parameters
+    in fp32 (what a BERT sub-layer hands the op under bf16 autocast)."""
     def make():
         g = dict(device=device, dtype=dtype)
-        return dict(h=torch.randn(n, d, **g).requires_grad_(), r=torch.randn(n, d, **g).requires_grad_(),
-                    ln_w=torch.randn(d, **g) * 0.1 + 1, ln_b=torch.randn(d, **g) * 0.1,
-                    wd=(torch.randn(k, d, **g) * d ** -0.5).requires_grad_(), bd=torch.zeros(k, **g).requires_grad_(),
-                    wu=(torch.randn(d, k, **g) * k ** -0.5).requires_grad_(), bu=torch.zeros(d, **g).requires_grad_())
+        p = dict(device=device, dtype=torch.float32 if mix else dtype)
+        return dict(h=torch.randn(n, d, **g).requires_grad_(), r=torch.randn(n, d, **p).requires_grad_(),
+                    ln_w=torch.randn(d, **p) * 0.1 + 1, ln_b=torch.randn(d, **p) * 0.1,
+                    wd=(torch.randn(k, d, **p) * d ** -0.5).requires_grad_(), bd=torch.zeros(k, **p).requires_grad_(),
+                    wu=(torch.randn(d, k, **p) * k ** -0.5).requires_grad_(), bu=torch.zeros(d, **p).requires_grad_())
     return make
 
 
 def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log, emit,
-                 dtype_label=None):
-    """Times every implementation on every case; each row goes to emit as soon as it is measured. Rows are
-    labelled with ``dtype_label`` when given (a dtype mix), else the dtype."""
+                 mix=False):
+    """Times every implementation on every case; each row goes to emit as soon as it is measured. With
+    ``mix`` (16-bit dtypes on a GPU) every case runs a second time in autocast's dtype layout. Each row
+    also gives the call replayed as a CUDA graph (host time removed), where it can be captured."""
     impls = impls_for(device, dtype, sizes)
+    layouts = [False] + ([True] if mix and device.type == "cuda" and dtype != torch.float32 else [])
     for case in cases:
-        rot = Rotating(inputs_for(*case, dtype, device), device)
-        for mode in ("forward", "forward+backward"):
-            for impl, fn in impls.items():
-                call = _call(fn, rot, mode)
-                try:
-                    ms = bench(call, device)
-                    launches = count_launches(call, device)
-                except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size
-                    log(f"  {name} {impl} {mode} {case}: skipped ({type(exc).__name__}: {exc})")
-                    continue
-                nbytes = bytes_for(*case, dtype, mode)
-                flops = flops_for(*case, mode)
-                roof_ms = max(nbytes / ceil["copy_GBps"] / 1e6, flops / ceil["matmul_TFLOPs"] / 1e9)
-                emit(dict(suite=name, op=name, mode=mode, backend=impl,
-                          dtype=dtype_label or str(dtype).replace("torch.", ""),
-                          shape=list(case), median_ms=ms, GBps=nbytes / ms / 1e6, roofline_pct=100 * roof_ms / ms,
-                          launches=launches))
-                log(f"  {name:8} {mode:17} {str(case):22} {impl:28} {ms:9.4f} ms  {100 * roof_ms / ms:6.1f}% roof")
+        for layout in layouts:
+            rot = Rotating(inputs_for(*case, dtype, device, **({"mix": True} if layout else {})), device)
+            for mode in ("forward", "forward+backward"):
+                for impl, fn in impls.items():
+                    call = _call(fn, rot, mode)
+                    try:
+                        ms = bench(call, device)
+                        launches = count_launches(call, device)
+                    except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size
+                        log(f"  {name} {impl} {mode} {case}: skipped ({type(exc).__name__}: {exc})")
+                        continue
+                    graph = graph_ms(fn, rot, mode, device)
+                    nbytes = bytes_for(*case, dtype, mode, **({"mix": True} if layout else {}))
+                    flops = flops_for(*case, mode)
+                    roof_ms = max(nbytes / ceil["copy_GBps"] / 1e6, flops / ceil["matmul_TFLOPs"] / 1e9)
+                    label = str(dtype).replace("torch.", "") + (" mix" if layout else "")
+                    emit(dict(suite=name, op=name, mode=mode, backend=impl, dtype=label, shape=list(case),
+                              median_ms=ms, graph_ms=graph, GBps=nbytes / ms / 1e6, roofline_pct=100 * roof_ms / ms,
+                              launches=launches))
+                    log(f"  {name:8} {mode:17} {label:10} {str(case):22} {impl:28} {ms:9.4f} ms "
+                        f"{'' if graph is None else f'(graph {graph:.4f})'} {100 * roof_ms / ms:6.1f}% roof")
+
+
+def graph_ms(fn, rot, mode, device):
+    """Median ms of the call captured once as a CUDA graph and replayed (one input set), None on the CPU
+    or where capture fails: what the GPU work takes without the host."""
+    if device.type != "cuda":
+        return None
+    t = rot.next()
+    call = _call(fn, type("Fixed", (), {"next": lambda self: t})(), mode)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        return bench(graph.replay, device)
+    except Exception:  # noqa: BLE001 - e.g. a baseline that synchronises inside
+        return None
 
 
 def _call(fn, rot, mode):
@@ -215,10 +245,15 @@ def add_ratios(rows, key):
             row["speedup_vs"] = {o["backend"]: o["median_ms"] / row["median_ms"] for o in group if o is not row}
 
 
-def adapter_bytes(n, d, k, dtype, mode):
+def adapter_bytes(n, d, k, dtype, mode, mix=False):
+    """docs/design.md section 4's floor: forward reads h, r and writes y; backward reads dy, h, r and writes
+    dh, dr (plus the weights once each way). In autocast's layout r, y, dy, dr and the weights are fp32."""
     e = torch.tensor([], dtype=dtype).element_size()
-    weights = e * (2 * d * k + 3 * d + k)
-    return (e * 3 * n * d + weights) if mode == "forward" else (e * 8 * n * d + 2 * weights)
+    e_r = 4 if mix else e  # r, y = h + r, dy, dr, parameters
+    weights = e_r * (2 * d * k + 3 * d + k)
+    forward = n * d * (e + e_r + e_r) + weights
+    backward = n * d * (e_r + e + e_r + e + e_r) + 2 * weights
+    return forward if mode == "forward" else forward + backward
 
 
 def adapter_flops(n, d, k, mode):
@@ -233,12 +268,12 @@ def gmu_cases(sizes, device):
     return [(b, 128, d, k) for d in (384, 768, 1024) for k in (16, 64) for b in (8, 32, 128, 512)]
 
 
-def gmu_inputs(b, t, d, k, dtype, device, r_dtype=None):
+def gmu_inputs(b, t, d, k, dtype, device, mix=False):
     """The gmu suite's tensors: text, a token-aligned 74-wide and a per-sample 35-wide modality (frozen features),
-    softmax gate, stream LayerNorms, the sub-layer's LayerNorm fused. ``r_dtype`` gives r and the parameters
-    their own dtype (autocast's layout: 16-bit x and modalities, fp32 r and parameters)."""
+    softmax gate, stream LayerNorms, the sub-layer's LayerNorm fused. ``mix``: autocast's layout, x and the
+    modalities in ``dtype``, r and the parameters in fp32."""
     sizes = [d, 74, 35]
-    p_dtype = r_dtype or dtype
+    p_dtype = torch.float32 if mix else dtype
 
     def make():
         g = dict(device=device, dtype=p_dtype)
@@ -256,10 +291,6 @@ def gmu_inputs(b, t, d, k, dtype, device, r_dtype=None):
     return make
 
 
-def gmu_mix_inputs(b, t, d, k, dtype, device):
-    return gmu_inputs(b, t, d, k, dtype, device, r_dtype=torch.float32)
-
-
 def gmu_implementations(device, dtype, sizes):
     from ampfuse.ops.gmu import gmu_adapter, gmu_adapter_reference
 
@@ -275,12 +306,12 @@ def gmu_implementations(device, dtype, sizes):
     return impls
 
 
-def gmu_bytes(b, t, d, k, dtype, mode, r_dtype=None):
+def gmu_bytes(b, t, d, k, dtype, mode, mix=False):
     """Activation bytes of one call: forward reads x, r and the token-aligned modality and writes y (in the dtype
     of x + r); backward reads dy, x, r and the modality and writes dx, dr. The per-sample modality (b x 35) and
     the weights add little."""
     e = torch.tensor([], dtype=dtype).element_size()
-    e_r = torch.tensor([], dtype=r_dtype or dtype).element_size()
+    e_r = 4 if mix else e
     e_y = max(e, e_r)
     n = b * t
     if mode == "forward":
@@ -288,14 +319,13 @@ def gmu_bytes(b, t, d, k, dtype, mode, r_dtype=None):
     return n * ((e_y + 2 * e + 2 * e_r) * d + e * 74) + b * 35 * e
 
 
-def gmu_mix_bytes(b, t, d, k, dtype, mode):
-    return gmu_bytes(b, t, d, k, dtype, mode, r_dtype=torch.float32)
-
-
 def gmu_flops(b, t, d, k, mode):
     n = b * t
     fwd = 2 * n * k * (d + 74 + 3 * 3 * k + d) + 2 * b * k * 35
     return fwd if mode == "forward" else 3 * fwd
+
+
+FUSION_WIDTHS = (74, 35)  # the modalities: CMU-MOSEI's audio (COVAREP) and visual (FACET) feature widths
 
 
 def fusion_cases(sizes, device):
@@ -306,38 +336,61 @@ def fusion_cases(sizes, device):
     return [(n, d) for d in (384, 768, 1024) for n in (1024, 4096, 16384)]
 
 
-def fusion_inputs(n, d, dtype, device):
+def fusion_inputs(n, d, dtype, device, mix=False):
+    """Inputs of one fusion call; ``mix``: autocast's layout, x and the modalities in ``dtype``, the parameters
+    in fp32, and every implementation called under autocast (the "autocast" entry says so)."""
     def make():
         g = dict(device=device, dtype=dtype)
+        p = dict(device=device, dtype=torch.float32 if mix else dtype)
         req = lambda x: x.requires_grad_()  # noqa: E731
-        mods = [torch.randn(n, 74, **g), torch.randn(n, 35, **g)]
-        return dict(x=req(torch.randn(1, n, d, **g)), modalities=[m.unsqueeze(0) for m in mods],
-                    gate_w=[req(torch.randn(d, d + m.shape[-1], **g) * d ** -0.5) for m in mods],
-                    gate_b=[req(torch.zeros(d, **g)) for _ in mods],
-                    proj_w=[req(torch.randn(d, m.shape[-1], **g) * 0.1) for m in mods],
-                    proj_b=[req(torch.zeros(d, **g)) for _ in mods],
-                    ln_weight=req(torch.ones(d, **g)), ln_bias=req(torch.zeros(d, **g)))
+        mods = [torch.randn(1, n, w, **g) for w in FUSION_WIDTHS]
+        return dict(x=req(torch.randn(1, n, d, **g)), modalities=mods,
+                    gate_w=[req(torch.randn(d, d + w, **p) * d ** -0.5) for w in FUSION_WIDTHS],
+                    gate_b=[req(torch.zeros(d, **p)) for _ in FUSION_WIDTHS],
+                    proj_w=[req(torch.randn(d, w, **p) * 0.1) for w in FUSION_WIDTHS],
+                    proj_b=[req(torch.zeros(d, **p)) for _ in FUSION_WIDTHS],
+                    ln_weight=req(torch.ones(d, **p)), ln_bias=req(torch.zeros(d, **p)), autocast=mix)
     return make
 
 
 def fusion_implementations(device, dtype, sizes):
     from ampfuse.ops.fusion import fusion_layer, fusion_layer_reference
 
-    impls = {"eager": lambda t: fusion_layer_reference(**t, beta=0.5),
+    def reference(t):
+        return fusion_layer_reference(**t, beta=0.5)
+
+    def under_autocast(fn):  # the "mix" layout: the call runs under autocast, as in a model trained with it
+        def run(t):
+            tensors = {k: v for k, v in t.items() if k != "autocast"}
+            with torch.autocast(device.type, dtype=dtype, enabled=t["autocast"]):
+                return fn(tensors)
+        return run
+
+    impls = {"eager": reference,
              ("ampfuse-triton" if device.type == "cuda" else "ampfuse-torch"):
                  lambda t: fusion_layer(**t, beta=0.5, backend="triton" if device.type == "cuda" else "torch"),
-             "torch.compile": torch.compile(lambda t: fusion_layer_reference(**t, beta=0.5))}
-    return impls
+             "torch.compile": torch.compile(reference)}
+    if sizes != "quick":
+        impls["torch.compile max-autotune"] = torch.compile(reference, mode="max-autotune")
+    return {name: under_autocast(fn) for name, fn in impls.items()}
 
 
-def fusion_bytes(n, d, dtype, mode):
+def fusion_bytes(n, d, dtype, mode, mix=False):
+    """Least traffic: read x and the modalities, write y (fp32 in the mix), the parameters once; backward
+    reads dy, x and the modalities again, writes dx and the parameters' gradients."""
     e = torch.tensor([], dtype=dtype).element_size()
-    return e * n * (2 * d + 109) if mode == "forward" else e * n * (4 * d + 109)
+    e_p = 4 if mix else e  # y, dy and the parameters
+    weights = e_p * (sum(d * (d + 2 * w) + 2 * d for w in FUSION_WIDTHS) + 2 * d)
+    m = sum(FUSION_WIDTHS)
+    forward = e * n * (d + m) + e_p * n * d + weights
+    return forward if mode == "forward" else forward + e_p * n * d + e * n * (2 * d + m) + 2 * weights
 
 
 def fusion_flops(n, d, mode):
-    fwd = 2 * n * d * (d + 74 + 74 + d + 35 + 35)
-    return fwd if mode == "forward" else 3 * fwd
+    """The GEMMs: [x; m_i] W_gi^T and m_i W_pi^T per modality; backward (minimal: the forward's products
+    saved) twice that."""
+    forward = 2 * n * d * sum(d + 2 * w for w in FUSION_WIDTHS)
+    return forward if mode == "forward" else 3 * forward
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -428,13 +481,15 @@ def write_report(rows, header, out, with_plot=True):
              f"{header['matmul_TFLOPs']:.1f} TFLOP/s; command `{header['command']}`", ""]
     if header["device"] == "cpu":
         lines += ["**CPU numbers**: they show that the scripts run, not how fast the kernels are.", ""]
-    lines += ["| suite | mode | backend | dtype | shape | median ms | GB/s | % roofline | launches "
+    lines += ["| suite | mode | backend | dtype | shape | median ms | CUDA graph ms | GB/s | % roofline | launches "
               "| time / eager (e2e: / no adapters) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = r.get("speedup_vs", {}).get("eager") or r.get("speedup_vs", {}).get("no adapters")
+        graph = r.get("graph_ms")
         lines.append(f"| {r['suite']} | {r['mode']} | {r['backend']} | {r['dtype']} | {r['shape']} | "
-                     f"{r['median_ms']:.4f} | {r.get('GBps', float('nan')):.0f} | "
+                     f"{r['median_ms']:.4f} | {'' if graph is None else f'{graph:.4f}'} | "
+                     f"{r.get('GBps', float('nan')):.0f} | "
                      f"{r.get('roofline_pct', float('nan')):.1f} | {r.get('launches')} | "
                      f"{'' if vs is None else f'{1 / vs:.2f}x time'} |")
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
@@ -511,17 +566,13 @@ def main(argv=None):
     suites = SUITES if args.suite == "all" else [args.suite]
     if "adapter" in suites:
         run_op_suite("adapter", adapter_cases(args.sizes, device), adapter_implementations, adapter_inputs,
-                     adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log, emit)
+                     adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log, emit, mix=True)
     if "gmu" in suites:
         run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_inputs, gmu_bytes, gmu_flops,
-                     device, dtype, args.sizes, ceil, log, emit)
-        if dtype != torch.float32:  # autocast's layout: 16-bit x and modalities, fp32 r and parameters
-            run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_mix_inputs, gmu_mix_bytes,
-                         gmu_flops, device, dtype, args.sizes, ceil, log, emit,
-                         dtype_label=f"{args.dtype}+fp32 (autocast mix)")
+                     device, dtype, args.sizes, ceil, log, emit, mix=True)
     if "fusion" in suites:
         run_op_suite("fusion", fusion_cases(args.sizes, device), fusion_implementations, fusion_inputs, fusion_bytes,
-                     fusion_flops, device, dtype, args.sizes, ceil, log, emit)
+                     fusion_flops, device, dtype, args.sizes, ceil, log, emit, mix=True)
     if "e2e" in suites:
         run_e2e(device, args.sizes, log, emit)
     write_report(rows, header, out)

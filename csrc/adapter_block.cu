@@ -66,28 +66,37 @@ __device__ __forceinline__ float philox_uniform(uint64_t seed, uint64_t offset) 
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
+// The activation and scale-mode codes are kernels/codes.py's, passed by setup.py as -D macros
+// (AMPFUSE_ACT_*, AMPFUSE_SCALE_*), so the CUDA, Triton and Python sides switch on one table.
+#if !defined(AMPFUSE_ACT_IDENTITY) || !defined(AMPFUSE_ACT_RELU) || !defined(AMPFUSE_ACT_GELU) || \
+    !defined(AMPFUSE_ACT_GELU_TANH) || !defined(AMPFUSE_ACT_SILU) || !defined(AMPFUSE_ACT_TANH) ||    \
+    !defined(AMPFUSE_SCALE_FLOAT) || !defined(AMPFUSE_SCALE_SCALAR) || !defined(AMPFUSE_SCALE_CHANNEL)
+#error "build through setup.py: it passes the codes of kernels/codes.py as -D macros (AMPFUSE_ACT_*, AMPFUSE_SCALE_*)"
+#endif
+
 __device__ __forceinline__ float act(float z, int code) {
   switch (code) {
-    case 1: return fmaxf(z, 0.f);
-    case 2: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
-    case 3: return 0.5f * z * (1.f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
-    case 4: return z / (1.f + expf(-z));
-    case 5: return tanhf(z);
-    default: return z;
+    case AMPFUSE_ACT_RELU: return fmaxf(z, 0.f);
+    case AMPFUSE_ACT_GELU: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+    case AMPFUSE_ACT_GELU_TANH: return 0.5f * z * (1.f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
+    case AMPFUSE_ACT_SILU: return z / (1.f + expf(-z));
+    case AMPFUSE_ACT_TANH: return tanhf(z);
+    default: return z;  // AMPFUSE_ACT_IDENTITY
   }
 }
 
 __device__ __forceinline__ float act_grad(float z, int code) {
   switch (code) {
-    case 1: return z > 0.f ? 1.f : 0.f;
-    case 2: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.3989422804014327f * expf(-0.5f * z * z);
-    case 3: {
+    case AMPFUSE_ACT_RELU: return z > 0.f ? 1.f : 0.f;
+    case AMPFUSE_ACT_GELU:
+      return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.3989422804014327f * expf(-0.5f * z * z);
+    case AMPFUSE_ACT_GELU_TANH: {
       const float t = tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z));
       return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * z * z);
     }
-    case 4: { const float s = 1.f / (1.f + expf(-z)); return s * (1.f + z * (1.f - s)); }
-    case 5: { const float t = tanhf(z); return 1.f - t * t; }
-    default: return 1.f;
+    case AMPFUSE_ACT_SILU: { const float s = 1.f / (1.f + expf(-z)); return s * (1.f + z * (1.f - s)); }
+    case AMPFUSE_ACT_TANH: { const float t = tanhf(z); return 1.f - t * t; }
+    default: return 1.f;  // AMPFUSE_ACT_IDENTITY
   }
 }
 
@@ -96,12 +105,13 @@ struct Params {
   const int64_t* seed;
   float scale_value, eps, eps_a, p_drop;
   int64_t M;
-  int D, K, act, scale_mode;  // scale_mode: 0 float, 1 learned scalar, 2 per channel
+  int D, K, act, scale_mode;  // codes.py's: AMPFUSE_ACT_*, AMPFUSE_SCALE_* (float, learned scalar, per channel)
   bool orig_ln_before, ln_before, residual_before_ln, dropout;
 };
 
 __device__ __forceinline__ float scale_at(const Params& p, int i) {
-  return p.scale_mode == 2 ? p.scale[i] : (p.scale_mode == 1 ? p.scale[0] : p.scale_value);
+  return p.scale_mode == AMPFUSE_SCALE_CHANNEL ? p.scale[i]
+                                               : (p.scale_mode == AMPFUSE_SCALE_SCALAR ? p.scale[0] : p.scale_value);
 }
 
 __device__ __forceinline__ float keep_factor(const Params& p, int64_t index) {
@@ -207,7 +217,7 @@ struct TileShape {
   int BM, DP, KP;
 };
 
-__host__ __device__ inline size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
 // Hands out consecutive 128-byte-aligned buffers of a kernel's dynamic shared memory, in the order
 // (and with the sizes) the kernel's *_shared_bytes function adds up.
@@ -350,12 +360,28 @@ struct Offsets {  // into a program's slice of the partial buffer; -1 when not c
 constexpr int kBM = 16;
 
 template <typename T>
-__host__ __device__ inline size_t bwd_shared_bytes(int DP, int KP) {
+__host__ __device__ constexpr size_t bwd_shared_bytes(int DP, int KP) {
   return 2 * align128(sizeof(float) * kBM * DP) + align128(sizeof(T) * kBM * DP) +
          align128(sizeof(float) * kBM * KP) + 2 * align128(sizeof(T) * kBM * KP) +
          align128(sizeof(float) * kWarps * 256) + align128(sizeof(float) * kWarps * kBM) +
          align128(sizeof(float) * 4 * kBM);
 }
+
+// The most columns per thread (CPT) a backward can need: its shared memory grows with DP, and no
+// GPU gives a block more than 227 KiB (Hopper, Blackwell), so the widest DP that can launch is the
+// widest that fits there at the smallest KP: 1376 (fp16/bf16) and 1136 (fp32), i.e. CPT 6 and 5.
+// The widest kernel is compiled for that CPT instead of 8 (2048 columns, never usable past 1376):
+// it was the costliest instantiation to compile (README, "The CUDA extension").
+constexpr size_t kMaxSharedPerBlock = 227 * 1024;
+
+template <typename T>
+constexpr int top_cpt() {
+  int dp = 16;
+  while (bwd_shared_bytes<T>(dp + 16, 16) <= kMaxSharedPerBlock) dp += 16;
+  return (dp + kThreads - 1) / kThreads;
+}
+static_assert(top_cpt<float>() == 5 && top_cpt<__half>() == 6 && top_cpt<__nv_bfloat16>() == 6,
+              "the shared-memory bound changed: check the backward's dispatch");
 
 struct Slice {  // where a block's partial gradients live in its slice (floats)
   int64_t width, wu, wd;
@@ -614,8 +640,8 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
           const float dv = in ? du * scale_at(p, i) : 0.f;
           if (in) {
             const float v = V[m * DP + i];
-            if (p.scale_mode == 2) g_s[c] += du * v;
-            if (p.scale_mode == 1) g_s1 += du * v;
+            if (p.scale_mode == AMPFUSE_SCALE_CHANNEL) g_s[c] += du * v;
+            if (p.scale_mode == AMPFUSE_SCALE_SCALAR) g_s1 += du * v;
             g_bu[c] += dv;
           }
           if (i < DP) {
@@ -732,9 +758,9 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_block_bwd_kernel(
       slice[off.ga + i] = g_ga[c];
       slice[off.ba + i] = g_ba[c];
     }
-    if (p.scale_mode == 2) slice[off.scale + i] = g_s[c];
+    if (p.scale_mode == AMPFUSE_SCALE_CHANNEL) slice[off.scale + i] = g_s[c];
   }
-  if (p.scale_mode == 1) {  // one block-wide sum (block_row_sums sums 16 rows; only row 0 is used)
+  if (p.scale_mode == AMPFUSE_SCALE_SCALAR) {  // one block-wide sum (block_row_sums sums 16 rows; only row 0 is used)
     float s[kBM] = {};
     s[0] = g_s1;
     block_row_sums(s, RED);
@@ -773,7 +799,7 @@ Params make_params(const at::Tensor& h, const at::Tensor& ln_weight, const at::T
   p.bd = b_down.data_ptr<float>();
   p.bu = b_up.data_ptr<float>();
   p.scale = fp32_ptr(scale);
-  p.scale_mode = !scale ? 0 : (scale->numel() > 1 ? 2 : 1);
+  p.scale_mode = !scale ? AMPFUSE_SCALE_FLOAT : (scale->numel() > 1 ? AMPFUSE_SCALE_CHANNEL : AMPFUSE_SCALE_SCALAR);
   p.seed = seed ? seed->data_ptr<int64_t>() : nullptr;
   p.scale_value = static_cast<float>(scale_value);
   p.eps = static_cast<float>(ln_eps);
@@ -945,10 +971,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
           part.data_ptr<float>(), flat.data_ptr<float>(), programs, total, sl, off, p.D, p.K, DP, KP);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
+    constexpr int kTop = top_cpt<T>();
+    TORCH_CHECK(DP <= kTop * kThreads, "adapter_block_bwd: d=", p.D, " in ", h.scalar_type(),
+                " is wider than the cuda backward supports (", kTop * kThreads, "); use the triton backend");
     if (DP <= 256) launch(adapter_block_bwd_kernel<T, 1>);
     else if (DP <= 512) launch(adapter_block_bwd_kernel<T, 2>);
     else if (DP <= 1024) launch(adapter_block_bwd_kernel<T, 4>);
-    else launch(adapter_block_bwd_kernel<T, 8>);
+    else launch(adapter_block_bwd_kernel<T, kTop>);
   });
   return {dh, dr, flat};
 }

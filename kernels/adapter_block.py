@@ -21,12 +21,13 @@ forward, 2 launches
                             out:  y = LN(dropout(s (f(z) W_up^T + b_up)) + residual)
                             It saves z (tokens x k, fp32) and six row statistics for backward.
 backward, 3 launches
-  adapter_bwd_rows_kernel   one pass over dy, h, r per row block: the output LayerNorm's row sums
-                            and dp = dv W_up, folded as rstd_o (g W' - mean(g) W' 1 - mean(g ohat) ohat W')
-                            with W' = s o W_up (three dots per chunk, none of them needing the row
-                            sums first); dz = dp f'(z); the LayerNorm row scalars below the adapter
-                            (algebraic for Pfeiffer and Houlsby, one more pass otherwise). Writes
-                            dz and six row scalars.
+  adapter_bwd_rows_kernel   one pass over dy, h, r per row block: o recomputed (and its exact
+                            moments), the output LayerNorm's row sums and dp = dv W_up, folded as
+                            rstd_o (g W' - mean(g) W' 1 - mean(g ohat) ohat W') with W' = s o W_up
+                            (dots that need no row sum first); dz = dp f'(z); the LayerNorm row
+                            scalars below the adapter (algebraic for Pfeiffer and Houlsby, one more
+                            pass otherwise). Writes p = f(z) and dz in the operand dtype, and eight
+                            row scalars.
   adapter_bwd_cols_kernel   grid of column chunks x token splits: dh (and dr where it differs),
                             elementwise from the row scalars, and the weight gradients as GEMMs
                             over the split's tokens accumulated on chip ([BLOCK_D, k] each), the
@@ -38,7 +39,8 @@ backward, 3 launches
 import triton
 import triton.language as tl
 
-from .common import SCALE_FLOAT, activation, activation_grad, dropout_keep, merge_moments, sum_partials
+from .common import (SCALE_FLOAT, SCALE_SCALAR, activation, activation_grad, dropout_keep, merge_moments,
+                     sum_partials)
 
 # Rows of the constants buffer's vector blocks (offsets: row * D for VEC_*, 6 * D + row * K for KVEC_*,
 # then the K x K Gram matrix, then two scalars).
@@ -47,10 +49,11 @@ NUM_VEC = tl.constexpr(6)  # (host code below uses plain ints: constexpr arithme
 KVEC_BD, KVEC_F1, KVEC_F2, KVEC_ASUM, KVEC_GBC = map(tl.constexpr, range(5))
 NUM_KVEC = tl.constexpr(5)
 # What the forward saves for backward, one fp32 buffer: z (M, K), then 6 rows of M statistics (mean
-# and rstd of o, of x1, of a). The backward's row kernel hands the column kernel dz (M, K), then 8 rows
-# of row scalars: mean(g), mean(g ohat), the adapter LayerNorm's two, the frozen one's two, and the
-# exact mean and rstd of o as backward recomputes it (with the same rounded operands as the forward's
-# last pass: the forward's own statistics come from fp32 algebra and differ at the rounding level).
+# and rstd of o, of x1, of a). The backward's row kernel hands the column kernel p = f(z) and dz side
+# by side, (M, 2K) in the operand dtype (what the column kernel's dots take), and 8 rows of M fp32 row
+# scalars: mean(g), mean(g ohat), the adapter LayerNorm's two, the frozen one's two, and the exact mean
+# and rstd of o as backward recomputes it (with the same rounded operands as the forward's last pass:
+# the forward's own statistics come from fp32 algebra and differ at the rounding level).
 SAVED_ROWS, ROWGRAD_ROWS = 6, 8
 # Parameter gradients in the backward's flat buffer, in the order of ampfuse.ops.adapter_block.GRAD_SLOTS
 # (w_down, b_down, w_up, b_up, scale, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias; see
@@ -72,22 +75,22 @@ def _kvec(consts, row, kk, k_mask, D, K):
 
 
 @triton.jit
-def _row_scalar(buf, i, rows, row_mask, M, K):
-    """Row scalar i of a saved buffer (its k-wide tile first, then the rows of scalars) at ``rows``."""
-    return tl.load(buf + M * K + i * M + rows, mask=row_mask, other=0.0)
+def _row_scalar(buf, i, rows, row_mask, M):
+    """Row scalar i (of a [rows, M] block of them) at ``rows``."""
+    return tl.load(buf + i * M + rows, mask=row_mask, other=0.0)
 
 
 @triton.jit
-def _row_scalars(buf, rows, row_mask, M, K):
-    """The first six row scalars of a saved buffer at ``rows``."""
-    return (_row_scalar(buf, 0, rows, row_mask, M, K), _row_scalar(buf, 1, rows, row_mask, M, K),
-            _row_scalar(buf, 2, rows, row_mask, M, K), _row_scalar(buf, 3, rows, row_mask, M, K),
-            _row_scalar(buf, 4, rows, row_mask, M, K), _row_scalar(buf, 5, rows, row_mask, M, K))
+def _row_scalars(buf, rows, row_mask, M):
+    """The first six row scalars of a [rows, M] block at ``rows``."""
+    return (_row_scalar(buf, 0, rows, row_mask, M), _row_scalar(buf, 1, rows, row_mask, M),
+            _row_scalar(buf, 2, rows, row_mask, M), _row_scalar(buf, 3, rows, row_mask, M),
+            _row_scalar(buf, 4, rows, row_mask, M), _row_scalar(buf, 5, rows, row_mask, M))
 
 
 @triton.jit
-def _store_row_scalars(buf, rows, row_mask, M, K, v0, v1, v2, v3, v4, v5):
-    base = buf + M * K + rows
+def _store_row_scalars(buf, rows, row_mask, M, v0, v1, v2, v3, v4, v5):
+    base = buf + rows
     tl.store(base, v0, mask=row_mask)
     tl.store(base + M, v1, mask=row_mask)
     tl.store(base + 2 * M, v2, mask=row_mask)
@@ -166,20 +169,16 @@ def _scaled_w_up(wu_ptr, consts, cols, col_mask, kk, k_mask, D, K):
 
 
 @triton.jit
-def _first_chunk_mean(h_ptr, r_ptr, consts, rows, row_mask, D, mean1, rstd1, mean_a, rstd_a, WHICH: tl.constexpr,
+def _first_chunk_mean(h_ptr, r_ptr, consts, rows, row_mask, D, mean1, rstd1, mean_a, rstd_a,
                       ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
                       BLOCK_D: tl.constexpr):
-    """Per-row mean of the first chunk of x1 (WHICH 0) or of the residual (WHICH 1): the shift that
-    keeps a row's common offset out of 16-bit dot operands."""
+    """Per-row mean of the residual's first chunk (x1 in the Pfeiffer placement): the shift that keeps a
+    row's common offset out of 16-bit dot operands."""
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
-                                              mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
-    if WHICH == 0:
-        t = x1
-    else:
-        t = res
-    return tl.sum(t, axis=1) / tl.minimum(D, BLOCK_D)
+    _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
+                                               mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+    return tl.sum(res, axis=1) / tl.minimum(D, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -281,7 +280,7 @@ def _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE: tl.constexpr):
     """The scaling s at ``cols`` as an fp32 vector, whatever its kind."""
     if SCALE_MODE == SCALE_FLOAT:
         s = tl.where(col_mask, s_value, 0.0)
-    elif SCALE_MODE == 1:  # learned scalar
+    elif SCALE_MODE == SCALE_SCALAR:
         s = tl.where(col_mask, tl.load(s_ptr).to(tl.float32), 0.0)
     else:
         s = tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -309,6 +308,7 @@ def adapter_fwd_kernel(
     RESIDUAL_BEFORE_LN: tl.constexpr,
     ACT: tl.constexpr,
     DROPOUT: tl.constexpr,
+    OUT_PASS: tl.constexpr,         # the output moments by an exact pass (dropout, or a k too wide for the Gram tile)
     SAVE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -349,8 +349,8 @@ def adapter_fwd_kernel(
         rstd_a = 1.0 / tl.sqrt(m2 / D + eps_a)
 
     # ---- down: z, and (without dropout) the residual's moments and its product with W' = s o W_up ----
-    shift = _first_chunk_mean(h_ptr, r_ptr, consts, rows, row_mask, D, mean1, rstd1, mean_a, rstd_a, 1,
-                              ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, BLOCK_D)  # FOLD: res is x1
+    shift = _first_chunk_mean(h_ptr, r_ptr, consts, rows, row_mask, D, mean1, rstd1, mean_a, rstd_a,
+                              ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, BLOCK_D)
     acc_z = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # sum_c (res_c - shift) W'[c, :]
     acc_b = zero  # sum_c (res_c - shift) s_c b_up_c
@@ -368,9 +368,9 @@ def adapter_fwd_kernel(
             acc_z = tl.dot(gx.to(op), tl.trans(wd.to(op)), acc=acc_z, input_precision=PRECISION)
         else:
             acc_z = tl.dot(an.to(op), tl.trans(wd.to(op)), acc=acc_z, input_precision=PRECISION)
-        if FOLD or not DROPOUT:
+        if FOLD or not OUT_PASS:
             mean_r, m2_r = merge_moments(mean_r, m2_r, res, col_mask, c0, D)
-        if not DROPOUT:
+        if not OUT_PASS:
             acc_t = tl.dot(res_c.to(op), _scaled_w_up(wu_ptr, consts, cols, col_mask, kk, k_mask, D, K).to(op),
                            acc=acc_t, input_precision=PRECISION)
             b = _vec(consts, VEC_S, cols, col_mask, D) * _vec(consts, VEC_BU, cols, col_mask, D)
@@ -390,7 +390,7 @@ def adapter_fwd_kernel(
         tl.store(saved_ptr + rows[:, None] * K + kk[None, :], z, mask=row_mask[:, None] & k_mask[None, :])
 
     # ---- the output LayerNorm's statistics: o = w + res with w = s o v (and dropout) ----
-    if DROPOUT:  # the mask breaks the algebra: one exact pass
+    if OUT_PASS:  # dropout's mask breaks the algebra (and a wide k's Gram tile would not fit): an exact pass
         mean_o, m2 = zero, zero
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
@@ -432,7 +432,7 @@ def adapter_fwd_kernel(
         tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
     if SAVE:
-        _store_row_scalars(saved_ptr, rows, row_mask, M, K, mean_o, rstd_o, mean1, rstd1, mean_a, rstd_a)
+        _store_row_scalars(saved_ptr + M * K, rows, row_mask, M, mean_o, rstd_o, mean1, rstd1, mean_a, rstd_a)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -441,7 +441,8 @@ def adapter_fwd_kernel(
 def adapter_bwd_rows_kernel(
     dy_ptr, h_ptr, r_ptr,           # (M, D)
     saved_ptr,                      # the forward's saved buffer
-    rowgrad_ptr,                    # out: dz (M, K) then ROWGRAD_ROWS rows of M row scalars, fp32
+    pd_ptr,                         # out: p and dz, (M, 2K) in the operand dtype
+    rowgrad_ptr,                    # out: ROWGRAD_ROWS rows of M row scalars, fp32
     consts, wd_ptr, wu_ptr,
     seed_ptr, p_drop,
     M, D, K, eps,
@@ -466,7 +467,7 @@ def adapter_bwd_rows_kernel(
     tile_mask = row_mask[:, None] & k_mask[None, :]
     z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
     p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), ACT).to(op)
-    shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr, rows, row_mask, M, K)
+    shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
 
     # ---- output LayerNorm: g = dy o gamma, do = rstd_o (g - mean(g) - ohat mean(g ohat)); with
     # kappa the dropout scale and W' = s o W_up, dp = dv W_up = sum_c kappa_c do_c W'[c, :]
@@ -511,7 +512,9 @@ def adapter_bwd_rows_kernel(
     dp = rstd_o[:, None] * (xg - mg[:, None] * xk - mgo[:, None] * xo)
     z = tl.load(z_ptrs, mask=tile_mask, other=0.0)  # again (a cache hit) rather than held through the sweep
     dz = dp * activation_grad(z, ACT)
-    tl.store(rowgrad_ptr + rows[:, None] * K + kk[None, :], dz, mask=tile_mask)
+    pd = pd_ptr + rows[:, None] * (2 * K) + kk[None, :]
+    tl.store(pd, p_op, mask=tile_mask)
+    tl.store(pd + K, dz.to(op), mask=tile_mask)
 
     # ---- LayerNorms below the adapter. f1 = W_down lam, f2 = W_down mu + b_down for the LayerNorm
     # (lam, mu) right before W_down, whose normalised input nhat satisfies nhat (lam o W_down)^T =
@@ -544,9 +547,9 @@ def adapter_bwd_rows_kernel(
             c2 += tl.sum(gda * x1hat, axis=1)
         c1 = c1 / D
         c2 = c2 / D
-    _store_row_scalars(rowgrad_ptr, rows, row_mask, M, K, mg, mgo, ma1, ma2, c1, c2)
-    tl.store(rowgrad_ptr + M * K + 6 * M + rows, mean_o, mask=row_mask)
-    tl.store(rowgrad_ptr + M * K + 7 * M + rows, rstd_o, mask=row_mask)
+    _store_row_scalars(rowgrad_ptr, rows, row_mask, M, mg, mgo, ma1, ma2, c1, c2)
+    tl.store(rowgrad_ptr + 6 * M + rows, mean_o, mask=row_mask)
+    tl.store(rowgrad_ptr + 7 * M + rows, rstd_o, mask=row_mask)
 
 
 @triton.jit
@@ -593,13 +596,13 @@ def adapter_bwd_cols_kernel(
     dy_ptr, h_ptr, r_ptr,           # (M, D)
     dh_ptr, dr_ptr,                 # out (INPUT_GRAD): (M, D) in h's and r's dtypes; dr unused when DR_IS_DH
     saved_ptr,                      # the forward's saved buffer
-    rowgrad_ptr,                    # adapter_bwd_rows_kernel's buffer
+    pd_ptr, rowgrad_ptr,            # adapter_bwd_rows_kernel's outputs
     part_ptr,                       # out: (splits, T) fp32 partial gradients, placed by GRAD_SLOTS
     consts, wd_ptr, wu_ptr,
     seed_ptr, p_drop,
     M, D, K, tiles_per_split,
     ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
-    ACT: tl.constexpr, SCALE_MODE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    SCALE_MODE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     INPUT_GRAD: tl.constexpr,       # dh (and dr) wanted
     DR_IS_DH: tl.constexpr,         # Pfeiffer placement, h and r of one dtype: dr equals dh, written once
     LN_GRAD: tl.constexpr,          # the frozen LayerNorm's parameters want gradients
@@ -619,7 +622,7 @@ def adapter_bwd_cols_kernel(
     s = _vec(consts, VEC_S, cols, col_mask, D)
     wd_op = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                     other=0.0).to(op)
-    acc_wu = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)  # dW_up[cols, :] = dv^T p
+    acc_wu = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # dW_up[cols, :]^T = p^T dv
     acc_wd = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # dW_down[:, cols] = dz^T an
     acc_bd = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc_bu = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -633,14 +636,12 @@ def adapter_bwd_cols_kernel(
         rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile * BLOCK_M
         row_mask = rows < M
         tile_mask = row_mask[:, None] & k_mask[None, :]
-        z = tl.load(saved_ptr + rows[:, None] * K + kk[None, :], mask=tile_mask, other=0.0)
-        p_op = activation(z, ACT).to(op)
-        dz = tl.load(rowgrad_ptr + rows[:, None] * K + kk[None, :], mask=tile_mask, other=0.0)
-        dz_op = dz.to(op)
-        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr, rows, row_mask, M, K)
-        mg, mgo, ma1, ma2, c1, c2 = _row_scalars(rowgrad_ptr, rows, row_mask, M, K)
-        mean_o, rstd_o = _row_scalar(rowgrad_ptr, 6, rows, row_mask, M, K), _row_scalar(rowgrad_ptr, 7, rows,
-                                                                                      row_mask, M, K)
+        pd = pd_ptr + rows[:, None] * (2 * K) + kk[None, :]
+        p_op = tl.load(pd, mask=tile_mask, other=0.0)
+        dz_op = tl.load(pd + K, mask=tile_mask, other=0.0)
+        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
+        mg, mgo, ma1, ma2, c1, c2 = _row_scalars(rowgrad_ptr, rows, row_mask, M)
+        mean_o, rstd_o = _row_scalar(rowgrad_ptr, 6, rows, row_mask, M), _row_scalar(rowgrad_ptr, 7, rows, row_mask, M)
 
         # ---- the output LayerNorm and the up-projection ----
         do, dy, ohat, v, keep = _output_grad(
@@ -653,17 +654,18 @@ def adapter_bwd_cols_kernel(
         du = do
         if DROPOUT:
             du = tl.where(keep, do / (1.0 - p_drop), 0.0)
-        acc_s += tl.sum(du * v, axis=0)
+        if SCALE_MODE != SCALE_FLOAT:
+            acc_s += tl.sum(du * v, axis=0)
         dv = du * s[None, :]
         acc_bu += tl.sum(dv, axis=0)
-        acc_wu = tl.dot(tl.trans(dv.to(op)), p_op, acc=acc_wu, input_precision=PRECISION)
+        acc_wu = tl.dot(tl.trans(p_op), dv.to(op), acc=acc_wu, input_precision=PRECISION)
 
         # ---- the down-projection and the LayerNorms below it ----
         da, dan, x1hat, ahat, an = _input_grad(
             h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
             ma1, ma2, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, PRECISION)
         acc_wd = tl.dot(tl.trans(dz_op), an.to(op), acc=acc_wd, input_precision=PRECISION)
-        acc_bd += tl.sum(dz, axis=0)
+        acc_bd += tl.sum(dz_op.to(tl.float32), axis=0)
         if LN_BEFORE:
             acc_aw += tl.sum(dan * ahat, axis=0)
             acc_ab += tl.sum(dan, axis=0)
@@ -689,8 +691,10 @@ def adapter_bwd_cols_kernel(
                 tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
     part = part_ptr + split.to(tl.int64) * (2 * K * D + K + 6 * D)
-    tl.store(part + _grad_offset(G_WU, D, K) + cols[:, None] * K + kk[None, :], acc_wu, mask=col_mask[:, None] & k_mask[None, :])
-    tl.store(part + _grad_offset(G_WD, D, K) + kk[:, None] * D + cols[None, :], acc_wd, mask=k_mask[:, None] & col_mask[None, :])
+    tl.store(part + _grad_offset(G_WU, D, K) + cols[None, :] * K + kk[:, None], acc_wu,
+             mask=k_mask[:, None] & col_mask[None, :])
+    tl.store(part + _grad_offset(G_WD, D, K) + kk[:, None] * D + cols[None, :], acc_wd,
+             mask=k_mask[:, None] & col_mask[None, :])
     if tl.program_id(0) == 0:
         tl.store(part + _grad_offset(G_BD, D, K) + kk, acc_bd, mask=k_mask)
     tl.store(part + _grad_offset(G_BU, D, K) + cols, acc_bu, mask=col_mask)
@@ -727,19 +731,30 @@ def operand_dtype(h, r):
 
 def _flags(spec):
     return dict(ORIG_LN_BEFORE=spec.original_ln_before, LN_BEFORE=spec.ln_before,
-                RESIDUAL_BEFORE_LN=spec.residual_before_ln, ACT=ACTIVATIONS.index(spec.activation),
-                DROPOUT=spec.dropout_p > 0)
+                RESIDUAL_BEFORE_LN=spec.residual_before_ln, DROPOUT=spec.dropout_p > 0)
 
 
 def cdiv(a, b):
     return -(-a // b)
 
 
-def constants(spec, params, D, K, precision):
-    """The per-call constants buffer (adapter_constants_kernel), fp32."""
-    consts = runtime.empty_output((6 * D + 5 * K + K * K + 2,), torch.float32, params.w_down.device)
+def state_size(M, D, K, save):
+    """Length of the forward's fp32 state: the constants, then (for backward) z and the row statistics."""
+    return 6 * D + 5 * K + K * K + 2 + (M * K + SAVED_ROWS * M if save else 0)
+
+
+def _split_state(state, M, D, K):
+    """(constants, saved or None) views of the forward's state."""
+    n = state_size(M, D, K, False)
+    return (state, None) if state.numel() == n else (state[:n], state[n:])
+
+
+def constants(spec, params, consts, D, K, gram):
+    """Fills ``consts`` (the head of the forward's state) with adapter_constants_kernel. On a GPU the Gram
+    tiles are small (16 x 16, full fp32 precision: a handful of programs, each a few microseconds); the
+    interpreter, whose cost is per operation, takes one large tile."""
     scale = params.scale
-    block_g = 16 if runtime.interpreting() else 32
+    block_g, block_d = (min(64, runtime.block_width(K)), 256) if runtime.interpreting() else (16, 64)
     any_tensor = params.ln_weight  # stands in for absent pointers (never read)
     runtime.launch(adapter_constants_kernel, (cdiv(K, block_g), cdiv(K, block_g)),
                    params.ln_weight, params.ln_bias,
@@ -748,45 +763,49 @@ def constants(spec, params, D, K, precision):
                    params.w_down, params.b_down, params.w_up, params.b_up,
                    any_tensor if scale is None else scale, float(spec.scale_value), consts, D, K,
                    LN_BEFORE=spec.ln_before, SCALE_MODE=SCALE_MODES.index(spec.scale_mode),
-                   GRAM=spec.dropout_p == 0, PRECISION=precision, BLOCK_D=64, BLOCK_G=block_g)
-    return consts
+                   GRAM=gram, PRECISION="ieee", BLOCK_D=block_d, BLOCK_G=block_g)
 
 
 def forward(spec, h, r, params, seed, save):
-    """(y, saved, consts) for contiguous h, r of shape (..., D), M rows in all: y in the dtype of h + r;
-    saved (z and the row statistics, fp32) only when ``save``, else None."""
+    """(y, state) for contiguous h, r of shape (..., D), M rows in all: y in the dtype of h + r; state
+    (fp32) holds the constants and, when ``save``, z and the row statistics, for backward."""
     D = h.shape[-1]
     M = h.numel() // D
     K = params.w_down.shape[0]
     cfg = runtime.row_tiles(D, K, operand_dtype(h, r))
-    consts = constants(spec, params, D, K, cfg["PRECISION"])
+    out_pass = spec.dropout_p > 0 or cfg["BLOCK_K"] > 64  # a [k, k] fp32 Gram operand beyond 16 KiB: no
+    state = runtime.empty_output((state_size(M, D, K, save),), torch.float32, h.device)
+    consts, saved = _split_state(state, M, D, K)
+    constants(spec, params, consts, D, K, gram=not out_pass)
     y = runtime.empty_output(h.shape, torch.promote_types(h.dtype, r.dtype), h.device)
-    saved = runtime.empty_output((M * K + SAVED_ROWS * M,), torch.float32, h.device) if save else None
     runtime.launch(adapter_fwd_kernel, (cdiv(M, cfg["BLOCK_M"]),),
                    h, r, y, y if saved is None else saved, consts, params.w_down, params.w_up,
                    h if seed is None else seed, float(spec.dropout_p),
                    M, D, K, float(spec.ln_eps), float(spec.adapter_ln_eps),
-                   SAVE=save, **_flags(spec), **cfg)
-    return y, saved, consts
+                   SAVE=save, OUT_PASS=out_pass, ACT=ACTIVATIONS.index(spec.activation), **_flags(spec), **cfg)
+    return y, state
 
 
-def backward(spec, dy, h, r, params, seed, saved, consts, input_grad, ln_grad, grad_dtype):
-    """(dh, dr, flat) for contiguous inputs of shape (..., D): flat holds the parameter gradients in
-    ``grad_dtype``, placed by GRAD_SLOTS (2 K D + K + 6 D elements); dh, dr are None unless
-    ``input_grad`` (dr is dh itself in the Pfeiffer placement, where the two are equal)."""
+def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtype):
+    """(dh, dr, flat) for contiguous inputs of shape (..., D) and the forward's state: flat holds the
+    parameter gradients in ``grad_dtype``, placed by GRAD_SLOTS (2 K D + K + 6 D elements); dh, dr are
+    None unless ``input_grad`` (dr is dh itself in the Pfeiffer placement, where the two are equal)."""
     D = h.shape[-1]
     M = h.numel() // D
     K = params.w_down.shape[0]
+    consts, saved = _split_state(state, M, D, K)
     flags = _flags(spec)
-    rows = runtime.row_tiles(D, K, operand_dtype(h, r))
-    rowgrad = runtime.empty_output((M * K + ROWGRAD_ROWS * M,), torch.float32, h.device)
+    heavy = spec.ln_before or spec.dropout_p > 0 or h.dtype != r.dtype  # more work per element: narrower tiles
+    rows = runtime.row_tiles(D, K, operand_dtype(h, r), heavy)
+    pd = runtime.empty_output((M, 2 * K), operand_dtype(h, r), h.device)
+    rowgrad = runtime.empty_output((ROWGRAD_ROWS, M), torch.float32, h.device)
     seed_arg = h if seed is None else seed
     runtime.launch(adapter_bwd_rows_kernel, (cdiv(M, rows["BLOCK_M"]),),
-                   dy, h, r, saved, rowgrad, consts, params.w_down, params.w_up, seed_arg, float(spec.dropout_p),
-                   M, D, K, float(spec.ln_eps), LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln),
-                   **flags, **rows)
+                   dy, h, r, saved, pd, rowgrad, consts, params.w_down, params.w_up, seed_arg, float(spec.dropout_p),
+                   M, D, K, float(spec.ln_eps), ACT=ACTIVATIONS.index(spec.activation),
+                   LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **flags, **rows)
 
-    cols = runtime.column_tiles(D, K, operand_dtype(h, r))
+    cols = runtime.column_tiles(D, K, operand_dtype(h, r), heavy)
     tiles = cdiv(M, cols["BLOCK_M"])
     splits = runtime.token_splits(tiles, cdiv(D, cols["BLOCK_D"]))
     tiles_per_split = cdiv(tiles, splits)
@@ -798,7 +817,7 @@ def backward(spec, dy, h, r, params, seed, saved, consts, input_grad, ln_grad, g
         same = spec.original_ln_before and spec.residual_before_ln and r.dtype == h.dtype
         dr = dh if same else runtime.empty_output(h.shape, r.dtype, h.device)
     runtime.launch(adapter_bwd_cols_kernel, (cdiv(D, cols["BLOCK_D"]), splits),
-                   dy, h, r, h if dh is None else dh, h if dr is None else dr, saved, rowgrad, part, consts,
+                   dy, h, r, h if dh is None else dh, h if dr is None else dr, saved, pd, rowgrad, part, consts,
                    params.w_down, params.w_up, seed_arg, float(spec.dropout_p), M, D, K, tiles_per_split,
                    SCALE_MODE=SCALE_MODES.index(spec.scale_mode), INPUT_GRAD=input_grad, DR_IS_DH=dr is dh,
                    LN_GRAD=ln_grad,

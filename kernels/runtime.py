@@ -96,26 +96,45 @@ def _precision(dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def row_tiles(D, K, dtype):
+def row_tiles(D, K, dtype, heavy=False):
     """Launch settings of a row kernel: a program owns BLOCK_M rows and walks the D columns in chunks of
     BLOCK_D, keeping [BLOCK_M, BLOCK_K] tiles of the k-wide bottleneck on chip. Small tiles in the
-    interpreter (fast, and many chunks per row in the tests); on a GPU, 64-row tiles for tensor-core
-    dots, 8 warps (two warp groups) so each thread holds half of every tile (benchmarks/compile_report
-    shows registers and spills)."""
+    interpreter (fast, and many chunks per row in the tests). On a GPU 8 warps, and as many rows as fit
+    the registers without spilling (benchmarks/compile_report checks it): 64 (tensor-core friendly) at
+    k <= 64, fewer for a wider bottleneck or fp32 operands (full-precision dots hold more); ``heavy``
+    variants (see column_tiles) get narrower chunks."""
     block_k = block_width(K)
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+        return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
+    rows = 64 if block_k <= 64 else 32 if block_k <= 128 else 16
+    if dtype == torch.float32:
+        rows = min(rows, 32)
+    return dict(BLOCK_M=rows, BLOCK_D=16 if heavy else 32, BLOCK_K=block_k, PRECISION=_precision(dtype),
+                num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
-def column_tiles(D, K, dtype):
+def column_tiles(D, K, dtype, heavy=False):
     """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
-    of BLOCK_M rows, accumulating [BLOCK_D, BLOCK_K] weight-gradient tiles on chip."""
+    of BLOCK_M rows, accumulating [BLOCK_D, BLOCK_K] weight-gradient tiles on chip. ``heavy``: the
+    variant does more per element (an extra LayerNorm, dropout, mixed dtypes) and gets narrower chunks
+    to stay within the registers."""
     block_k = block_width(K)
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype))
-    return dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+        return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
+    if dtype == torch.float32:
+        rows, cols = 16, 16
+    elif block_k <= 64:
+        rows, cols = 64, 16 if heavy else 32
+    else:
+        rows, cols = 16 if heavy else 32, 16
+    return dict(BLOCK_M=rows, BLOCK_D=cols, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+
+
+def _interpreter_chunk(D):
+    """Column chunk in the interpreter: 32 for test widths (several chunks, a ragged last one), 128 for
+    BERT widths (still several chunks; the interpreter's cost is per operation, not per element)."""
+    return 32 if D <= 256 else 128
 
 
 def token_splits(tiles, chunks):
@@ -124,3 +143,42 @@ def token_splits(tiles, chunks):
     on every run and every GPU. A few in the interpreter, so the tests cross split boundaries."""
     target = 6 if interpreting() else 264
     return max(1, min(tiles, -(-target // chunks)))
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_tiles(dtype, accumulators=1, converted=False):
+    """Launch settings of a tensor-core GEMM with a fused epilogue: a program owns a [BLOCK_M, BLOCK_N]
+    output tile and walks the reduction in steps of BLOCK_K, its operand tiles software-pipelined
+    through num_stages shared-memory buffers. ``dtype``: the operands'. ``accumulators``: how many
+    [BLOCK_M, BLOCK_N] fp32 tiles stay live at once (a fused gate and projection keep three: the sum, the
+    gate, the projection); it sets BLOCK_M so they stay in registers. ``converted``: an operand is loaded in
+    a wider dtype and converted in registers (autocast's fp32 activations), which with three accumulators
+    takes half the BLOCK_N. fp32 operands (full-precision dots, on the FMA units with their operands in
+    registers) take half the BLOCK_K and, with three accumulators, half the BLOCK_N. On sm_90 none of these
+    spills and all fit Hopper's shared memory (python -m benchmarks.compile_report --only fusion). Large
+    tiles in the interpreter, which pays per operation and per program, not per element."""
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, PRECISION=_precision(dtype))
+    narrow = accumulators > 1 and (converted or dtype == torch.float32)
+    return dict(BLOCK_M=128 if accumulators == 1 else 64, BLOCK_N=64 if narrow else 128,
+                BLOCK_K=32 if dtype == torch.float32 else 64, PRECISION=_precision(dtype), num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def stream_tiles(dtype):
+    """Launch settings of an elementwise row pass without dots: a program owns BLOCK_M rows and streams the
+    columns in chunks of BLOCK_D (no row of d in registers: design rule 1). On a GPU [32, 64] chunks over 4
+    warps: 16 elements of each tensor per thread, about 100 registers, five blocks per SM. In the interpreter,
+    chunks narrower than the test widths, so the tests cross chunk boundaries."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_D=32)
+    return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4)
+
+
+def weight_grad_splits(tiles, token_blocks):
+    """Token ranges (split-K) of a weight-gradient grid of ``tiles`` output tiles over ``token_blocks``
+    blocks of tokens: enough programs to fill a GPU (about two per SM of a 132-SM part), a number that
+    depends on the shape alone, so gradients are bitwise the same on every run and every GPU. Two in
+    the interpreter whenever there are tokens for them, so the tests cross split boundaries."""
+    target = 2 * tiles if interpreting() else 264
+    return max(1, min(token_blocks, -(-target // tiles)))

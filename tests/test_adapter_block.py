@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import ampfuse
+from ampfuse import BackendUnavailableError
 from ampfuse import testing
 from ampfuse.kernels import runtime
 from ampfuse.ops.activations import ACTIVATIONS
@@ -188,6 +189,27 @@ def test_triton_launch_counts(device):
     before = runtime.launch_count
     y.backward(torch.randn_like(y))
     assert runtime.launch_count - before == 3
+
+
+def test_pfeiffer_gradient_of_h_and_r_computed_once_stays_safe(device):
+    """In the Pfeiffer placement dh equals dr, so backward writes it once and hands autograd one tensor for
+    both: leaves still get separate .grad storage, and an upstream node that uses h and r accumulates
+    correctly (compared with the reference)."""
+    tensors, kwargs = testing.adapter_inputs(19, 40, 6, device=device)
+    y = testing.call(adapter_block, tensors, backend="triton", **kwargs)
+    y.sum().backward()
+    assert tensors["h"].grad.data_ptr() != tensors["r"].grad.data_ptr()
+    assert torch.equal(tensors["h"].grad, tensors["r"].grad)
+    x = torch.randn(19, 40, device=device, requires_grad=True)
+    lin = torch.nn.Linear(40, 40).to(device)
+    grads = []
+    for fn in (adapter_block, adapter_block_reference):
+        h, r = lin(x), torch.tanh(x)
+        out = testing.call(fn, dict(tensors, h=h, r=r), **kwargs, **({"backend": "triton"} if fn is adapter_block
+                                                                     else {}))
+        (x_grad,) = torch.autograd.grad(out.sum() + (3 * r).sum(), x)
+        grads.append(x_grad)
+    assert testing.rel_err(*grads) < 1e-5
 
 
 def test_triton_backward_is_deterministic(device):
@@ -436,3 +458,14 @@ def test_gpu_profiler_counts_kernel_launches(dtype, monkeypatch):
     params = [t for n, t in tensors.items() if n not in ("h", "r")]
     backward = kernels(lambda: torch.autograd.grad(y, [tensors["h"], tensors["r"], *params], dy))
     assert len(backward) == 2, backward
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 refusal is a CPU matter")
+def test_interpreter_refuses_bfloat16_rather_than_computing_it_wrongly():
+    """Triton's CPU interpreter keeps bf16 as raw bits (triton issue 11584): the triton backend says
+    so instead of returning garbage, for bf16 inputs alone and in autocast's mix with fp32."""
+    tensors, kwargs = testing.adapter_inputs(9, 24, 4)
+    for h_dtype, r_dtype in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        inputs = dict(tensors, h=tensors["h"].to(h_dtype), r=tensors["r"].to(r_dtype))
+        with pytest.raises(BackendUnavailableError, match="bfloat16.*11584"):
+            testing.call(adapter_block, inputs, backend="triton", **kwargs)

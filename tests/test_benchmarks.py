@@ -34,8 +34,10 @@ def test_kernels_compile_for_hopper_within_shared_memory():
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     kernels = {word for word in done.stdout.split() if word.endswith("_kernel")}
-    assert {"adapter_block_fwd_kernel", "adapter_block_bwd_kernel", "gmu_fwd_kernel", "gmu_bwd_kernel",
-            "fusion_fwd_kernel", "fusion_bwd_kernel", "fusion_weight_grad_kernel"} <= kernels
+    assert {"adapter_constants_kernel", "adapter_fwd_kernel", "adapter_bwd_rows_kernel", "adapter_bwd_cols_kernel",
+            "gmu_prep_kernel", "gmu_fwd_kernel", "gmu_bwd_rows_kernel", "gmu_bwd_cols_kernel",
+            "fusion_pack_kernel", "fusion_shift_kernel", "fusion_norm_kernel", "fusion_bwd_rows_kernel",
+            "fusion_bwd_gate_kernel", "fusion_bwd_input_kernel", "fusion_bwd_weight_kernel"} <= kernels
 
 
 def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
@@ -59,3 +61,26 @@ def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "results.json").read_text())
     assert [row["median_ms"] for row in report["rows"]] == [4.0, 5.0]
     assert "| e2e |" in (tmp_path / "results.md").read_text()
+
+
+def test_host_overhead_benchmark_runs():
+    # CPU time of each op's host path with the launches stubbed, next to a torch.add (a benchmark, not a
+    # timed test: only that it runs and reports every mode is checked)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--reps", "100"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for mode in ("forward (no grad)", "forward (training)", "forward + backward"):
+        assert f"adapter_block  {mode}" in done.stdout
+
+
+def test_bytes_report_counts_the_adapter_blocks_traffic():
+    # Counted in the interpreter: the forward touches each byte of h, r and y once per launch (the floor),
+    # the backward reads dy, h, r in each of its two kernels and writes dh once (dr is dh in this placement)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bytes_report", "--tokens", "40", "--d", "80", "--k", "16"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fp16 = done.stdout.split("mix (")[0]
+    assert "forward: activation bytes read or written once per kernel 480 per token; floor 480 (100%" in fp16
+    assert "backward: activation bytes read or written once per kernel 1120 per token; floor 800" in fp16

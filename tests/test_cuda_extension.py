@@ -10,7 +10,7 @@ import torch
 import ampfuse
 from ampfuse import testing
 from ampfuse.ops import cuda as cuda_ops
-from ampfuse.ops.adapter_block import adapter_block, adapter_block_reference
+from ampfuse.ops.adapter_block import GRAD_SLOTS, adapter_block, adapter_block_reference
 
 
 def toolkit_present():
@@ -19,10 +19,12 @@ def toolkit_present():
         os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc") or "/nonexistent"))))))
 
 
-EXPECT_EXTENSION = torch.version.cuda is not None and toolkit_present() and os.environ.get("AMPFUSE_NO_CUDA") != "1"
+# setup.py builds it where torch sees a GPU, or with FORCE_CUDA=1 (CI), unless AMPFUSE_NO_CUDA=1
+EXPECT_EXTENSION = (torch.version.cuda is not None and toolkit_present() and os.environ.get("AMPFUSE_NO_CUDA") != "1"
+                    and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"))
 
 
-@pytest.mark.skipif(not EXPECT_EXTENSION, reason="needs a CUDA build of torch and a CUDA toolkit at install time")
+@pytest.mark.skipif(not EXPECT_EXTENSION, reason="needs a CUDA build of torch, a CUDA toolkit and a GPU or FORCE_CUDA=1")
 def test_extension_is_built_and_registers_every_op():
     import ampfuse._C  # noqa: F401
 
@@ -30,7 +32,7 @@ def test_extension_is_built_and_registers_every_op():
     fwd, bwd = ops.adapter_block_fwd.default._schema, ops.adapter_block_bwd.default._schema
     assert len(fwd.arguments) == 19 and len(fwd.returns) == 1
     assert len(bwd.arguments) == 24 and len(bwd.returns) == 3
-    assert len(cuda_ops.GRADIENT_ORDER) == 9
+    assert sorted(cuda_ops.GRADIENT_ORDER) == sorted(GRAD_SLOTS)  # every slot, each once
     assert len(ops.set_poison_outputs.default._schema.arguments) == 1
 
 

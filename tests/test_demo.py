@@ -1,12 +1,18 @@
 """The main job (ampfuse-demo): metrics, data loading, and tiny end-to-end runs on the CPU."""
 
 import json
+import os
 import pickle
 
 import numpy as np
 import pytest
 
 from ampfuse import datasets, demo, metrics
+
+
+@pytest.fixture(autouse=True)
+def no_flags_from_the_environment(monkeypatch):
+    monkeypatch.delenv("AMPFUSE_DEMO_ARGS", raising=False)
 
 
 def test_metrics_against_hand_computed_values():
@@ -72,7 +78,7 @@ def test_pickle_loader_rejects_malformed_files(tmp_path, corrupt, message):
 
 def test_tiny_demo_writes_every_output(tmp_path, minilm_path):
     out = tmp_path / "out"
-    results = demo.main(["--train-size", "40", "--epochs", "1", "--batch-size", "16", "--out", str(out),
+    results = demo.run(["--train-size", "40", "--epochs", "1", "--batch-size", "16", "--out", str(out),
                          "--no-progress", "--model", minilm_path])
     assert [r["variant"] for r in results] == list(demo.VARIANTS)
     report = json.loads((out / "metrics.json").read_text())
@@ -87,13 +93,42 @@ def test_tiny_demo_writes_every_output(tmp_path, minilm_path):
 def test_demo_on_a_pickle_file(tmp_path, minilm_path):
     path = tmp_path / "mosi.pkl"
     write_sample_pickle(path)
-    results = demo.main(["--data", str(path), "--epochs", "1", "--variants", "gmu", "--out", str(tmp_path / "o"),
+    results = demo.run(["--data", str(path), "--epochs", "1", "--variants", "gmu", "--out", str(tmp_path / "o"),
                          "--no-progress"])
     assert results[0]["variant"] == "gmu" and np.isfinite(results[0]["mae"])
 
 
 def test_multimodal_variants_beat_text_only_on_the_planted_signal(tmp_path, minilm_path):
-    results = demo.main(["--train-size", "320", "--epochs", "3", "--out", str(tmp_path), "--no-progress",
+    results = demo.run(["--train-size", "320", "--epochs", "3", "--out", str(tmp_path), "--no-progress",
                          "--seed", "0"])
     mae = {r["variant"]: r["mae"] for r in results}
     assert mae["gmu"] < mae["text"] - 0.1 and mae["gmu_fusion"] < mae["text"] - 0.1, mae
+
+
+def test_flags_come_from_the_environment_then_the_command_line(monkeypatch):
+    monkeypatch.setenv("AMPFUSE_DEMO_ARGS", "--epochs 1 --train-size 64 --out 'a folder'")
+    args = demo.parse_args(["--epochs", "3"])
+    assert (args.epochs, args.train_size, args.out) == (3, 64, "a folder")  # the command line wins
+    monkeypatch.setenv("AMPFUSE_DEMO_ARGS", "--epochs")
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args([])
+    assert exc.value.code == 2
+
+
+def test_main_turns_a_failure_into_one_line_and_status_1(monkeypatch, capsys):
+    def fail(argv):
+        raise RuntimeError("the data\nis bad")
+
+    monkeypatch.setattr(demo, "run", fail)
+    monkeypatch.delenv("AMPFUSE_TRACEBACK", raising=False)
+    assert demo.main([]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "ampfuse-demo: error: RuntimeError: the data is bad " \
+        "(AMPFUSE_TRACEBACK=1 shows where)\n"
+    monkeypatch.setattr(demo, "run", lambda argv: [{"variant": "text"}])
+    assert demo.main([]) == 0  # not the results list, which sys.exit would print and turn into status 1
+
+
+def test_default_threads_leave_a_core_free():
+    cores = len(os.sched_getaffinity(0))
+    assert demo.default_threads() == max(1, min(demo._TORCH_THREADS, cores - 1))

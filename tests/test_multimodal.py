@@ -147,3 +147,42 @@ def test_save_and_load_trainable_weights(text_batch, tmp_path):
     other = ampfuse.patch_multimodal(tiny_bert(), ampfuse.MultimodalConfig({"audio": 7}, fusion_layers=[1]))
     with pytest.raises(ValueError, match="saved shape"):
         other.load_trainable(tmp_path)
+
+
+# Triton's CPU interpreter keeps the launch grid in globals, so only a GPU runs Triton from two threads.
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.gpu)])
+def test_two_threads_running_one_model_get_their_own_results(text_batch, backend):
+    """Modality tensors and gate statistics travel in a thread-local ForwardContext: two threads
+    running one model on different inputs get what a run of each alone gets."""
+    import threading
+
+    sizes = {"audio": 6, "visual": 5}
+    mm = ampfuse.patch_multimodal(tiny_bert(), ampfuse.MultimodalConfig(sizes, zero_init_up=False,
+                                                                         fusion_layers=[1])).eval()
+    mm.track_gates()
+    batch = {"input_ids": text_batch["input_ids"] % 120, "attention_mask": text_batch["attention_mask"]}
+    inputs = [features(batch, sizes, seed=seed) for seed in range(2)]
+    with ampfuse.use_backend(backend):
+        expected = [mm(**batch, **feats) for feats in inputs]
+    assert not torch.equal(expected[0].logits, expected[1].logits)
+    start, results, errors = threading.Barrier(2), [[], []], []
+
+    def run(k):
+        try:
+            start.wait()
+            with ampfuse.use_backend(backend):
+                for _ in range(25):
+                    results[k].append(mm(**batch, **inputs[k]))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in range(2):
+        for out in results[k]:
+            assert torch.equal(out.logits, expected[k].logits)
+            assert out.gate_stats == expected[k].gate_stats

@@ -11,19 +11,20 @@ classification (cross-entropy) or multi-label (binary cross-entropy).
 """
 
 import dataclasses
-import json
-import os
+import functools
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import sites
 from ..config import AdapterConfig
+from ..context import ForwardContext, in_context
 from ..modules.fusion import FusionLayer
-from ..modules.gmu import GMUAdapter, ModalityInputs
+from ..modules.gmu import GMUAdapter
 from ..ops.gmu import masked_mean
-from ..patch import ADAPTER, attach, find_layers, freeze, patch, select_layers, transformer_layers
+from ..patch import freeze, load_weights, patch, save_weights, select_layers
 
 TASKS = ("regression", "classification", "multilabel")
 
@@ -85,50 +86,74 @@ class MultimodalOutput:
 
 
 class MultimodalModel(nn.Module):
+    """The frozen ``model`` with GMU adapters, fusion layers and a head (see patch_multimodal).
+
+    The modality tensors of a forward reach the adapters and fusion layers through a thread-local
+    ampfuse.context.ForwardContext, so threads can share one model. Gradient checkpointing (the
+    encoder's ``gradient_checkpointing_enable``, reentrant or not) works: each forward makes the
+    encoder's checkpoint function re-enter that forward's context when backward recomputes a layer.
+    """
+
     def __init__(self, model: nn.Module, config: MultimodalConfig):
         super().__init__()
         self.config = config
-        self.inputs = ModalityInputs()
+        layers = sites.find(model)
+        gmu_layers = select_layers(config.gmu_layers, len(layers), "MultimodalConfig.gmu_layers")
+        fusion_layers = select_layers(config.fusion_layers, len(layers), "MultimodalConfig.fusion_layers")
+        if fusion_layers and layers.shared:
+            raise ValueError(f"fusion layers go after a layer that runs once per forward, and {layers.family} runs "
+                             "each of its shared layer modules several times")
         if config.text_adapter is not None:
             patch(model, config.text_adapter)
         else:
             freeze(model, config)
-        layers = find_layers(model)
-        tail = layers[0][1]["output"]
-        self.hidden_size = tail.LayerNorm.normalized_shape[0]
-        factory = dict(device=tail.dense.weight.device, dtype=tail.dense.weight.dtype)
-        for i in select_layers(config.gmu_layers, len(layers), "MultimodalConfig.gmu_layers"):
-            attach(layers[i][1]["output"], GMUAdapter(
-                self.hidden_size, config.modalities, config.bottleneck_size, inputs=self.inputs,
-                activation=config.activation, gate=config.gate, form=config.form, stream_ln=config.stream_ln,
-                scaling=config.scaling, zero_init_up=config.zero_init_up, **factory))
+        self.hidden_size = layers.hidden_size
+        for i in gmu_layers:
+            site = layers.sites[i]["output"]
+            sites.attach(site, GMUAdapter(
+                site.hidden_size, config.modalities, config.bottleneck_size, activation=config.activation,
+                gate=config.gate, form=config.form, stream_ln=config.stream_ln, scaling=config.scaling,
+                zero_init_up=config.zero_init_up, **site.factory))
         self.encoder = model
         self.fusion = nn.ModuleDict()
         self._hooks = []
-        for i in select_layers(config.fusion_layers, len(layers), "MultimodalConfig.fusion_layers"):
-            fusion = FusionLayer(self.hidden_size, config.modalities, inputs=self.inputs, beta=config.fusion_beta,
-                                 dropout=config.fusion_dropout, **factory)
+        for i in fusion_layers:
+            fusion = FusionLayer(self.hidden_size, config.modalities, beta=config.fusion_beta,
+                                 dropout=config.fusion_dropout, **layers.sites[i]["output"].factory)
             self.fusion[str(i)] = fusion
-            self._hooks.append(transformer_layers(model)[i].register_forward_hook(_fusion_hook(fusion)))
+            # a partial, not a closure, so that deepcopy(model) hooks the copied fusion layer
+            self._hooks.append(layers.modules[i].register_forward_hook(functools.partial(_apply_fusion, fusion)))
         self.head = nn.Sequential(nn.Dropout(config.head_dropout), nn.Linear(self.hidden_size, config.num_labels,
-                                                                             **factory))
+                                                                             **layers.sites[-1]["output"].factory))
+        self._checkpointing = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **modalities):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self.inputs.values = self._modality_inputs(input_ids, modalities)
-        try:
+        context = ForwardContext(self._modality_inputs(input_ids, modalities))
+        self._checkpoint_in_context()
+        with context:
             kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        finally:
-            self.inputs.values = {}
         logits = self.head(masked_mean(hidden, attention_mask))
         if self.config.task == "regression":
             logits = logits.squeeze(-1)
+        gate_stats = None
+        if context.records:
+            gate_stats = {i: context.records[a] for i, a in self.gmu_adapters().items() if a in context.records}
         return MultimodalOutput(logits=logits, loss=None if labels is None else self.loss(logits, labels),
-                                last_hidden_state=hidden, gate_stats=self.gate_statistics())
+                                last_hidden_state=hidden, gate_stats=gate_stats)
+
+    def _checkpoint_in_context(self):
+        # Hugging Face layers checkpoint through module._gradient_checkpointing_func, which
+        # gradient_checkpointing_enable() sets; recomputation in backward runs outside this
+        # forward's context (and maybe on another thread) unless the function re-enters it.
+        for module in self._checkpointing:
+            fn = getattr(module, "_gradient_checkpointing_func", None)
+            if fn is not None and not getattr(fn, "_ampfuse_in_context", False):
+                module._gradient_checkpointing_func = in_context(fn)
 
     def loss(self, logits, labels):
         if self.config.task == "regression":
@@ -171,8 +196,8 @@ class MultimodalModel(nn.Module):
     # ------------------------------------------------------------------ inspection and weights
 
     def gmu_adapters(self):
-        return {i: getattr(sites["output"], ADAPTER) for i, sites in find_layers(self.encoder)
-                if isinstance(getattr(sites["output"], ADAPTER, None), GMUAdapter)}
+        return {i: adapter for (i, site), adapter in sites.adapters(sites.find(self.encoder)).items()
+                if site == "output" and isinstance(adapter, GMUAdapter)}
 
     def track_gates(self, on: bool = True):
         """Keep the gate statistics of every GMU adapter of the next forwards in ``output.gate_stats``."""
@@ -181,6 +206,8 @@ class MultimodalModel(nn.Module):
             adapter.gate_stats = None
 
     def gate_statistics(self):
+        """The latest gate statistics of each GMU adapter (of whichever thread ran last: a forward's
+        own are in its ``output.gate_stats``)."""
         stats = {i: a.gate_stats for i, a in self.gmu_adapters().items() if a.gate_stats is not None}
         return stats or None
 
@@ -188,37 +215,19 @@ class MultimodalModel(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def save_trainable(self, directory):
-        """Writes the trainable weights (adapters, fusion layers, head) as safetensors, and the config."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        save_file({n: t.cpu().contiguous() for n, t in self.trainable_state_dict().items()},
-                  os.path.join(directory, "adapter_model.safetensors"))
-        with open(os.path.join(directory, "multimodal_config.json"), "w") as f:
-            json.dump({"format": "ampfuse-multimodal", "config": self.config.to_dict()}, f, indent=2)
+        """Writes the trainable weights (adapters, fusion layers, head) as safetensors, and the config.
+        Under FSDP call it on every rank: rank 0 writes the full weights."""
+        save_weights(directory, self.trainable_state_dict(), "multimodal_config.json",
+                     {"format": "ampfuse-multimodal", "config": self.config.to_dict()})
 
     def load_trainable(self, directory):
-        from safetensors.torch import load_file
-
-        tensors = load_file(os.path.join(directory, "adapter_model.safetensors"))
-        own = dict(self.named_parameters())
-        expected = set(self.trainable_state_dict())
-        if set(tensors) != expected:
-            raise ValueError(f"weights in {directory} do not match this model: missing "
-                             f"{sorted(expected - set(tensors))[:4]}, unexpected {sorted(set(tensors) - expected)[:4]}")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if own[name].shape != value.shape:
-                    raise ValueError(f"{name}: saved shape {tuple(value.shape)}, model has {tuple(own[name].shape)}")
-                own[name].copy_(value)
+        load_weights(self.trainable_state_dict(), directory)
 
 
-def _fusion_hook(fusion):
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (fusion(output[0]), *output[1:])
-        return fusion(output)
-    return hook
+def _apply_fusion(fusion, module, args, output):
+    if isinstance(output, tuple):
+        return (fusion(output[0]), *output[1:])
+    return fusion(output)
 
 
 def patch_multimodal(model: nn.Module, config: MultimodalConfig) -> MultimodalModel:

@@ -2,6 +2,6 @@
 
 from .bottleneck import BottleneckAdapter
 from .fusion import FusionLayer
-from .gmu import GMUAdapter, ModalityInputs
+from .gmu import GMUAdapter
 
-__all__ = ["BottleneckAdapter", "FusionLayer", "GMUAdapter", "ModalityInputs"]
+__all__ = ["BottleneckAdapter", "FusionLayer", "GMUAdapter"]

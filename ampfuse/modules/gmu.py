@@ -1,44 +1,30 @@
 """GMUAdapter: a bottleneck adapter whose bottleneck fuses text with K other modalities by a gate."""
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn
 
+from ..context import modality_tensors, record
 from ..ops.activations import canonical
 from ..ops.gmu import FORMS, GATES, gmu_adapter, gmu_adapter_reference
-
-
-class ModalityInputs:
-    """Holder the model wrapper fills before each forward, so adapters deep inside the frozen model
-    see the modality tensors of the current batch: ``values[name]`` is (B, T, d_i) or (B, d_i)."""
-
-    def __init__(self):
-        self.values = {}
-
-    def get(self, names):
-        missing = [n for n in names if n not in self.values]
-        if missing:
-            raise ValueError(f"no input for modalities {missing}: pass them to the model's forward "
-                             f"(as {', '.join(f'{n}=...' for n in missing)})")
-        return [self.values[n] for n in names]
 
 
 class GMUAdapter(nn.Module):
     """Multimodal adapter with a gated multimodal unit, fused with the sub-layer's LayerNorm.
 
     ``forward(h, r, layer_norm)`` returns ``LN(h + s * up(gate(streams)) + r)`` where the streams
-    are the text ``h`` and the modalities named in ``modality_sizes`` (read from ``inputs``, a
-    shared ModalityInputs). ``gate``: "sigmoid" (one modality) or "softmax"; ``form``: "direct"
-    (gate the activated projections) or "gmu" (gate tanh(V a_j)). ``zero_init_up`` makes the
-    adapter start as the identity. Set ``track_gates = True`` to keep the latest gate statistics
-    in ``gate_stats`` (computed with the reference, so it costs an extra pass).
+    are the text ``h`` and the modalities named in ``modality_sizes`` (read from the current
+    ampfuse.context.ForwardContext, which the model's forward enters). ``gate``: "sigmoid" (one
+    modality) or "softmax"; ``form``: "direct" (gate the activated projections) or "gmu" (gate
+    tanh(V a_j)). ``zero_init_up`` makes the adapter start as the identity. Set ``track_gates =
+    True`` to keep the latest gate statistics in ``gate_stats`` (computed with the reference, so it
+    costs an extra pass).
     """
 
     def __init__(self, hidden_size: int, modality_sizes: dict, bottleneck_size: int = 64, *,
-                 inputs: Optional[ModalityInputs] = None, activation: str = "relu", gate: str = "auto",
-                 form: str = "direct", stream_ln: bool = True, scaling: Union[float, str] = 1.0,
-                 zero_init_up: bool = True, device=None, dtype=None):
+                 activation: str = "relu", gate: str = "auto", form: str = "direct", stream_ln: bool = True,
+                 scaling: Union[float, str] = 1.0, zero_init_up: bool = True, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.modalities = list(modality_sizes)
@@ -51,7 +37,6 @@ class GMUAdapter(nn.Module):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.form, self.activation = form, canonical(activation)
-        self.inputs = inputs or ModalityInputs()
         sizes = [hidden_size, *modality_sizes.values()]
         k = bottleneck_size
         self.stream_norm = nn.ModuleList(nn.LayerNorm(s, **factory) for s in sizes) if stream_ln else None
@@ -85,10 +70,11 @@ class GMUAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor, r: torch.Tensor, layer_norm: nn.LayerNorm) -> torch.Tensor:
         # h and r as they come (autocast: a 16-bit h, an fp32 r): the op runs that mix natively
-        modalities = [m.to(h.dtype) for m in self.inputs.get(self.modalities)]
+        modalities = [m.to(h.dtype) for m in modality_tensors(self.modalities)]
         args = self._args()
         if self.track_gates:
             self.gate_stats = self.gate_statistics(h, modalities, args)
+            record(self, self.gate_stats)  # this forward's own copy, safe from other threads
         return gmu_adapter(h, modalities, r=r, ln_weight=layer_norm.weight, ln_bias=layer_norm.bias,
                            ln_eps=layer_norm.eps, **args)
 

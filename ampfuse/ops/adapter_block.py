@@ -103,29 +103,35 @@ def adapter_block_reference(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up
 # ----------------------------------------------------------------------------- autograd
 
 def _implementation(backend):
-    """The module with forward/backward launchers for this backend (imported late: TRITON_INTERPRET is
-    read when the Triton kernels are imported, and the CUDA extension may not be built)."""
-    if backend == "cuda":
-        from . import cuda
-        return cuda
-    from ..kernels import adapter_block as kernels
-    return kernels
+    """The module with forward/backward launchers for this backend (imported on first use: TRITON_INTERPRET
+    is read when the Triton kernels are imported, and the CUDA extension may not be built)."""
+    module = _IMPLEMENTATIONS.get(backend)
+    if module is None:
+        if backend == "cuda":
+            from . import cuda as module
+        else:
+            from ..kernels import adapter_block as module
+        _IMPLEMENTATIONS[backend] = module
+    return module
+
+
+_IMPLEMENTATIONS = {}
 
 
 def _gradients(spec, flat, params, d, k, needs):
-    """Per-parameter gradients (views of ``flat``, cast only where it is not the parameter's dtype)."""
-    offsets, _ = gradient_layout(d, k)
+    """Per-parameter gradients in parameter order: views of ``flat`` (cast only where it is not the
+    parameter's dtype), None where not needed."""
+    slots = dict(zip(GRAD_SLOTS, flat.split([k * d, k, d * k] + [d] * 6)))  # one call for all the views
     grads = []
     for name, param, need in zip(AdapterParams._fields, params, needs):
         if not need or param is None:
             grads.append(None)
             continue
-        start = offsets[name]
+        slot = slots[name]
         if name == "scale" and spec.scale_mode == "scalar":  # per-channel partials of one scalar
-            grad = flat[start:start + d].sum(dtype=torch.float32)
-        else:
-            grad = flat[start:start + param.numel()]
-        grads.append(grad.view(param.shape).to(param.dtype))
+            slot = slot.sum(dtype=torch.float32)
+        grad = slot.view(param.shape)
+        grads.append(grad if grad.dtype == param.dtype else grad.to(param.dtype))
     return grads
 
 
@@ -137,12 +143,12 @@ def _grad_dtype(spec, params):
 
 
 def _backward(ctx, dy, spec, backend, needs):
-    h, r, seed, saved, consts, *params = ctx.saved_tensors
+    h, r, seed, state, *params = ctx.saved_tensors
     params = AdapterParams(*params)
     input_grad = bool(needs[0] or needs[1])
     ln_grad = bool(needs[2] or needs[3])  # the frozen LayerNorm's weight or bias
     dh, dr, flat = _implementation(backend).backward(
-        spec, dy.contiguous(), h, r, params, seed, saved, consts, input_grad, ln_grad, _grad_dtype(spec, params))
+        spec, dy.contiguous(), h, r, params, seed, state, input_grad, ln_grad, _grad_dtype(spec, params))
     grads = _gradients(spec, flat, params, h.shape[-1], params.w_down.shape[0], needs[2:])
     return (dh if needs[0] else None), (dr if needs[1] else None), grads
 
@@ -152,9 +158,9 @@ class _AdapterBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, backend, h, r, seed, *params):
-        y, saved, consts = _implementation(backend).forward(spec, h, r, AdapterParams(*params), seed, save=True)
+        y, state = _implementation(backend).forward(spec, h, r, AdapterParams(*params), seed, save=True)
         ctx.spec, ctx.backend = spec, backend
-        ctx.save_for_backward(h, r, seed, saved, consts, *params)
+        ctx.save_for_backward(h, r, seed, state, *params)
         return y
 
     @staticmethod
@@ -169,45 +175,37 @@ class _AdapterBlockFunction(torch.autograd.Function):
 def _adapter_block_op(h: Tensor, r: Tensor, seed: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
                       w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
                       adapter_ln_weight: Optional[Tensor], adapter_ln_bias: Optional[Tensor], spec: str,
-                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                      backend: str) -> tuple[Tensor, Tensor]:
     params = AdapterParams(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
-    y, saved, consts = _implementation(backend).forward(_decode(spec), h, r, params, seed, save=True)
-    return y, saved, consts
+    return _implementation(backend).forward(_decode(spec), h, r, params, seed, save=True)
 
 
 @_adapter_block_op.register_fake
 def _(h, r, seed, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias, spec,
       backend):
     d, k = h.shape[-1], w_down.shape[0]
-    saved, consts = _implementation_sizes(backend, h.numel() // d, d, k)
     y = h.new_empty(h.shape, dtype=torch.promote_types(h.dtype, r.dtype))
-    return y, h.new_empty(saved, dtype=torch.float32), h.new_empty(consts, dtype=torch.float32)
-
-
-def _implementation_sizes(backend, m, d, k):
-    """Lengths of the saved and constants buffers the backend's forward returns."""
-    if backend == "cuda":
-        return 0, 0
-    return m * k + 6 * m, 6 * d + 5 * k + k * k + 2
+    size = 0 if backend == "cuda" else _implementation(backend).state_size(h.numel() // d, d, k, True)
+    return y, h.new_empty(size, dtype=torch.float32)
 
 
 @torch.library.custom_op("ampfuse::adapter_block_backward", mutates_args=())
-def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, seed: Optional[Tensor], saved: Tensor,
-                               consts: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_down: Tensor, b_down: Tensor,
+def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, seed: Optional[Tensor], state: Tensor,
+                               ln_weight: Tensor, ln_bias: Tensor, w_down: Tensor, b_down: Tensor,
                                w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
                                adapter_ln_weight: Optional[Tensor], adapter_ln_bias: Optional[Tensor], spec: str,
                                backend: str, input_grad: bool, ln_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     params = AdapterParams(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
     spec_ = _decode(spec)
-    dh, dr, flat = _implementation(backend).backward(spec_, dy, h, r, params, seed, saved, consts, input_grad,
-                                                     ln_grad, _grad_dtype(spec_, params))
+    dh, dr, flat = _implementation(backend).backward(spec_, dy, h, r, params, seed, state, input_grad, ln_grad,
+                                                     _grad_dtype(spec_, params))
     empty = h.new_empty(0)
     # outputs may not alias each other: a dr that is dh comes back as a copy under torch.compile
     return (empty if dh is None else dh), (empty if dr is None else (dr.clone() if dr is dh else dr)), flat
 
 
 @_adapter_block_backward_op.register_fake
-def _(dy, h, r, seed, saved, consts, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
+def _(dy, h, r, seed, state, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
       adapter_ln_bias, spec, backend, input_grad, ln_grad):
     params = AdapterParams(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
     _, total = gradient_layout(h.shape[-1], w_down.shape[0])
@@ -219,15 +217,15 @@ def _(dy, h, r, seed, saved, consts, ln_weight, ln_bias, w_down, b_down, w_up, b
 def _op_setup_context(ctx, inputs, output):
     h, r, seed, *params = inputs[:12]
     ctx.spec, ctx.backend = inputs[12], inputs[13]
-    ctx.save_for_backward(h, r, seed, output[1], output[2], *params)
+    ctx.save_for_backward(h, r, seed, output[1], *params)
 
 
-def _op_backward(ctx, dy, _d_saved, _d_consts):
-    h, r, seed, saved, consts, *params = ctx.saved_tensors
+def _op_backward(ctx, dy, _d_state):
+    h, r, seed, state, *params = ctx.saved_tensors
     needs = ctx.needs_input_grad
     input_grad, ln_grad = bool(needs[0] or needs[1]), bool(needs[3] or needs[4])
-    dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), h, r, seed, saved, consts, *params, ctx.spec,
-                                              ctx.backend, input_grad, ln_grad)
+    dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), h, r, seed, state, *params, ctx.spec, ctx.backend,
+                                              input_grad, ln_grad)
     params = AdapterParams(*params)
     grads = _gradients(_decode(ctx.spec), flat, params, h.shape[-1], params.w_down.shape[0], needs[3:12])
     return (dh if needs[0] else None, dr if needs[1] else None, None, *grads, None, None)
@@ -264,7 +262,7 @@ def adapter_block(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_do
         dropout_p = 0.0
     _checks.positive("ln_eps", ln_eps)
     _checks.positive("adapter_ln_eps", adapter_ln_eps)
-    name = _backend.resolve(h.device, torch.promote_types(h.dtype, r.dtype), backend, op="adapter_block")
+    name = _backend.resolve(h.device, (h.dtype, r.dtype), backend, op="adapter_block")
     if name == "torch":
         return adapter_block_reference(
             h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling=scaling,
@@ -298,7 +296,7 @@ def adapter_block(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_do
     if torch.is_grad_enabled() and (h.requires_grad or r.requires_grad
                                     or any(t is not None and t.requires_grad for t in params)):
         return _AdapterBlockFunction.apply(spec, name, h, r, seed, *params)
-    return _implementation(name).forward(spec, h, r, AdapterParams(*params), seed, save=False)[0]
+    return _implementation(name).forward(spec, h, r, AdapterParams(*params), seed, save=False)[0]  # y
 
 
 def _check_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling, adapter_ln_weight,
@@ -307,12 +305,14 @@ def _check_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling,
     on every call's path); the named checks below run only to say what is wrong."""
     try:
         d, k, dev = h.shape[-1], w_down.shape[0], h.device
-        fine = (r.shape == h.shape and ln_weight.shape == ln_bias.shape == b_up.shape == (d,) and d > 0 and k > 0
-                and w_down.shape == (k, d) and b_down.shape == (k,) and w_up.shape == (d, k)
+        fine = (r.shape == h.shape and d > 0 and k > 0 and ln_weight.dim() == ln_bias.dim() == b_up.dim() == 1
+                and ln_weight.shape[0] == ln_bias.shape[0] == b_up.shape[0] == d and b_down.dim() == 1
+                and b_down.shape[0] == k and w_down.dim() == w_up.dim() == 2 and w_down.shape[1] == w_up.shape[0] == d
+                and w_up.shape[1] == k
                 and (isinstance(scaling, float) or (isinstance(scaling, Tensor) and scaling.device == dev
-                                                     and (scaling.numel() == 1 or scaling.shape == (d,))))
+                                                     and (scaling.numel() == 1 or tuple(scaling.shape) == (d,))))
                 and (adapter_ln_weight is None and adapter_ln_bias is None
-                     or adapter_ln_weight.shape == adapter_ln_bias.shape == (d,))
+                     or tuple(adapter_ln_weight.shape) == tuple(adapter_ln_bias.shape) == (d,))
                 and all(t.device == dev and t.is_floating_point()
                         for t in (h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, *(
                             t for t in (scaling, adapter_ln_weight, adapter_ln_bias) if isinstance(t, Tensor)))))

@@ -44,18 +44,23 @@ def _options(spec):
             float(spec.dropout_p))
 
 
+# The order in which adapter_block_bwd takes the offsets of the parameter gradients in its flat buffer
+# (the extension's own; ops/adapter_block.py's GRAD_SLOTS places them).
+GRADIENT_ORDER = ("w_up", "w_down", "b_up", "b_down", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
+                  "adapter_ln_bias")
+
+
 def forward(spec, h, r, params, seed, save):
-    """(y, saved, consts) as kernels.adapter_block.forward; the CUDA backward saves nothing extra."""
+    """(y, state) as kernels.adapter_block.forward; the CUDA backward recomputes: an empty state."""
     dtype, d = torch.promote_types(h.dtype, r.dtype), h.shape[-1]
     y = _ops().adapter_block_fwd(h.to(dtype).view(-1, d), r.to(dtype).view(-1, d), *_operands(params, dtype),
                                  *_options(spec), seed if spec.dropout_p > 0 else None)
-    empty = h.new_empty(0, dtype=torch.float32)
-    return y.view(h.shape), empty, empty
+    return y.view(h.shape), h.new_empty(0, dtype=torch.float32)
 
 
-def backward(spec, dy, h, r, params, seed, saved, consts, input_grad, ln_grad, grad_dtype):
+def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtype):
     """(dh, dr, flat) as kernels.adapter_block.backward (flat in fp32 here, cast by the op)."""
-    from .adapter_block import GRAD_SLOTS, gradient_layout
+    from .adapter_block import gradient_layout
 
     dtype, d = torch.promote_types(h.dtype, r.dtype), h.shape[-1]
     offsets, total = gradient_layout(d, params.w_down.shape[0])
@@ -66,15 +71,11 @@ def backward(spec, dy, h, r, params, seed, saved, consts, input_grad, ln_grad, g
         computed |= {"ln_weight", "ln_bias"}
     if spec.ln_before:
         computed |= {"adapter_ln_weight", "adapter_ln_bias"}
-    # the extension's own order of the offsets it takes
-    order = ("w_up", "w_down", "b_up", "b_down", "scale", "ln_weight", "ln_bias", "adapter_ln_weight",
-             "adapter_ln_bias")
-    assert set(order) == set(GRAD_SLOTS)
     dh, dr, flat = _ops().adapter_block_bwd(
         dy.to(dtype).view(-1, d), h.to(dtype).view(-1, d), r.to(dtype).view(-1, d), *_operands(params, dtype),
         *_options(spec),
         seed if spec.dropout_p > 0 else None, bool(ln_grad), bool(input_grad),
-        [offsets[name] if name in computed else -1 for name in order], int(total))
+        [offsets[name] if name in computed else -1 for name in GRADIENT_ORDER], int(total))
     if spec.scale_mode == "scalar":  # one value where the layout has d partials that sum to it
         flat[offsets["scale"] + 1:offsets["scale"] + d] = 0
     if not input_grad:

@@ -1,4 +1,4 @@
-"""Layer-wise fusion (DESIGN.md section 3b): the multimodal adaptation gate between BERT layers.
+"""Layer-wise fusion (docs/design.md section 3b): the multimodal adaptation gate between BERT layers.
 
 For text states x (B, T, d) and token-aligned modalities m (B, T, d_m):
 
@@ -6,16 +6,18 @@ For text states x (B, T, d) and token-aligned modalities m (B, T, d_m):
     shift = sum_m g_m * (m W_m^T + b_m)
     alpha = min(beta * ||x|| / (||shift|| + eps), 1)      (per token: the shift never outgrows x)
     y     = dropout(LN(x + alpha * shift))                (LN with its own trainable parameters)
+
+Reference, spec, autograd and dispatch; the Triton kernels are in kernels/fusion.py.
 """
 
-from typing import List, Optional, Sequence
+import functools
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
-from ._gradients import needed, split_gradients
 
 
 def fusion_shift(x, modalities, gate_w, gate_b, proj_w, proj_b):
@@ -35,23 +37,275 @@ def fusion_layer_reference(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_wei
     return F.dropout(y, dropout_p, training=training) if dropout_p > 0 else y
 
 
+class FusionSpec(NamedTuple):
+    """The static options of one fusion call: everything but the tensors."""
+    beta: float = 1.0
+    eps: float = 1e-6
+    ln_eps: float = 1e-12
+    dropout_p: float = 0.0              # 0 outside training
+    operands: str = "float32"           # dtype (torch name) of the tensor-core operands: autocast's, else x's
+
+    def encode(self) -> str:
+        """The spec as one string: how torch.compile's custom op carries it."""
+        return "|".join(map(repr, self))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode(text: str) -> FusionSpec:
+    import ast
+
+    return FusionSpec(*map(ast.literal_eval, text.split("|")))
+
+
+class FusionParams(NamedTuple):
+    """The fusion layer's parameters: a tuple per kind with one tensor per modality, and the LayerNorm's."""
+    gate_w: tuple                       # (d, d + d_m) each
+    gate_b: tuple                       # (d,)
+    proj_w: tuple                       # (d, d_m)
+    proj_b: tuple                       # (d,)
+    ln_weight: Tensor
+    ln_bias: Tensor
+
+    def weights(self) -> list:
+        """The gate and projection tensors modality by modality (gate_w, gate_b, proj_w, proj_b of each): the
+        order of the backward's flat gradient buffer (kernels.fusion.gradient_layout)."""
+        return [t for group in zip(self.gate_w, self.gate_b, self.proj_w, self.proj_b) for t in group]
+
+    @classmethod
+    def from_weights(cls, weights, ln_weight, ln_bias):
+        return cls(tuple(weights[0::4]), tuple(weights[1::4]), tuple(weights[2::4]), tuple(weights[3::4]), ln_weight,
+                   ln_bias)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+_KERNELS = []
+
+
+def _kernels():
+    """kernels/fusion.py, imported on first use (TRITON_INTERPRET is read when Triton decorates the kernels)."""
+    if not _KERNELS:
+        from ..kernels import fusion
+
+        _KERNELS.append(fusion)
+    return _KERNELS[0]
+
+
+def _grad_dtype(params):
+    """The parameters' own dtype when they share one (no cast kernels after backward), else fp32."""
+    dtypes = {t.dtype for t in params.weights()} | {params.ln_weight.dtype, params.ln_bias.dtype}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _run_backward(spec, dy, x, seed, saved, mods, params, flags):
+    """(dx, [dm], flat) from the kernels; saved: the forward's (shift, row statistics, packed weights); flags:
+    (x, modalities, gate/projection weights, LayerNorm) gradients wanted."""
+    return _kernels().backward(spec, dy.contiguous(), x, mods, params, saved, seed, *map(bool, flags),
+                               _grad_dtype(params))
+
+
+def _parameter_grads(flat, params, need_weights, need_ln):
+    """Views of the flat buffer per parameter (gradient_layout places them one after another, in
+    params.weights() order then ln_weight, ln_bias), cast only where a parameter has another dtype; None
+    where not wanted."""
+    tensors = params.weights() + [params.ln_weight, params.ln_bias]
+    wanted = [need_weights] * (len(tensors) - 2) + [need_ln] * 2
+    pieces = flat.split_with_sizes([t.numel() for t in tensors])
+    return [(g.view(t.shape) if g.dtype == t.dtype else g.view(t.shape).to(t.dtype)) if want else None
+            for g, t, want in zip(pieces, tensors, wanted)]
+
+
+class _FusionFunction(torch.autograd.Function):
+    """The eager path: an autograd.Function costs a fraction of a torch.library op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, spec, count, x, seed, *tensors):
+        mods, params = tensors[:count], FusionParams.from_weights(tensors[count:-2], *tensors[-2:])
+        y, saved = _kernels().forward(spec, x, mods, params, seed, save=True)
+        ctx.spec, ctx.count = spec, count
+        ctx.save_for_backward(x, seed, *saved, *tensors)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, seed, s, stats, pack, *tensors = ctx.saved_tensors
+        k = ctx.count
+        mods, params = tensors[:k], FusionParams.from_weights(tensors[k:-2], *tensors[-2:])
+        needs = ctx.needs_input_grad  # spec, count, x, seed, then the tensors
+        flags = (needs[2], any(needs[4:4 + k]), any(needs[4 + k:-2]), needs[-2] or needs[-1])
+        dx, dms, flat = _run_backward(ctx.spec, dy, x, seed, (s, stats, pack), mods, params, flags)
+        grads = [None] * k if dms is None else list(dms)
+        if flat is not None:
+            grads += _parameter_grads(flat, params, flags[2], flags[3])
+        else:
+            grads += [None] * (len(tensors) - k)
+        grads = [g if need else None for g, need in zip(grads, needs[4:])]
+        return None, None, dx if needs[2] else None, None, *grads
+
+
+# torch.compile's path: the same launchers behind torch.library custom ops (traceable, with fake kernels). Four
+# tensor arguments group the inputs the way backward decides what to compute: x, the modalities, the gate and
+# projection weights (FusionParams.weights order), and the LayerNorm's.
+
+@torch.library.custom_op("ampfuse::fusion_layer", mutates_args=())
+def _fusion_op(x: Tensor, seed: Optional[Tensor], modalities: List[Tensor], weights: List[Tensor], ln_weight: Tensor,
+               ln_bias: Tensor, spec: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, shift, row statistics, packed weights): the last three are what backward needs."""
+    params = FusionParams.from_weights(weights, ln_weight, ln_bias)
+    y, saved = _kernels().forward(_decode(spec), x, modalities, params, seed, save=True)
+    return y, *saved
+
+
+@_fusion_op.register_fake
+def _(x, seed, modalities, weights, ln_weight, ln_bias, spec):
+    operands = getattr(torch, _decode(spec).operands)
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, ln_weight.dtype))
+    pack = _kernels().weight_layout(x.shape[-1], tuple(m.shape[-1] for m in modalities))[3]
+    stats = x.new_empty((_kernels().NUM_STATS, x.numel() // x.shape[-1]), dtype=torch.float32)
+    return y, x.new_empty(x.shape, dtype=operands), stats, x.new_empty(pack, dtype=operands)
+
+
+@torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
+def _fusion_backward_op(dy: Tensor, x: Tensor, seed: Optional[Tensor], saved: List[Tensor], modalities: List[Tensor],
+                        weights: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, spec: str,
+                        flags: List[bool]) -> List[Tensor]:
+    """[dx, flat, dm_0, ...], empty where flags (x, modalities, weights, LayerNorm) ask for none."""
+    params = FusionParams.from_weights(weights, ln_weight, ln_bias)
+    dx, dms, flat = _run_backward(_decode(spec), dy, x, seed, saved, modalities, params, flags)
+    empty = x.new_empty(0)
+    return [empty if dx is None else dx, empty if flat is None else flat,
+            *([empty] * len(modalities) if dms is None else dms)]
+
+
+@_fusion_backward_op.register_fake
+def _(dy, x, seed, saved, modalities, weights, ln_weight, ln_bias, spec, flags):
+    params = FusionParams.from_weights(weights, ln_weight, ln_bias)
+    total = _kernels().gradient_layout(x.shape[-1], tuple(m.shape[-1] for m in modalities))[2]
+    empty = x.new_empty(0)
+    return [torch.empty_like(x) if flags[0] else empty,
+            x.new_empty(total, dtype=_grad_dtype(params)) if flags[2] or flags[3] else empty,
+            *[torch.empty_like(m) if flags[1] else empty for m in modalities]]
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, seed, modalities, weights, ln_weight, ln_bias, spec = inputs
+    ctx.spec, ctx.count = spec, len(modalities)
+    ctx.save_for_backward(x, seed, *output[1:], *modalities, *weights, ln_weight, ln_bias)
+
+
+def _op_backward(ctx, dy, _d_shift, _d_stats, _d_pack):
+    x, seed, s, stats, pack, *tensors = ctx.saved_tensors
+    k = ctx.count
+    mods, weights, ln = tensors[:k], tensors[k:-2], tensors[-2:]
+    needs = ctx.needs_input_grad
+    flags = [bool(needs[0]), bool(needs[2]), bool(needs[3]), bool(needs[4] or needs[5])]
+    dx, flat, *dms = _fusion_backward_op(dy, x, seed, [s, stats, pack], mods, weights, *ln, ctx.spec, flags)
+    grads = [None] * (len(weights) + 2)
+    if flags[2] or flags[3]:
+        grads = _parameter_grads(flat, FusionParams.from_weights(weights, *ln), flags[2], flags[3])
+    return (dx if flags[0] else None, None, dms if flags[1] else [None] * k, grads[:-2],
+            grads[-2] if needs[4] else None, grads[-1] if needs[5] else None, None)
+
+
+_fusion_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry point
+
 def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tensor], gate_b: Sequence[Tensor],
                  proj_w: Sequence[Tensor], proj_b: Sequence[Tensor], ln_weight: Tensor, ln_bias: Tensor, *,
                  beta: float = 1.0, eps: float = 1e-6, ln_eps: float = 1e-12, dropout_p: float = 0.0,
                  training: bool = False, backend: Optional[str] = None) -> Tensor:
-    """Fusion layer (see the module docstring). x: (B, T, d); modalities[m]: (B, T, d_m);
-    gate_w[m]: (d, d + d_m), gate_b[m]: (d,), proj_w[m]: (d, d_m), proj_b[m]: (d,); ln_*: (d,)."""
+    """Fusion layer (see the module docstring). x: (B, T, d); modalities[m]: (B, T, d_m), any number of them;
+    gate_w[m]: (d, d + d_m), gate_b[m]: (d,), proj_w[m]: (d, d_m), proj_b[m]: (d,); ln_*: (d,).
+
+    Dtypes may differ: under autocast (16-bit x and modalities, fp32 parameters, or an fp32 x) the kernels
+    run the GEMMs with autocast's 16-bit operands, as F.linear would, accumulating in fp32; without
+    autocast the operands have x's dtype. y has the dtype of x promoted with ln_weight's: fp32 for
+    autocast's mix, which is also what the eager module gives under CUDA autocast (its LayerNorm runs in fp32).
+    dx has x's dtype, each modality's and parameter's gradient its own. Dropout (``training`` and
+    ``dropout_p > 0``) draws a Philox seed from torch's generator on the fused backends. Inputs are never
+    modified; non-contiguous ones are copied.
+    """
+    d = _check_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias)
+    dropout_p = _checks.probability("dropout_p", dropout_p) if training else 0.0
+    name = _backend.resolve(x.device, x.dtype, backend, op="fusion_layer")
+    if name == "torch":
+        return fusion_layer_reference(x, list(modalities), list(gate_w), list(gate_b), list(proj_w), list(proj_b),
+                                      ln_weight, ln_bias, beta=beta, eps=eps, ln_eps=ln_eps, dropout_p=dropout_p,
+                                      training=training)
+    if name == "cuda":
+        raise _backend.BackendUnavailableError("ampfuse fusion_layer: the cuda backend has no fusion kernel yet; "
+                                               "use backend='triton'")
+    if x.numel() == 0:  # no tokens: an empty y, and zero gradients through the reference's autograd
+        dtype = torch.promote_types(x.dtype, ln_weight.dtype)
+        cast = lambda seq: [t.to(dtype) for t in seq]  # noqa: E731
+        return fusion_layer_reference(x.to(dtype), cast(modalities), cast(gate_w), cast(gate_b), cast(proj_w),
+                                      cast(proj_b), ln_weight.to(dtype), ln_bias.to(dtype), beta=beta, eps=eps,
+                                      ln_eps=ln_eps)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if dropout_p > 0 else None
+    spec = FusionSpec(float(beta), float(eps), float(ln_eps), dropout_p, _operands(x))
+    # the kernels read each tensor as row-major memory: x and the modalities as (tokens, width)
+    x, mods = _contiguous(x), [_contiguous(m) for m in modalities]
+    params = FusionParams(*(tuple(_contiguous(t) for t in seq) for seq in (gate_w, gate_b, proj_w, proj_b)),
+                          _contiguous(ln_weight), _contiguous(ln_bias))
+    if torch.compiler.is_compiling():
+        return _fusion_op(x, seed, mods, params.weights(), params.ln_weight, params.ln_bias, spec.encode())[0]
+    if torch.is_grad_enabled() and (x.requires_grad or ln_weight.requires_grad or ln_bias.requires_grad
+                                    or any(t.requires_grad for t in mods)
+                                    or any(t.requires_grad for t in params.weights())):
+        return _FusionFunction.apply(spec, len(mods), x, seed, *mods, *params.weights(), params.ln_weight,
+                                     params.ln_bias)
+    return _kernels().forward(spec, x, mods, params, seed, save=False)[0]
+
+
+def _contiguous(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _operands(x):
+    """Name of the tensor-core operands' dtype: autocast's where autocast is on for x's device (the dtype
+    F.linear would compute in), else x's."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    return str(dtype).replace("torch.", "")
+
+
+def _check_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias):
+    """Validates shapes, dtypes and devices; returns d. One combined test first (it is on every call's path);
+    the named checks below run only to say what is wrong."""
+    try:
+        d, dev, lead = x.shape[-1], x.device, x.shape[:-1]
+        fine = (x.dim() == 3 and d > 0 and x.is_floating_point() and len(modalities) >= 1
+                and len(modalities) == len(gate_w) == len(gate_b) == len(proj_w) == len(proj_b)
+                and ln_weight.shape == ln_bias.shape == (d,))
+        for m, gw, gb, pw, pb in zip(modalities, gate_w, gate_b, proj_w, proj_b):
+            w = m.shape[-1]
+            fine = fine and (m.dim() == 3 and m.shape[:2] == lead and w > 0 and gw.shape == (d, d + w)
+                             and gb.shape == pb.shape == (d,) and pw.shape == (d, w))
+        for seq in (modalities, gate_w, gate_b, proj_w, proj_b, (ln_weight, ln_bias)):
+            for t in seq:
+                fine = fine and t.device == dev and t.is_floating_point()
+    except (AttributeError, IndexError, TypeError):
+        fine = False
+    return d if fine else _explain_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias)
+
+
+def _explain_inputs(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias):
+    """Raises a ValueError/TypeError naming the first bad argument; returns d when all are fine."""
     _checks.tensor("x", x)
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (batch, tokens, d), got {tuple(x.shape)}")
+    if x.dim() != 3 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (batch, tokens, d) with d >= 1, got {tuple(x.shape)}")
     d, dev = x.shape[-1], x.device
-    if not 1 <= len(modalities) <= 4 or not len(modalities) == len(gate_w) == len(gate_b) == len(proj_w) == len(
-            proj_b):
-        raise ValueError("fusion_layer takes 1 to 4 modalities and one gate_w, gate_b, proj_w, proj_b for each")
+    lists = (modalities, gate_w, gate_b, proj_w, proj_b)
+    if not all(isinstance(seq, (list, tuple)) for seq in lists) or not 1 <= len(modalities) == len(gate_w) == len(
+            gate_b) == len(proj_w) == len(proj_b):
+        raise ValueError("fusion_layer takes a list of at least one modality and lists with one gate_w, gate_b, "
+                         "proj_w, proj_b for each")
     for i, m in enumerate(modalities):
         _checks.tensor(f"modalities[{i}]", m, device=dev)
-        if m.dim() != 3 or m.shape[:2] != x.shape[:2]:
-            raise ValueError(f"modalities[{i}] must be token-aligned {tuple(x.shape[:2])} + (d_m,), "
+        if m.dim() != 3 or m.shape[:2] != x.shape[:2] or m.shape[2] == 0:
+            raise ValueError(f"modalities[{i}] must be token-aligned {tuple(x.shape[:2])} + (d_m,) with d_m >= 1, "
                              f"got {tuple(m.shape)}")
         dm = m.shape[-1]
         _checks.tensor(f"gate_w[{i}]", gate_w[i], shape=(d, d + dm), device=dev)
@@ -60,97 +314,4 @@ def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tenso
         _checks.tensor(f"proj_b[{i}]", proj_b[i], shape=(d,), device=dev)
     _checks.tensor("ln_weight", ln_weight, shape=(d,), device=dev)
     _checks.tensor("ln_bias", ln_bias, shape=(d,), device=dev)
-    dropout_p = _checks.probability("dropout_p", dropout_p) if training else 0.0
-    name = _backend.resolve(dev, x.dtype, backend, op="fusion_layer")
-    kwargs = dict(beta=beta, eps=eps, ln_eps=ln_eps, dropout_p=dropout_p, training=training)
-    if name == "torch":
-        return fusion_layer_reference(x, list(modalities), list(gate_w), list(gate_b), list(proj_w), list(proj_b),
-                                      ln_weight, ln_bias, **kwargs)
-    if name == "cuda":
-        raise _backend.BackendUnavailableError("ampfuse fusion_layer: the cuda backend has no fusion kernel yet; "
-                                               "use backend='triton'")
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=dev)
-    flat = lambda seq: [t.contiguous() for t in seq]  # noqa: E731
-    y = _fusion_op(x.reshape(-1, d).contiguous(), [m.reshape(-1, m.shape[-1]).contiguous() for m in modalities],
-                   flat(gate_w), flat(gate_b), flat(proj_w), flat(proj_b), ln_weight.contiguous(), ln_bias.contiguous(),
-                   seed, float(beta), float(eps), float(ln_eps), dropout_p, name)
-    return y.view(x.shape)
-
-
-# ----------------------------------------------------------------------------- custom op
-
-def _kernels():
-    from ..kernels import fusion as kernels  # deferred: TRITON_INTERPRET is read at import
-    return kernels
-
-
-@torch.library.custom_op("ampfuse::fusion_layer", mutates_args=())
-def _fusion_op(x: Tensor, modalities: List[Tensor], gate_w: List[Tensor], gate_b: List[Tensor], proj_w: List[Tensor],
-               proj_b: List[Tensor], ln_weight: Tensor, ln_bias: Tensor, seed: Optional[Tensor], beta: float,
-               eps: float, ln_eps: float, dropout_p: float, backend: str) -> Tensor:
-    if x.shape[0] == 0:
-        return torch.empty_like(x)
-    return _kernels().fusion_fwd(x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias, beta, eps, ln_eps,
-                                 dropout_p, seed)
-
-
-@_fusion_op.register_fake
-def _(x, *args):
-    return torch.empty_like(x)
-
-
-def _flat_size(x, modalities, ln_grad):
-    return _kernels().gradient_layout(x.shape[1], [m.shape[1] for m in modalities], ln_grad)[2]
-
-
-@torch.library.custom_op("ampfuse::fusion_layer_backward", mutates_args=())
-def _fusion_backward_op(dy: Tensor, x: Tensor, modalities: List[Tensor], gate_w: List[Tensor], gate_b: List[Tensor],
-                        proj_w: List[Tensor], proj_b: List[Tensor], ln_weight: Tensor, ln_bias: Tensor,
-                        seed: Optional[Tensor], beta: float, eps: float, ln_eps: float, dropout_p: float,
-                        backend: str, ln_grad: bool, mod_grad: bool) -> List[Tensor]:
-    """[dx, flat, dm_0, ...]: flat holds the parameter gradients in fp32 (kernels.fusion.gradient_layout)."""
-    if x.shape[0] == 0:
-        return [torch.empty_like(x), x.new_zeros(_flat_size(x, modalities, ln_grad), dtype=torch.float32),
-                *[torch.empty_like(m) if mod_grad else m.new_empty(0) for m in modalities]]
-    dx, dms, flat = _kernels().fusion_bwd(dy, x, modalities, gate_w, gate_b, proj_w, proj_b, ln_weight, ln_bias,
-                                             beta, eps, ln_eps, dropout_p, seed, ln_grad, mod_grad)
-    return [dx, flat, *dms]
-
-
-@_fusion_backward_op.register_fake
-def _(dy, x, modalities, *args):
-    ln_grad, mod_grad = args[-2:]
-    return [torch.empty_like(x), x.new_empty(_flat_size(x, modalities, ln_grad), dtype=torch.float32),
-            *[torch.empty_like(m) if mod_grad else m.new_empty(0) for m in modalities]]
-
-
-_OP_INPUTS = ("x", "modalities", "gate_w", "gate_b", "proj_w", "proj_b", "ln_weight", "ln_bias", "seed")
-_LISTS = ("modalities", "gate_w", "gate_b", "proj_w", "proj_b")
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.count = len(inputs[1])
-    ctx.save_for_backward(inputs[0], *[t for name in _LISTS for t in inputs[_OP_INPUTS.index(name)]], *inputs[6:9])
-    ctx.options = inputs[len(_OP_INPUTS):]
-
-
-def _backward(ctx, dy):
-    saved, n = ctx.saved_tensors, ctx.count
-    x, lists, (ln_weight, ln_bias, seed) = saved[0], {}, saved[1 + 5 * n:]
-    for i, name in enumerate(_LISTS):
-        lists[name] = list(saved[1 + i * n:1 + (i + 1) * n])
-    needs = dict(zip(_OP_INPUTS, ctx.needs_input_grad))
-    ln_grad, mod_grad = bool(needs["ln_weight"] or needs["ln_bias"]), bool(needs["modalities"])
-    dx, flat, *dms = _fusion_backward_op(dy.contiguous(), x, *(lists[name] for name in _LISTS), ln_weight, ln_bias,
-                                         seed, *ctx.options, ln_grad, mod_grad)
-    layout, _, _ = _kernels().gradient_layout(x.shape[1], [m.shape[1] for m in lists["modalities"]], ln_grad)
-    tensors = {"x": x, **lists, "ln_weight": ln_weight, "ln_bias": ln_bias, "seed": seed}
-    grads = {"x": dx, **split_gradients(flat, layout, tensors)}
-    if mod_grad:
-        grads["modalities"] = dms
-    return needed(grads, tensors, _OP_INPUTS, ctx.needs_input_grad) + (None,) * len(ctx.options)
-
-
-_fusion_op.register_autograd(_backward, setup_context=_setup_context)
+    return d
