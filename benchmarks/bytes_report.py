@@ -13,6 +13,7 @@ GPU launch uses (not the interpreter's small test tiles), so re-reads per token 
 """
 
 import argparse
+import itertools
 import os
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -127,21 +128,77 @@ def adapter_block(tokens, d, k, dtype, r_dtype):
     return forward, backward, d * (e_h + e_r + e_y), d * (e_y + e_h + e_r + e_h + e_r)
 
 
+def gmu_adapter(tokens, d, k, dtype, r_dtype):
+    """(forward rows, backward rows, forward floor, backward floor), bytes per token, for the run.py gmu suite's
+    configuration: a token-aligned 74-wide and a per-sample 35-wide modality, the softmax gate, stream
+    LayerNorms and the fused output LayerNorm; parameters in r's dtype (autocast's layout when it differs from
+    x's). The kernels run with their GPU tile settings (the interpreter's own are smaller), so the re-reads
+    counted are those a GPU would make."""
+    from ampfuse.kernels import gmu as kernels
+    from ampfuse.ops.gmu import gmu_adapter as op
+
+    g = torch.Generator().manual_seed(0)
+    B, T, sizes = 2, tokens // 2, (d, 74, 35)
+
+    def rand(*shape, dt=r_dtype, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dt).requires_grad_()
+
+    x, r = rand(B, T, d, dt=dtype), rand(B, T, d)
+    m = torch.randn(B, T, 74, generator=g).to(dtype)
+    tensors = dict(modalities=[m, torch.randn(B, 35, generator=g).to(dtype)],
+                   stream_w=[rand(k, s, std=s ** -0.5) for s in sizes], stream_b=[rand(k) for _ in sizes],
+                   stream_ln_w=[rand(s) for s in sizes], stream_ln_b=[rand(s) for s in sizes],
+                   gate_w=rand(3, k, 3 * k, std=(3 * k) ** -0.5), gate_b=rand(3, k), w_up=rand(d, k, std=k ** -0.5),
+                   b_up=rand(d), ln_weight=torch.ones(d, dtype=r_dtype), ln_bias=torch.zeros(d, dtype=r_dtype))
+    interpreter_tiles = kernels.tiles
+
+    def gpu_tiles(kind, K, S, op_dtype):
+        runtime._INTERPRETING = False
+        try:
+            settings = dict(interpreter_tiles.__wrapped__(kind, K, S, op_dtype))
+        finally:
+            runtime._INTERPRETING = True
+        settings.pop("num_warps", None)
+        return settings
+
+    kernels.tiles = gpu_tiles
+    try:
+        COUNTER.launches.clear()
+        y = op(x, r=r, **tensors, gate="softmax", backend="triton")
+        forward = summarize(COUNTER.launches, [x, r, m, y], tokens)
+        dy = torch.randn_like(y)
+        grads = {}
+        x.register_hook(lambda grad: grads.__setitem__("x", grad))
+        r.register_hook(lambda grad: grads.__setitem__("r", grad))
+        COUNTER.launches.clear()
+        y.backward(dy)
+        backward = summarize(COUNTER.launches, [dy, x, r, m, grads["x"], grads["r"]], tokens)
+    finally:
+        kernels.tiles = interpreter_tiles
+    e_x, e_r, e_y = x.element_size(), r.element_size(), y.element_size()
+    return forward, backward, d * (e_x + e_r + e_y) + 74 * e_x, d * (e_y + e_x + e_r + e_x + e_r) + 74 * e_x
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bytes_report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--op", default="", help="only ops whose name contains this text ('adapter', 'gmu')")
     args = p.parse_args(argv)
     _install()
     runtime._INTERPRETING = False  # the GPU's tile settings (the kernels still run in the interpreter)
     results = {}
     # fp16 stands for bf16 here (same sizes; the interpreter cannot do bf16 arithmetic)
-    for label, dtype, r_dtype in (("fp16", torch.float16, torch.float16), ("mix", torch.float16, torch.float32)):
-        fwd, bwd, floor_f, floor_b = adapter_block(args.tokens, args.d, args.k, dtype, r_dtype)
-        results[label] = (fwd, bwd, floor_f, floor_b)
-        print(f"adapter block, {label} (h {dtype}, r {r_dtype}), {args.tokens} tokens, d={args.d}, k={args.k}: "
+    for (op, measure), (label, dtype, r_dtype) in itertools.product(
+            (("adapter block", adapter_block), ("gmu adapter", gmu_adapter)),
+            (("fp16", torch.float16, torch.float16), ("mix", torch.float16, torch.float32))):
+        if args.op not in op:
+            continue
+        fwd, bwd, floor_f, floor_b = measure(args.tokens, args.d, args.k, dtype, r_dtype)
+        results[(op, label)] = (fwd, bwd, floor_f, floor_b)
+        print(f"{op}, {label} (x/h {dtype}, r {r_dtype}), {args.tokens} tokens, d={args.d}, k={args.k}: "
               "bytes per token")
         print(f"  {'kernel':28} {'act read':>9} {'unique':>7} {'act write':>9} {'other moved':>11} {'other unique':>12}")
         for part, rows, floor in (("forward", fwd, floor_f), ("backward", bwd, floor_b)):

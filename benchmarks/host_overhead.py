@@ -59,6 +59,28 @@ def adapter_case():
     return call(adapter_block, backend="triton"), call(adapter_block_reference), tensors
 
 
+def gmu_case():
+    """(fused op, eager reference, tensors) of the GMU adapter: text, one token-aligned and one per-sample
+    modality, softmax gate, GMU form, stream LayerNorms and the fused output LayerNorm, tiny and on the CPU."""
+    from ampfuse.ops.gmu import gmu_adapter, gmu_adapter_reference
+
+    g = torch.Generator().manual_seed(0)
+    d, k, sizes = 64, 16, (64, 24, 12)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.1).requires_grad_()
+
+    tensors = dict(x=rand(2, 4, d), r=rand(2, 4, d), modalities=[torch.randn(2, 4, 24), torch.randn(2, 12)],
+                   stream_w=[rand(k, s) for s in sizes], stream_b=[rand(k) for _ in sizes],
+                   stream_ln_w=[rand(s) for s in sizes], stream_ln_b=[rand(s) for s in sizes],
+                   gate_w=rand(3, k, 3 * k), gate_b=rand(3, k), gmu_w=rand(3, k, k), w_up=rand(d, k), b_up=rand(d),
+                   ln_weight=torch.ones(d), ln_bias=torch.zeros(d))
+
+    def call(fn, **options):
+        return lambda t: fn(**t, gate="softmax", scaling=0.5, **options)
+    return call(gmu_adapter, backend="triton"), call(gmu_adapter_reference), tensors
+
+
 def fusion_case():
     """(fused op, eager reference, tensors) of the fusion layer with two modalities (frozen features), tiny and
     on the CPU."""
@@ -80,7 +102,7 @@ def fusion_case():
     return call(fusion_layer, backend="triton"), call(fusion_layer_reference), tensors
 
 
-CASES = {"adapter_block": adapter_case, "fusion_layer": fusion_case}
+CASES = {"adapter_block": adapter_case, "gmu_adapter": gmu_case, "fusion_layer": fusion_case}
 
 
 def measure(name, reps):

@@ -268,13 +268,19 @@ def gmu_cases(sizes, device):
     return [(b, 128, d, k) for d in (384, 768, 1024) for k in (16, 64) for b in (8, 32, 128, 512)]
 
 
-def gmu_inputs(b, t, d, k, dtype, device):
+def gmu_inputs(b, t, d, k, dtype, device, mix=False):
+    """The gmu suite's tensors: text, a token-aligned 74-wide and a per-sample 35-wide modality (frozen features),
+    softmax gate, stream LayerNorms, the sub-layer's LayerNorm fused. ``mix``: autocast's layout, x and the
+    modalities in ``dtype``, r and the parameters in fp32."""
     sizes = [d, 74, 35]
+    p_dtype = torch.float32 if mix else dtype
 
     def make():
-        g = dict(device=device, dtype=dtype)
+        g = dict(device=device, dtype=p_dtype)
         req = lambda x: x.requires_grad_()  # noqa: E731
-        return dict(x=req(torch.randn(b, t, d, **g)), modalities=[torch.randn(b, t, 74, **g), torch.randn(b, 35, **g)],
+        return dict(x=req(torch.randn(b, t, d, device=device, dtype=dtype)),
+                    modalities=[torch.randn(b, t, 74, device=device, dtype=dtype),
+                                torch.randn(b, 35, device=device, dtype=dtype)],
                     stream_w=[req(torch.randn(k, s, **g) * s ** -0.5) for s in sizes],
                     stream_b=[req(torch.zeros(k, **g)) for _ in sizes],
                     stream_ln_w=[req(torch.ones(s, **g)) for s in sizes],
@@ -300,10 +306,17 @@ def gmu_implementations(device, dtype, sizes):
     return impls
 
 
-def gmu_bytes(b, t, d, k, dtype, mode):
+def gmu_bytes(b, t, d, k, dtype, mode, mix=False):
+    """Activation bytes of one call: forward reads x, r and the token-aligned modality and writes y (in the dtype
+    of x + r); backward reads dy, x, r and the modality and writes dx, dr. The per-sample modality (b x 35) and
+    the weights add little."""
     e = torch.tensor([], dtype=dtype).element_size()
+    e_r = 4 if mix else e
+    e_y = max(e, e_r)
     n = b * t
-    return e * (n * (3 * d + 74) + b * 35) if mode == "forward" else e * n * (6 * d + 74)
+    if mode == "forward":
+        return n * ((e + e_r + e_y) * d + e * 74) + b * 35 * e
+    return n * ((e_y + 2 * e + 2 * e_r) * d + e * 74) + b * 35 * e
 
 
 def gmu_flops(b, t, d, k, mode):
@@ -556,7 +569,7 @@ def main(argv=None):
                      adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log, emit, mix=True)
     if "gmu" in suites:
         run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_inputs, gmu_bytes, gmu_flops,
-                     device, dtype, args.sizes, ceil, log, emit)
+                     device, dtype, args.sizes, ceil, log, emit, mix=True)
     if "fusion" in suites:
         run_op_suite("fusion", fusion_cases(args.sizes, device), fusion_implementations, fusion_inputs, fusion_bytes,
                      fusion_flops, device, dtype, args.sizes, ceil, log, emit, mix=True)

@@ -35,9 +35,9 @@ def test_kernels_compile_for_hopper_within_shared_memory():
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     kernels = {word for word in done.stdout.split() if word.endswith("_kernel")}
     assert {"adapter_constants_kernel", "adapter_fwd_kernel", "adapter_bwd_rows_kernel", "adapter_bwd_cols_kernel",
-            "gmu_fwd_kernel", "gmu_bwd_kernel", "fusion_pack_kernel", "fusion_shift_kernel", "fusion_norm_kernel",
-            "fusion_bwd_rows_kernel", "fusion_bwd_gate_kernel", "fusion_bwd_input_kernel",
-            "fusion_bwd_weight_kernel"} <= kernels
+            "gmu_prep_kernel", "gmu_fwd_kernel", "gmu_bwd_rows_kernel", "gmu_bwd_cols_kernel",
+            "fusion_pack_kernel", "fusion_shift_kernel", "fusion_norm_kernel", "fusion_bwd_rows_kernel",
+            "fusion_bwd_gate_kernel", "fusion_bwd_input_kernel", "fusion_bwd_weight_kernel"} <= kernels
 
 
 def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):

@@ -5,22 +5,36 @@ import torch
 
 from ampfuse import testing
 from ampfuse.kernels import runtime
-from ampfuse.ops.gmu import gmu_adapter, gmu_adapter_reference, masked_mean
+from ampfuse.ops.gmu import GMUSpec, gmu_adapter, gmu_adapter_reference, masked_mean
 
 
 def gmu_inputs(B=2, T=13, d=48, k=8, widths=(20,), aligned=(True,), gate="sigmoid", form="direct",
-               stream_ln=True, fuse_ln=True, scale="channel", dtype=torch.float32, device="cpu", seed=0):
-    """(tensors, options): tensors maps argument names to tensors or lists of tensors, all requiring grad."""
+               stream_ln=True, fuse_ln=True, scale="channel", dtype=torch.float32, r_dtype=None, param_dtype=None,
+               row_offset=0.0, device="cpu", seed=0):
+    """(tensors, options): tensors maps argument names to tensors or lists of tensors, all requiring grad.
+    ``dtype`` is x's and the modalities'; ``r_dtype`` and ``param_dtype`` default to it (autocast hands the op
+    a 16-bit x and an fp32 r and parameters). ``row_offset`` gives every row of x and of the token-aligned
+    modalities a common offset of that standard deviation and a few outlier channels, as BERT's hidden states
+    have: large means that must not cancel a row's variance."""
     g = torch.Generator().manual_seed(seed)
+    param_dtype = param_dtype or dtype
 
-    def rand(*shape, std=1.0, mean=0.0):
+    def rand(*shape, std=1.0, mean=0.0, dt=param_dtype):
         t = torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean
+        return t.to(device=device, dtype=dt).requires_grad_()
+
+    def activations(*shape):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64)
+        if row_offset and len(shape) == 3:
+            t += row_offset * (torch.randn(*shape[:-1], 1, generator=g, dtype=torch.float64)
+                               + (torch.arange(shape[-1]) % 29 == 3).double() * 0.05)
         return t.to(device=device, dtype=dtype).requires_grad_()
 
     S, sizes = len(widths) + 1, [d, *widths]
     gates = 1 if gate == "sigmoid" else S
     tensors = dict(
-        x=rand(B, T, d), modalities=[rand(B, T, w) if a else rand(B, w) for w, a in zip(widths, aligned)],
+        x=activations(B, T, d),
+        modalities=[activations(B, T, w) if a else activations(B, w) for w, a in zip(widths, aligned)],
         stream_w=[rand(k, s, std=s ** -0.5) for s in sizes], stream_b=[rand(k, std=0.3) for _ in sizes],
         gate_w=rand(gates, k, S * k, std=(S * k) ** -0.5), gate_b=rand(gates, k, std=0.3),
         w_up=rand(d, k, std=k ** -0.5), b_up=rand(d, std=0.3))
@@ -30,7 +44,8 @@ def gmu_inputs(B=2, T=13, d=48, k=8, widths=(20,), aligned=(True,), gate="sigmoi
         tensors["stream_ln_w"] = [rand(s, std=0.2, mean=1.0) for s in sizes]
         tensors["stream_ln_b"] = [rand(s, std=0.2) for s in sizes]
     if fuse_ln:
-        tensors.update(r=rand(B, T, d), ln_weight=rand(d, std=0.2, mean=1.0), ln_bias=rand(d, std=0.2))
+        tensors.update(r=rand(B, T, d, dt=r_dtype or dtype), ln_weight=rand(d, std=0.2, mean=1.0),
+                       ln_bias=rand(d, std=0.2))
     options = {"gate": gate}
     if scale == "float":
         options["scaling"] = 0.7
@@ -43,17 +58,21 @@ def leaves(tensors):
     return [t for v in tensors.values() for t in (v if isinstance(v, list) else [v])]
 
 
-def check(tensors, options, backend="triton", **kw):
-    tol = testing.TOLERANCE[tensors["x"].dtype]
+def check(tensors, options, backend="triton", tol=None, **kw):
+    """y and every gradient against the float64 reference on the same inputs, each in its input's dtype."""
+    tol = tol or testing.TOLERANCE[tensors["x"].dtype]
     y = gmu_adapter(**tensors, **options, **kw, backend=backend)
     ref = testing.float64_copy(tensors)
     y64 = gmu_adapter_reference(**ref, **options, **kw)
-    assert y.shape == tensors["x"].shape and testing.rel_err(y, y64) < tol
+    x, r = tensors["x"], tensors.get("r")
+    assert y.dtype == (torch.promote_types(x.dtype, r.dtype) if "ln_weight" in tensors else x.dtype)
+    assert y.shape == x.shape and testing.rel_err(y, y64) < tol, testing.rel_err(y, y64)
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     grads = torch.autograd.grad(y, leaves(tensors), dy.to(y.device, y.dtype))
     grads64 = torch.autograd.grad(y64, leaves(ref), dy)
-    for i, (g, g64) in enumerate(zip(grads, grads64)):
-        assert g.shape == g64.shape and testing.rel_err(g, g64) < tol, (i, testing.rel_err(g, g64))
+    for i, (g, g64, t) in enumerate(zip(grads, grads64, leaves(tensors))):
+        assert g.shape == g64.shape and g.dtype == t.dtype, (i, g.dtype, t.dtype)
+        assert testing.rel_err(g, g64) < tol, (i, testing.rel_err(g, g64))
 
 
 CASES = {  # widths, aligned, gate, form, stream_ln, fuse_ln, scale, activation
@@ -76,6 +95,15 @@ def test_triton_matches_float64_reference(case, device):
     check(tensors, options, activation=act)
 
 
+def test_triton_five_modalities_are_configuration(device):
+    # nothing in the kernels is written per modality: six streams (the text and five modalities) run the same
+    # code as two
+    tensors, options = gmu_inputs(B=2, T=5, d=24, k=4, widths=(5, 9, 3, 6, 4), aligned=(True, False, True, False,
+                                                                                        True),
+                                  gate="softmax", form="gmu", device=device)
+    check(tensors, options, activation="gelu")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 def test_triton_half_precision_d384(dtype, device):
     tensors, options = gmu_inputs(B=3, T=7, d=384, k=32, widths=(74, 35), aligned=(True, False), gate="softmax",
@@ -83,12 +111,35 @@ def test_triton_half_precision_d384(dtype, device):
     check(tensors, options, activation="gelu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("form", ["direct", "gmu"])
-def test_triton_bottleneck_in_several_chunks(form, device, monkeypatch):
-    # k=40 pads to 64 features, walked in four chunks of 16: stream projections, gate columns and
-    # the up-projection each cross chunk boundaries, and the last chunk is partly padding.
-    monkeypatch.setitem(runtime.CONFIG, "gmu_block_kc", 16)
-    tensors, options = gmu_inputs(B=2, T=11, d=72, k=40, widths=(20, 9), aligned=(True, False), gate="softmax",
+def test_triton_autocast_mix_runs_natively(dtype, form, device):
+    """Autocast's layout: 16-bit x and modalities (a dense layer's output), an fp32 r (the previous LayerNorm's)
+    and fp32 parameters. The op keeps it: y in the dtype of x + r (fp32), dx in x's dtype, dr in r's, the
+    parameters' gradients in fp32; the tensor-core operands are 16-bit (so a 16-bit tolerance)."""
+    tensors, options = gmu_inputs(B=2, T=11, d=40, k=8, widths=(20, 9), aligned=(True, False), gate="softmax",
+                                  form=form, dtype=dtype, r_dtype=torch.float32, param_dtype=torch.float32,
+                                  device=device)
+    y = gmu_adapter(**tensors, **options, backend="triton")
+    assert y.dtype == torch.float32
+    check(tensors, options, activation="gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_rows_with_large_means(dtype, device):
+    """x and the token-aligned modality with a common offset per row about 50 times their spread (outlier
+    channels included): the stream LayerNorms folded into the projections and the output LayerNorm must not
+    cancel (in fp16, folding without the per-row shift fails this test)."""
+    tensors, options = gmu_inputs(B=2, T=9, d=72, k=8, widths=(40, 12), aligned=(True, False), gate="softmax",
+                                  form="gmu", dtype=dtype, row_offset=200.0, device=device)
+    check(tensors, options, activation="silu")
+
+
+@pytest.mark.parametrize("form", ["direct", "gmu"])
+def test_triton_bottleneck_and_modalities_wider_than_a_chunk(form, device):
+    # k = 40 pads to 64 bottleneck features, the last part padding; the modalities span several column chunks
+    # of every kernel (the interpreter's chunks are 16 and 32 columns), one token-aligned, one per sample
+    tensors, options = gmu_inputs(B=2, T=11, d=72, k=40, widths=(75, 130), aligned=(True, False), gate="softmax",
                                   form=form, device=device)
     check(tensors, options, activation="gelu")
 
@@ -99,17 +150,30 @@ def test_triton_ragged_tokens_and_k1(device):
 
 
 def test_triton_launch_counts_and_determinism(device):
+    """Forward: the prep and the row kernel; backward: the row kernel, the column kernel and the fixed-order
+    reduction of its token splits (so gradients are bitwise the same on every run)."""
     tensors, options = gmu_inputs(B=3, T=21, widths=(20, 7), aligned=(True, False), gate="softmax", form="gmu",
                                   device=device)
     before = runtime.launch_count
+    with torch.no_grad():
+        gmu_adapter(**tensors, **options, backend="triton")
+    assert runtime.launch_count - before == 2
+    before = runtime.launch_count
     y = gmu_adapter(**tensors, **options, backend="triton")
-    assert runtime.launch_count - before == 1
+    assert runtime.launch_count - before == 2
     dy = torch.randn_like(y)
     before = runtime.launch_count
     first = torch.autograd.grad(y, leaves(tensors), dy, retain_graph=True)
-    assert runtime.launch_count - before == 2
+    assert runtime.launch_count - before == 3
     second = torch.autograd.grad(y, leaves(tensors), dy)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_triton_no_grad_forward_equals_training_forward(device):
+    tensors, options = gmu_inputs(widths=(20, 7), aligned=(True, False), gate="softmax", device=device)
+    with torch.no_grad():
+        inference = gmu_adapter(**tensors, **options, backend="triton")
+    assert torch.equal(inference, gmu_adapter(**tensors, **options, backend="triton").detach())
 
 
 def test_frozen_modalities_and_layer_norm_get_no_gradient(device):
@@ -120,6 +184,21 @@ def test_frozen_modalities_and_layer_norm_get_no_gradient(device):
     y.sum().backward()
     assert all(m.grad is None for m in tensors["modalities"]) and tensors["ln_weight"].grad is None
     assert tensors["gate_w"].grad is not None and tensors["x"].grad is not None
+
+
+def test_inputs_are_not_modified(device):
+    tensors, options = gmu_inputs(widths=(20, 7), aligned=(True, False), gate="softmax", form="gmu", device=device)
+    before = [t.detach().clone() for t in leaves(tensors)]
+    gmu_adapter(**tensors, **options, backend="triton").sum().backward()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, leaves(tensors)))
+
+
+def test_zero_tokens(device):
+    tensors, options = gmu_inputs(T=0, widths=(20, 7), aligned=(True, False), gate="softmax", device=device)
+    y = gmu_adapter(**tensors, **options, backend="triton")
+    assert y.shape == tensors["x"].shape
+    y.sum().backward()
+    assert tensors["gate_w"].grad is not None and torch.count_nonzero(tensors["gate_w"].grad) == 0
 
 
 def test_reference_gradcheck():
@@ -156,6 +235,39 @@ def test_masked_mean_ignores_padding():
     assert torch.equal(masked_mean(seq, torch.zeros(2, 6)), torch.zeros(2, 5))
 
 
+# ----------------------------------------------------------------------------- custom op and compile
+
+def test_custom_op_is_registered_with_fake_kernels():
+    tensors, _ = gmu_inputs(B=2, T=3, d=16, k=4, widths=(6, 5), aligned=(True, False), gate="softmax", form="gmu")
+    t = {name: [v.detach() for v in value] if isinstance(value, list) else value.detach()
+         for name, value in tensors.items()}
+    spec = GMUSpec("relu", "softmax", "gmu", True, True, "channel", 1.0, 1e-5, 1e-12)
+    args = (t["x"], t["r"], t["modalities"], t["stream_w"], t["stream_b"], t["stream_ln_w"], t["stream_ln_b"],
+            t["gate_w"], t["gate_b"], t["gmu_w"], t["w_up"], t["b_up"], t["scaling"], t["ln_weight"], t["ln_bias"],
+            spec.encode())
+    torch.library.opcheck(torch.ops.ampfuse.gmu_adapter.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_equals_eager(device):
+    tensors, options = gmu_inputs(B=2, T=5, d=32, k=8, widths=(12, 7), aligned=(True, False), gate="softmax",
+                                  form="gmu", device=device)
+    x, r = tensors.pop("x"), tensors.pop("r")
+
+    def step(x, r):
+        return gmu_adapter(x, r=r, **tensors, **options, activation="gelu", backend="triton")
+
+    eager = step(x, r)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    before = runtime.launch_count
+    compiled = torch.compile(step, fullgraph=True)(x, r)
+    (g_compiled,) = torch.autograd.grad(compiled.square().sum(), x)
+    assert runtime.launch_count - before == 5  # the fused kernels ran inside the compiled graph: 2 + 3
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda t, o: t.__setitem__("modalities", [t["modalities"][0][:1]]), r"modalities\[0\] must be"),
     (lambda t, o: t["stream_w"].__setitem__(1, t["stream_w"][1][:, :-1]), r"stream_w\[1\] must have shape"),
@@ -163,6 +275,9 @@ def test_masked_mean_ignores_padding():
     (lambda t, o: o.__setitem__("gate", "tanh"), "gate must be one of"),
     (lambda t, o: t.__setitem__("x", t["x"][0]), "x must have shape"),
     (lambda t, o: t.__setitem__("modalities", [t["modalities"][0].double()]), "must have x's dtype"),
+    (lambda t, o: t.__setitem__("scaling", t["scaling"][:-1]), "scaling must be"),
+    (lambda t, o: t["stream_ln_b"].pop(), "stream_ln_w and stream_ln_b need one entry per stream"),
+    (lambda t, o: t.__setitem__("r", t["r"][:, :-1]), "r must have shape"),
 ])
 def test_bad_input_names_the_argument(mutate, message):
     tensors, options = gmu_inputs()

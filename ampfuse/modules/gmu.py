@@ -8,7 +8,6 @@ from torch import nn
 from ..context import modality_tensors, record
 from ..ops.activations import canonical
 from ..ops.gmu import FORMS, GATES, gmu_adapter, gmu_adapter_reference
-from ._promote import promoted
 
 
 class GMUAdapter(nn.Module):
@@ -70,7 +69,7 @@ class GMUAdapter(nn.Module):
             activation=self.activation, gate=self.gate)
 
     def forward(self, h: torch.Tensor, r: torch.Tensor, layer_norm: nn.LayerNorm) -> torch.Tensor:
-        h, r = promoted(h, r)
+        # h and r as they come (autocast: a 16-bit h, an fp32 r): the op runs that mix natively
         modalities = [m.to(h.dtype) for m in modality_tensors(self.modalities)]
         args = self._args()
         if self.track_gates:
