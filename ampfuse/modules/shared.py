@@ -140,21 +140,28 @@ def _form(w: Tensor, u: Tensor, v: Tensor) -> Tensor:
     return torch.baddbmm(w, u, v.transpose(1, 2))
 
 
+def _get(owner: nn.Module, attr: str) -> Tensor:
+    # owner._parameters, where FSDP2 puts its unsharded parameters too, is a dict lookup; nn.Module's
+    # attribute lookup (the fallback, for wrappers that set plain tensor attributes) costs ~1 us
+    param = owner._parameters.get(attr)
+    return param if param is not None else getattr(owner, attr)
+
+
 def tensors(adapter: nn.Module) -> Dict[str, Tensor]:
     """{parameter name: tensor} that a sharing adapter computes with, keyed as an unshared
     adapter's parameters are."""
     link = adapter._ampfuse_share
-    out = {name: getattr(owner, attr) for name, owner, attr in link.vectors}
+    out = {name: _get(owner, attr) for name, owner, attr in link.vectors}
     if not link.rank:
-        out.update((name, getattr(src, attr)) for name, src, _, attr in link.matrices)
+        out.update((name, _get(src, attr)) for name, src, _, attr in link.matrices)
         return out
     if not link.matrices:
         return out
-    device = getattr(link.matrices[0][1], link.matrices[0][3]).device.type
+    device = _get(link.matrices[0][1], link.matrices[0][3]).device.type
     # formed in the parameters' dtype, as the op gets an unshared adapter's weights under autocast
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
         for name, src, own, attr in link.matrices:
-            out[name] = _form(getattr(src, attr), getattr(own, f"{attr}_u"), getattr(own, f"{attr}_v"))
+            out[name] = _form(_get(src, attr), _get(own, f"{attr}_u"), _get(own, f"{attr}_v"))
     return out
 
 
