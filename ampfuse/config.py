@@ -65,7 +65,7 @@ class AdapterConfig:
         self.trainable_modules = [str(m) for m in self.trainable_modules]
         if isinstance(self.scaling, int):
             self.scaling = float(self.scaling)
-        self.private_rank = check_share("AdapterConfig", self.share, self.private_rank)
+        self.private_rank = check_share("AdapterConfig", self.share, self.private_rank, shares=("layers",))
 
     @classmethod
     def pfeiffer(cls, **overrides) -> "AdapterConfig":

@@ -39,28 +39,28 @@ def get(module, name):
     return module
 
 
-def formed64(src, adapter, rank, leaf):
+def formed64(src, adapter, rank, leaf, aliases=None):
     """An adapter's tensors in float64, formed explicitly: W + U V^T (matmul, not the module's
     addmm) for its matrices, and its own (rank > 0) or the source's (rank 0) vectors."""
-    out = {}
+    out, aliases = {}, aliases or {}
     for name in adapter.unshared_names:
         if name in adapter.shared_matrices():
-            w = leaf[get(src, name)]
+            w = leaf[get(src, aliases.get(name, name))]
             out[name] = w if not rank else w + leaf[get(adapter, f"{name}_u")] @ leaf[get(adapter, f"{name}_v")].mT
         else:
-            out[name] = leaf[get(adapter if rank else src, name)]
+            out[name] = leaf[get(adapter, name) if rank else get(src, aliases.get(name, name))]
     return out
 
 
-def make_shared(make, rank, layers=2):
+def make_shared(make, rank, layers=2, aliases=None):
     """(holder, source, [adapters]): ``layers`` adapters sharing a source held by ``holder``."""
     holder = nn.Module()
-    src = shared.source(holder, "output", make, rank)
+    src = shared.source(holder, "output", make, rank, aliases)
     adapters = []
     for _ in range(layers):
         adapter = make()
         adapter.unshared_names = [n for n, _ in adapter.named_parameters()]
-        adapters.append(shared.share(adapter, src, rank))
+        adapters.append(shared.share(adapter, src, rank, aliases))
     randomize([holder, *adapters])
     return holder, src, adapters
 
@@ -110,26 +110,32 @@ def test_bottleneck_gradients_reach_shared_and_private_parts(backend, rank, opti
     check_grads(y, y64, params, leaf, testing.TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("rank", [0, 2])
-def test_gmu_gradients_reach_shared_and_private_parts(rank):
-    """The GMU form (stacks of k x k matrices) and the softmax gate ((S, k, S*k) stack), shared."""
-    d, k = 24, 6
-    make = functools.partial(ampfuse.GMUAdapter, d, SIZES, k, gate="softmax", form="gmu", scaling="channel",
+@pytest.mark.parametrize("rank,modalities", [(0, False), (2, False), (0, True), (2, True)])
+def test_gmu_gradients_reach_shared_and_private_parts(rank, modalities):
+    """The GMU form (stacks of k x k matrices) and the softmax gate ((S, k, S*k) stack), shared
+    across layers, and with ``modalities`` also across the two modalities of width 6."""
+    d, k, sizes = 24, 6, {"audio": 6, "visual": 5, "depth": 6}
+    make = functools.partial(ampfuse.GMUAdapter, d, sizes, k, gate="softmax", form="gmu", scaling="channel",
                              zero_init_up=False)
-    holder, src, adapters = make_shared(make, rank)
+    aliases = make().modality_aliases() if modalities else None
+    if modalities:
+        assert aliases == {f"{p}.3.{a}": f"{p}.1.{a}" for p in ("stream_down", "stream_norm")
+                           for a in ("weight", "bias")}
+    holder, src, adapters = make_shared(make, rank, aliases=aliases)
+    assert (src.stream_down[3].weight is None) == modalities
     g = torch.Generator().manual_seed(1)
     h, r1, r2 = (torch.randn(2, 5, d, generator=g) for _ in range(3))
-    mods = [torch.randn(2, 5, size, generator=g) for size in SIZES.values()]
+    mods = [torch.randn(2, 5, size, generator=g) for size in sizes.values()]
     norm = nn.LayerNorm(d)
     randomize([norm], seed=2)
-    with ForwardContext(dict(zip(SIZES, mods))):
+    with ForwardContext(dict(zip(sizes, mods))):
         y = adapters[1](adapters[0](h, r1, norm), r2, norm)
 
     params = list(holder.parameters()) + [p for a in adapters for p in a.parameters()]
     leaf = {p: p.detach().double().requires_grad_() for p in params}
-    y64, streams = h.double(), range(1 + len(SIZES))
+    y64, streams = h.double(), range(1 + len(sizes))
     for adapter, r in zip(adapters, (r1, r2)):
-        t = formed64(src, adapter, rank, leaf)
+        t = formed64(src, adapter, rank, leaf, aliases)
         y64 = gmu_adapter_reference(
             y64, [m.double() for m in mods], [t[f"stream_down.{j}.weight"] for j in streams],
             [t[f"stream_down.{j}.bias"] for j in streams], t["gate_weight"], t["gate_bias"], t["up.weight"],
@@ -156,6 +162,8 @@ def test_bad_share_options_raise_naming_them():
         ampfuse.AdapterConfig(share="layers", private_rank=-1)
     with pytest.raises(ValueError, match="AdapterConfig.private_rank=2 needs share='layers'"):
         ampfuse.AdapterConfig(private_rank=2)
+    with pytest.raises(ValueError, match=r"AdapterConfig.share must be None or one of \('layers',\)"):
+        ampfuse.AdapterConfig(share="layers+modalities")  # text adapters have one stream
     with pytest.raises(ValueError, match="MultimodalConfig.private_rank must be an int"):
         ampfuse.MultimodalConfig(SIZES, share="layers", private_rank=1.5)
     with pytest.raises(ValueError, match=r"private_rank=8 must be below the smaller side of down.weight, \(8, 48\)"):
@@ -331,6 +339,20 @@ def test_multimodal_shared_gmu_adapters(tmp_path, capsys):
         p.numel() for p in ampfuse.BottleneckAdapter(48, 8, scaling="learned", ln_before=True).parameters())
     assert "shared adapters:" in ampfuse.print_trainable_parameters(mm)
     capsys.readouterr()
+
+
+def test_modalities_of_equal_width_share_one_stream_projection():
+    sizes, k = {"audio": 6, "visual": 6}, 8
+
+    def count(share):
+        mm = ampfuse.patch_multimodal(tiny_bert(), ampfuse.MultimodalConfig(sizes, bottleneck_size=k, share=share))
+        return ampfuse.trainable_parameters(mm)[0], mm
+    layers, _ = count("layers")
+    both, mm = count("layers+modalities")
+    assert layers - both == k * 6 + k + 2 * 6  # one stream's projection, bias and LayerNorm
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+    mm(input_ids=ids, **{n: torch.randn(2, 9, 6) for n in sizes}, labels=torch.ones(2)).loss.backward()
+    assert all(p.grad is not None for p in mm.parameters() if p.requires_grad)
 
 
 def test_gradient_checkpointing_of_a_shared_model():

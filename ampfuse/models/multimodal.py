@@ -40,7 +40,9 @@ class MultimodalConfig:
     task / num_labels: the head; regression predicts one score.
     share / private_rank: "layers" shares the GMU adapters' stream projections, gates and
         up-projection across gmu_layers as W + U_l V_l^T, U_l V_l^T of rank private_rank (0: fully
-        shared, vectors too), as AdapterConfig's share and private_rank do for the text adapters."""
+        shared, vectors too), as AdapterConfig's share and private_rank do for the text adapters;
+        "layers+modalities" also makes modalities of equal feature size share one stream projection
+        (and stream LayerNorm), each modality of each layer with its own rank-r part."""
 
     modalities: Dict[str, int] = dataclasses.field(default_factory=dict)
     aligned: bool = True
@@ -125,7 +127,9 @@ class MultimodalModel(nn.Module):
                 zero_init_up=config.zero_init_up, **site.factory)
             adapter = make()
             if config.share:
-                shared.share(adapter, shared.source(model, "gmu", make, config.private_rank), config.private_rank)
+                aliases = adapter.modality_aliases() if config.share == "layers+modalities" else None
+                source = shared.source(model, "gmu", make, config.private_rank, aliases)
+                shared.share(adapter, source, config.private_rank, aliases)
             sites.attach(site, adapter)
         shared.prune(model)  # shared text adapters whose every site a GMU adapter took
         self.encoder = model

@@ -70,6 +70,17 @@ class GMUAdapter(nn.Module):
         return ([f"stream_down.{j}.weight" for j in range(len(self.stream_down))] + ["gate_weight", "up.weight"]
                 + (["gmu_weight"] if self.form == "gmu" else []))
 
+    def modality_aliases(self):
+        """{parameter: the parameter it shares} that makes modality streams of equal width share the
+        first one's projection and LayerNorm (MultimodalConfig(share="layers+modalities"))."""
+        first, aliases = {}, {}
+        for j, linear in enumerate(self.stream_down):
+            i = first.setdefault(linear.in_features, j) if j else 0  # the text stream (0) shares nothing
+            if i != j:
+                aliases.update({f"{part}.{j}.{attr}": f"{part}.{i}.{attr}" for part in ("stream_down", "stream_norm")
+                                for attr in ("weight", "bias")})
+        return aliases
+
     def _args(self):
         if self._ampfuse_share is not None:
             return self._shared_args(shared.tensors(self))
@@ -86,7 +97,8 @@ class GMUAdapter(nn.Module):
         streams, norms = range(len(self.stream_down)), self.stream_norm is not None
         return dict(
             stream_w=[t[f"stream_down.{j}.weight"] for j in streams],
-            stream_b=[t[f"stream_down.{j}.bias"] for j in streams], gate_w=t["gate_weight"], gate_b=t["gate_bias"], w_up=t["up.weight"], b_up=t["up.bias"],
+            stream_b=[t[f"stream_down.{j}.bias"] for j in streams], gate_w=t["gate_weight"],
+            gate_b=t["gate_bias"], w_up=t["up.weight"], b_up=t["up.bias"],
             gmu_w=t.get("gmu_weight"), stream_ln_w=[t[f"stream_norm.{j}.weight"] for j in streams] if norms else None,
             stream_ln_b=[t[f"stream_norm.{j}.bias"] for j in streams] if norms else None,
             scaling=t.get("scaling", self.scaling), activation=self.activation, gate=self.gate)

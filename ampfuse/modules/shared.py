@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..sites import ADAPTER as SOURCES  # the name unpatch (sites.detach) and save_adapters look for
 
-SHARES = ("layers",)
+SHARES = ("layers", "layers+modalities")  # AdapterConfig takes the first only: text adapters have one stream
 
 
 class Link:
@@ -43,14 +43,14 @@ class Link:
 
     def __init__(self, source: nn.Module, rank: int, matrices: List[Tuple], vectors: List[Tuple]):
         self.source, self.rank = source, rank
-        self.matrices = matrices    # (name, source owner, own owner, attribute)
+        self.matrices = matrices    # (name, source owner, its attribute, own owner, own attribute)
         self.vectors = vectors      # (name, owner (the source's at rank 0, this adapter's otherwise), attribute)
 
 
-def check_share(what: str, share, private_rank) -> int:
+def check_share(what: str, share, private_rank, shares=SHARES) -> int:
     """Validates a config's share / private_rank pair; returns private_rank as an int."""
-    if share is not None and share not in SHARES:
-        raise ValueError(f"{what}.share must be None or one of {SHARES}, got {share!r}")
+    if share is not None and share not in shares:
+        raise ValueError(f"{what}.share must be None or one of {shares}, got {share!r}")
     if isinstance(private_rank, bool) or not isinstance(private_rank, int) or private_rank < 0:
         raise ValueError(f"{what}.private_rank must be an int >= 0, got {private_rank!r}")
     if private_rank and share is None:
@@ -70,39 +70,40 @@ def _drop(owner: nn.Module, attr: str) -> None:
     owner._parameters[attr] = None  # reads as None and is in no state dict or parameter list
 
 
-def source(model: nn.Module, group: str, build: Callable[[], nn.Module], private_rank: int) -> nn.Module:
+def source(model: nn.Module, group: str, build: Callable[[], nn.Module], private_rank: int,
+           aliases: Optional[Dict[str, str]] = None) -> nn.Module:
     """``model``'s shared source ``group``: the first time an adapter from ``build()`` made the
-    source (without its vectors when private_rank > 0: every layer has its own), afterwards the
-    same one."""
+    source (without its vectors when private_rank > 0: every layer has its own; without the
+    parameters ``aliases`` maps to others), afterwards the same one."""
     sources = model._modules.get(SOURCES)
     if sources is None:
         sources = nn.ModuleDict()
         model.add_module(SOURCES, sources)
     if group not in sources:
         adapter = build()
-        if private_rank:
-            matrices = set(adapter.shared_matrices())
-            for name, _ in list(adapter.named_parameters()):
-                if name not in matrices:
-                    _drop(*_owner(adapter, name))
+        matrices, aliases = set(adapter.shared_matrices()), aliases or {}
+        for name, _ in list(adapter.named_parameters()):
+            if name in aliases or (private_rank and name not in matrices):
+                _drop(*_owner(adapter, name))
         adapter._ampfuse_source_of = group
         sources[group] = adapter
     return sources[group]
 
 
-def share(adapter: nn.Module, src: nn.Module, private_rank: int, generator: Optional[torch.Generator] = None):
+def share(adapter: nn.Module, src: nn.Module, private_rank: int, aliases: Optional[Dict[str, str]] = None):
     """Makes ``adapter`` (fresh, of ``src``'s class and shapes) one layer's view of ``src``: its
     matrices become src's plus a rank-``private_rank`` part of its own, its vectors stay its own
-    (rank > 0) or become src's (rank 0)."""
+    (rank > 0) or become src's (rank 0). ``aliases``: {parameter: the source parameter it shares}
+    (e.g. the stream projection of one modality reads another's of equal width)."""
     if type(adapter) is not type(src):
         raise TypeError(f"a {type(adapter).__name__} cannot share the parameters of a {type(src).__name__}")
-    shared_matrices = set(adapter.shared_matrices())
+    shared_matrices, aliases = set(adapter.shared_matrices()), aliases or {}
     matrices, vectors = [], []
     for name, param in list(adapter.named_parameters()):
         owner, attr = _owner(adapter, name)
-        src_owner, _ = _owner(src, name)
+        src_owner, src_attr = _owner(src, aliases.get(name, name))
         if name in shared_matrices:
-            _check_shape(name, param, getattr(src_owner, attr))
+            _check_shape(name, param, getattr(src_owner, src_attr))
             _drop(owner, attr)
             if private_rank:
                 rows, cols = param.shape[-2:]
@@ -112,16 +113,16 @@ def share(adapter: nn.Module, src: nn.Module, private_rank: int, generator: Opti
                 u = torch.zeros(*param.shape[:-1], private_rank, device=param.device, dtype=param.dtype)
                 v = torch.empty(*param.shape[:-2], cols, private_rank, device=param.device, dtype=param.dtype)
                 with torch.no_grad():
-                    v.normal_(0.0, cols ** -0.5, generator=generator)
+                    v.normal_(0.0, cols ** -0.5)
                 owner.register_parameter(f"{attr}_u", nn.Parameter(u))
                 owner.register_parameter(f"{attr}_v", nn.Parameter(v))
-            matrices.append((name, src_owner, owner, attr))
+            matrices.append((name, src_owner, src_attr, owner, attr))
         elif private_rank:
             vectors.append((name, owner, attr))
         else:
-            _check_shape(name, param, getattr(src_owner, attr))
+            _check_shape(name, param, getattr(src_owner, src_attr))
             _drop(owner, attr)
-            vectors.append((name, src_owner, attr))
+            vectors.append((name, src_owner, src_attr))
     adapter._ampfuse_share = Link(src, private_rank, matrices, vectors)
     return adapter
 
@@ -153,15 +154,15 @@ def tensors(adapter: nn.Module) -> Dict[str, Tensor]:
     link = adapter._ampfuse_share
     out = {name: _get(owner, attr) for name, owner, attr in link.vectors}
     if not link.rank:
-        out.update((name, _get(src, attr)) for name, src, _, attr in link.matrices)
+        out.update((name, _get(src, src_attr)) for name, src, src_attr, _, _ in link.matrices)
         return out
     if not link.matrices:
         return out
-    device = _get(link.matrices[0][1], link.matrices[0][3]).device.type
+    device = _get(link.matrices[0][1], link.matrices[0][2]).device.type
     # formed in the parameters' dtype, as the op gets an unshared adapter's weights under autocast
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-        for name, src, own, attr in link.matrices:
-            out[name] = _form(_get(src, attr), _get(own, f"{attr}_u"), _get(own, f"{attr}_v"))
+        for name, src, src_attr, own, attr in link.matrices:
+            out[name] = _form(_get(src, src_attr), _get(own, f"{attr}_u"), _get(own, f"{attr}_v"))
     return out
 
 
@@ -199,6 +200,6 @@ def summary(model: nn.Module) -> Optional[dict]:
     private = sum(p.numel() for m, _ in links for p in m.parameters())
     unshared = 0
     for m, link in links:
-        unshared += sum(getattr(src, attr).numel() for _, src, _, attr in link.matrices)
+        unshared += sum(getattr(src, attr).numel() for _, src, attr, _, _ in link.matrices)
         unshared += sum(getattr(owner, attr).numel() for _, owner, attr in link.vectors)
     return {"shared": shared, "private": private, "unshared": unshared, "adapters": len(links)}
