@@ -373,3 +373,23 @@ def test_gradient_checkpointing_of_a_shared_model():
     assert grads.keys() == grads_ckpt.keys()
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_readme_parameter_table_counts(monkeypatch):
+    """benchmarks/sharing.py's figures for BERT-base (meta device) against the formula: per layer
+    2kd matrix entries and d + k bias entries (Pfeiffer, k = 48); shared: 2kd once, plus per layer
+    2r(k + d) private entries and the biases (r > 0) or the biases once (r = 0)."""
+    import pathlib
+
+    import transformers
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent))
+    from benchmarks import sharing
+
+    with torch.device("meta"):
+        base = transformers.BertModel(transformers.BertConfig())
+    d, k, layers = 768, 48, 12
+    assert sharing.adapter_parameters(base, "Pfeiffer", False, 0) == layers * (2 * k * d + k + d) == 894_528
+    assert sharing.adapter_parameters(base, "Pfeiffer", True, 0) == 2 * k * d + k + d
+    assert sharing.adapter_parameters(base, "Houlsby", True, 4) == 2 * (2 * k * d + layers * (8 * (k + d) + k + d))
+    assert not any(ADAPTER in m._modules for m in base.modules())  # each count patched a copy
