@@ -8,6 +8,7 @@ adapter block computes.
 import dataclasses
 from typing import Mapping, Optional, Sequence, Union
 
+from .modules.shared import check_share
 from .ops.activations import canonical
 
 # adapters-library options the fused op does not implement; a config that turns them on is refused.
@@ -31,6 +32,11 @@ class AdapterConfig:
     layers: indices of the layers to adapt (negative counts from the top); None = all.
     trainable_modules: names of base-model modules that stay trainable (e.g. ("classifier",) for a
         task head); their parameters are saved with the adapters.
+    share: None (every adapter its own weights) or "layers": the adapters of each site (feed-forward;
+        attention with mh_adapter) share one set across the adapted layers, layer l computing with
+        W + U_l V_l^T for each matrix, U_l V_l^T of rank ``private_rank`` (0: fully shared, biases and
+        scaling too; > 0: each layer also keeps its own biases, scaling and LayerNorm vectors).
+        See ampfuse.modules.shared and the README's "Shared adapters".
     """
 
     bottleneck_size: Optional[int] = None
@@ -47,6 +53,8 @@ class AdapterConfig:
     zero_init_up: bool = False
     layers: Optional[Sequence[int]] = None
     trainable_modules: Sequence[str] = ()
+    share: Optional[str] = None
+    private_rank: int = 0
 
     def __post_init__(self):
         self.non_linearity = canonical(self.non_linearity)
@@ -57,6 +65,7 @@ class AdapterConfig:
         self.trainable_modules = [str(m) for m in self.trainable_modules]
         if isinstance(self.scaling, int):
             self.scaling = float(self.scaling)
+        self.private_rank = check_share("AdapterConfig", self.share, self.private_rank, shares=("layers",))
 
     @classmethod
     def pfeiffer(cls, **overrides) -> "AdapterConfig":
@@ -84,6 +93,8 @@ class AdapterConfig:
         out = dataclasses.asdict(self)
         if isinstance(self.reduction_factor, Mapping):
             out["reduction_factor"] = dict(self.reduction_factor)
+        if self.share is None:  # unshared configs are saved exactly as before sharing existed
+            del out["share"], out["private_rank"]
         return out
 
     @classmethod

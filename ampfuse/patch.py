@@ -8,6 +8,7 @@ restores the original modules bitwise. The same freeze / attach / save / load he
 ampfuse.models.
 """
 
+import functools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from torch import nn
 
 from . import sites
 from .config import AdapterConfig
+from .modules import shared
 from .modules.bottleneck import BottleneckAdapter
 from .sites import ADAPTER, SITES
 
@@ -55,17 +57,27 @@ def patch(model: nn.Module, config: AdapterConfig = None, *, dtype: torch.dtype 
     config = config or AdapterConfig()
     layers = sites.find(model)
     selected = select_layers(config.layers, len(layers), "AdapterConfig.layers")
+    if config.share:
+        sizes = {config.bottleneck_for(i, layers.hidden_size) for i in selected}
+        if len(sizes) > 1:
+            raise ValueError(f"AdapterConfig(share={config.share!r}) needs one bottleneck size for all adapted "
+                             f"layers; reduction_factor={config.reduction_factor!r} gives {sorted(sizes)}")
     freeze(model, config)
     wanted = [name for name, on in zip(SITES, (config.mh_adapter, config.output_adapter)) if on]
     for index in selected:
         for name in wanted:
             site = layers.sites[index][name]
             factory = {**site.factory, **({} if dtype is None else {"dtype": dtype})}
-            sites.attach(site, BottleneckAdapter(
-                site.hidden_size, config.bottleneck_for(index, site.hidden_size), activation=config.non_linearity,
-                ln_before=config.ln_before, original_ln_before=config.original_ln_before,
-                residual_before_ln=config.residual_before_ln, scaling=config.scaling, dropout=config.dropout,
-                init=config.init_weights, init_std=1e-2, zero_init_up=config.zero_init_up, **factory))
+            make = functools.partial(
+                BottleneckAdapter, site.hidden_size, config.bottleneck_for(index, site.hidden_size),
+                activation=config.non_linearity, ln_before=config.ln_before,
+                original_ln_before=config.original_ln_before, residual_before_ln=config.residual_before_ln,
+                scaling=config.scaling, dropout=config.dropout, init=config.init_weights, init_std=1e-2,
+                zero_init_up=config.zero_init_up, **factory)
+            adapter = make()
+            if config.share:  # the adapters of one site name (attention, output) share one source
+                shared.share(adapter, shared.source(model, name, make, config.private_rank), config.private_rank)
+            sites.attach(site, adapter)
     return model
 
 
@@ -102,8 +114,16 @@ def trainable_parameters(model: nn.Module):
 
 
 def print_trainable_parameters(model: nn.Module) -> str:
+    """Prints (and returns) the trainable and total parameter counts; with adapters shared across
+    layers, a second line: shared and private parameters against the same adapters unshared."""
     trainable, total = trainable_parameters(model)
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    counts = shared.summary(model)
+    if counts is not None:
+        held = counts["shared"] + counts["private"]
+        line += (f"\nshared adapters: {counts['shared']:,} shared + {counts['private']:,} private params in "
+                 f"{counts['adapters']} adapters || unshared: {counts['unshared']:,} || "
+                 f"{100 * held / counts['unshared']:.2f}% of it, {counts['unshared'] / held:.1f}x fewer")
     print(line)
     return line
 

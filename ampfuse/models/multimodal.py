@@ -22,6 +22,7 @@ from .. import sites
 from ..config import AdapterConfig
 from ..context import ForwardContext, in_context
 from ..modules.fusion import FusionLayer
+from ..modules import shared
 from ..modules.gmu import GMUAdapter
 from ..ops.gmu import masked_mean
 from ..patch import freeze, load_weights, patch, save_weights, select_layers
@@ -36,7 +37,12 @@ class MultimodalConfig:
     gmu_layers: layers whose feed-forward output gets a GMU adapter (None = all, [] = none).
     text_adapter: AdapterConfig of text-only bottleneck adapters (GMU sites override them).
     fusion_layers: layers after whose output a FusionLayer runs (token-aligned modalities only).
-    task / num_labels: the head; regression predicts one score."""
+    task / num_labels: the head; regression predicts one score.
+    share / private_rank: "layers" shares the GMU adapters' stream projections, gates and
+        up-projection across gmu_layers as W + U_l V_l^T, U_l V_l^T of rank private_rank (0: fully
+        shared, vectors too), as AdapterConfig's share and private_rank do for the text adapters;
+        "layers+modalities" also makes modalities of equal feature size share one stream projection
+        (and stream LayerNorm), each modality of each layer with its own rank-r part."""
 
     modalities: Dict[str, int] = dataclasses.field(default_factory=dict)
     aligned: bool = True
@@ -56,10 +62,13 @@ class MultimodalConfig:
     num_labels: int = 1
     head_dropout: float = 0.1
     trainable_modules: Sequence[str] = ()  # read by ampfuse.patch.freeze
+    share: Optional[str] = None
+    private_rank: int = 0
 
     def __post_init__(self):
         if isinstance(self.text_adapter, dict):
             self.text_adapter = AdapterConfig.from_dict(self.text_adapter)
+        self.private_rank = shared.check_share("MultimodalConfig", self.share, self.private_rank)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.task == "regression":
@@ -74,6 +83,8 @@ class MultimodalConfig:
     def to_dict(self):
         out = dataclasses.asdict(self)
         out["text_adapter"] = None if self.text_adapter is None else self.text_adapter.to_dict()
+        if self.share is None:  # unshared configs are saved exactly as before sharing existed
+            del out["share"], out["private_rank"]
         return out
 
 
@@ -110,10 +121,17 @@ class MultimodalModel(nn.Module):
         self.hidden_size = layers.hidden_size
         for i in gmu_layers:
             site = layers.sites[i]["output"]
-            sites.attach(site, GMUAdapter(
-                site.hidden_size, config.modalities, config.bottleneck_size, activation=config.activation,
+            make = functools.partial(
+                GMUAdapter, site.hidden_size, config.modalities, config.bottleneck_size, activation=config.activation,
                 gate=config.gate, form=config.form, stream_ln=config.stream_ln, scaling=config.scaling,
-                zero_init_up=config.zero_init_up, **site.factory))
+                zero_init_up=config.zero_init_up, **site.factory)
+            adapter = make()
+            if config.share:
+                aliases = adapter.modality_aliases() if config.share == "layers+modalities" else None
+                source = shared.source(model, "gmu", make, config.private_rank, aliases)
+                shared.share(adapter, source, config.private_rank, aliases)
+            sites.attach(site, adapter)
+        shared.prune(model)  # shared text adapters whose every site a GMU adapter took
         self.encoder = model
         self.fusion = nn.ModuleDict()
         self._hooks = []

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..ops.activations import canonical
 from ..ops.adapter_block import adapter_block
+from . import shared
 
 INITS = ("houlsby", "bert", "lora")
 
@@ -26,7 +27,13 @@ class BottleneckAdapter(nn.Module):
     uniform down-projection, zero up-projection). ``zero_init_up=True`` zeroes the up-projection
     after any init, so the adapted model starts exactly equal to the frozen one.
     scaling: a float, ``"learned"`` (one trainable scalar) or ``"channel"`` (one per hidden unit).
+
+    Adapters shared across layers (``AdapterConfig(share="layers")``) are made from fresh ones by
+    ampfuse.modules.shared.share; they then compute with the shared weights plus their own
+    low-rank parts.
     """
+
+    _ampfuse_share = None  # a shared.Link once shared across layers
 
     def __init__(self, hidden_size: int, bottleneck_size: Optional[int] = None, *, reduction_factor: float = 16,
                  activation: str = "relu", ln_before: bool = False, original_ln_before: bool = True,
@@ -79,19 +86,34 @@ class BottleneckAdapter(nn.Module):
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
+    def shared_matrices(self):
+        """The parameters shared across layers as W + U_l V_l^T (the rest are vectors)."""
+        return ["down.weight", "up.weight"]
+
     def forward(self, h: torch.Tensor, r: torch.Tensor, layer_norm: nn.LayerNorm) -> torch.Tensor:
-        norm = self.adapter_norm
+        w_down, b_down, w_up, b_up, scaling, ln_w, ln_b = self._tensors()
         # under autocast h is 16-bit and r fp32: the op runs that mix natively (y in the dtype of h + r)
         return adapter_block(
-            h, r, layer_norm.weight, layer_norm.bias, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-            scaling=self.scaling, adapter_ln_weight=None if norm is None else norm.weight,
-            adapter_ln_bias=None if norm is None else norm.bias, ln_eps=layer_norm.eps,
+            h, r, layer_norm.weight, layer_norm.bias, w_down, b_down, w_up, b_up,
+            scaling=scaling, adapter_ln_weight=ln_w, adapter_ln_bias=ln_b, ln_eps=layer_norm.eps,
             adapter_ln_eps=self.adapter_ln_eps, activation=self.activation,
             original_ln_before=self.original_ln_before, residual_before_ln=self.residual_before_ln,
             dropout_p=self.dropout, training=self.training)
 
+    def _tensors(self):
+        """(w_down, b_down, w_up, b_up, scaling, adapter_norm weight, bias): this adapter's own, or
+        when shared across layers, those it forms from the shared ones."""
+        if self._ampfuse_share is not None:
+            t = shared.tensors(self)
+            return (t["down.weight"], t["down.bias"], t["up.weight"], t["up.bias"], t.get("scaling", self.scaling),
+                    t.get("adapter_norm.weight"), t.get("adapter_norm.bias"))
+        norm = self.adapter_norm
+        return (self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scaling,
+                None if norm is None else norm.weight, None if norm is None else norm.bias)
+
     def extra_repr(self) -> str:
-        scaling = self.scaling if isinstance(self.scaling, float) else f"learned{tuple(self.scaling.shape)}"
+        scaling = self.scaling if not isinstance(self.scaling, torch.Tensor) else f"learned{tuple(self.scaling.shape)}"
         return (f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
                 f"activation={self.activation}, original_ln_before={self.original_ln_before}, "
-                f"residual_before_ln={self.residual_before_ln}, scaling={scaling}, dropout={self.dropout}")
+                f"residual_before_ln={self.residual_before_ln}, scaling={scaling}, dropout={self.dropout}"
+                + shared.describe(self))

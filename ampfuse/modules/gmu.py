@@ -8,6 +8,7 @@ from torch import nn
 from ..context import modality_tensors, record
 from ..ops.activations import canonical
 from ..ops.gmu import FORMS, GATES, gmu_adapter, gmu_adapter_reference
+from . import shared
 
 
 class GMUAdapter(nn.Module):
@@ -19,8 +20,11 @@ class GMUAdapter(nn.Module):
     modality) or "softmax"; ``form``: "direct" (gate the activated projections) or "gmu" (gate
     tanh(V a_j)). ``zero_init_up`` makes the adapter start as the identity. Set ``track_gates =
     True`` to keep the latest gate statistics in ``gate_stats`` (computed with the reference, so it
-    costs an extra pass).
+    costs an extra pass). Shared across layers (``MultimodalConfig(share="layers")``, made by
+    ampfuse.modules.shared.share), it computes with the shared weights plus its own low-rank parts.
     """
+
+    _ampfuse_share = None  # a shared.Link once shared across layers
 
     def __init__(self, hidden_size: int, modality_sizes: dict, bottleneck_size: int = 64, *,
                  activation: str = "relu", gate: str = "auto", form: str = "direct", stream_ln: bool = True,
@@ -59,7 +63,26 @@ class GMUAdapter(nn.Module):
         self.track_gates = False
         self.gate_stats = None
 
+    def shared_matrices(self):
+        """The parameters shared across layers as W + U_l V_l^T (stacks of matrices for the gates;
+        the rest are vectors)."""
+        return ([f"stream_down.{j}.weight" for j in range(len(self.stream_down))] + ["gate_weight", "up.weight"]
+                + (["gmu_weight"] if self.form == "gmu" else []))
+
+    def modality_aliases(self):
+        """{parameter: the parameter it shares} that makes modality streams of equal width share the
+        first one's projection and LayerNorm (MultimodalConfig(share="layers+modalities"))."""
+        first, aliases = {}, {}
+        for j, linear in enumerate(self.stream_down):
+            i = first.setdefault(linear.in_features, j) if j else 0  # the text stream (0) shares nothing
+            if i != j:
+                aliases.update({f"{part}.{j}.{attr}": f"{part}.{i}.{attr}" for part in ("stream_down", "stream_norm")
+                                for attr in ("weight", "bias")})
+        return aliases
+
     def _args(self):
+        if self._ampfuse_share is not None:
+            return self._shared_args(shared.tensors(self))
         norms = self.stream_norm
         return dict(
             stream_w=[lin.weight for lin in self.stream_down], stream_b=[lin.bias for lin in self.stream_down],
@@ -67,6 +90,17 @@ class GMUAdapter(nn.Module):
             gmu_w=self.gmu_weight, stream_ln_w=None if norms is None else [n.weight for n in norms],
             stream_ln_b=None if norms is None else [n.bias for n in norms], scaling=self.scaling,
             activation=self.activation, gate=self.gate)
+
+    def _shared_args(self, t):
+        """_args from the tensors a sharing adapter forms (keyed by an unshared adapter's parameter names)."""
+        streams, norms = range(len(self.stream_down)), self.stream_norm is not None
+        return dict(
+            stream_w=[t[f"stream_down.{j}.weight"] for j in streams],
+            stream_b=[t[f"stream_down.{j}.bias"] for j in streams], gate_w=t["gate_weight"],
+            gate_b=t["gate_bias"], w_up=t["up.weight"], b_up=t["up.bias"],
+            gmu_w=t.get("gmu_weight"), stream_ln_w=[t[f"stream_norm.{j}.weight"] for j in streams] if norms else None,
+            stream_ln_b=[t[f"stream_norm.{j}.bias"] for j in streams] if norms else None,
+            scaling=t.get("scaling", self.scaling), activation=self.activation, gate=self.gate)
 
     def forward(self, h: torch.Tensor, r: torch.Tensor, layer_norm: nn.LayerNorm) -> torch.Tensor:
         # h and r as they come (autocast: a 16-bit h, an fp32 r): the op runs that mix natively
