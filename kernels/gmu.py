@@ -218,21 +218,21 @@ def _vec(ptr, offs, mask):
 
 
 @triton.jit
-def _scale_chunk(params, cols, col_mask, SCALE_MODE: tl.constexpr):
+def _scale_chunk(shared, cols, col_mask, SCALE_MODE: tl.constexpr):
     """The scaling s at ``cols`` as an fp32 vector, whatever its kind."""
     if SCALE_MODE == SCALE_FLOAT:
-        s = tl.where(col_mask, params.scale_value, 0.0)
+        s = tl.where(col_mask, shared.scale_value, 0.0)
     elif SCALE_MODE == SCALE_SCALAR:
-        s = tl.where(col_mask, tl.load(params.scale).to(tl.float32), 0.0)
+        s = tl.where(col_mask, tl.load(shared.scale).to(tl.float32), 0.0)
     else:
-        s = _vec(params.scale, cols, col_mask)
+        s = _vec(shared.scale, cols, col_mask)
     return s
 
 
 @triton.jit
-def _w_up_t(params, cols, col_mask, kk, k_mask, K):
+def _w_up_t(shared, cols, col_mask, kk, k_mask, K):
     """W_up^T at ``cols``: [BLOCK_K, BLOCK_D] in W_up's dtype."""
-    return tl.load(params.w_up + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    return tl.load(shared.w_up + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -287,7 +287,7 @@ def _gmu_block(gmu_w, j, kk, k_mask, K):
 
 
 @triton.jit
-def _logit(acts, params, weights, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
+def _logit(acts, shared, weights, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
     """Gate logits of stream j (a constexpr or a loop index): sum_i a_i G_{j,i}^T + g_j; 0 for the sigmoid
     gate's second stream. ``acts``: the S activation tiles, ``weights``: WEIGHTS, both in the operand dtype."""
     l = tl.zeros(acts[0].shape, dtype=tl.float32)
@@ -295,7 +295,7 @@ def _logit(acts, params, weights, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION
         for i in tl.static_range(CFG.S):
             g = _gate_block(weights, j, i, kk, k_mask, K, CFG.S)
             l = tl.dot(acts[i], tl.trans(g), acc=l, input_precision=PRECISION)
-        l += _vec(params.gate_b, j * K + kk, k_mask)[None, :]
+        l += _vec(shared.gate_b, j * K + kk, k_mask)[None, :]
     return l
 
 
@@ -398,7 +398,8 @@ def _sample_projections(streams, consts, tile, B, D, K, kk, k_mask, eps, op, CFG
 @triton.jit
 def gmu_prep_kernel(
     streams,                # Streams
-    params,                 # Params
+    shared,                 # Params (never named `params`: Triton's launcher binds arguments in a generated
+                            # function whose local `params` would replace it; compile_report caught it)
     consts,                 # out: the CONSTS buffer
     weights,                # out: the WEIGHTS buffer
     B, K,
@@ -423,20 +424,20 @@ def gmu_prep_kernel(
     if pid < CFG.SG:  # gate pid's weights, in the operand dtype
         for i in tl.static_range(CFG.S):
             offs = pid * K * CFG.S * K + kk[:, None] * (CFG.S * K) + i * K + kk[None, :]
-            tl.store(weights + offs, _gate_block(params.gate_w, pid, i, kk, k_mask, K, CFG.S).to(op.dtype),
+            tl.store(weights + offs, _gate_block(shared.gate_w, pid, i, kk, k_mask, K, CFG.S).to(op.dtype),
                      mask=mask)
     if CFG.GMU_FORM:
         if pid < CFG.S:
             offs = CFG.SG * K * CFG.S * K + pid * K * K + kk[:, None] * K + kk[None, :]
-            tl.store(weights + offs, _gmu_block(params.gmu_w, pid, kk, k_mask, K).to(op.dtype), mask=mask)
+            tl.store(weights + offs, _gmu_block(shared.gmu_w, pid, kk, k_mask, K).to(op.dtype), mask=mask)
     if pid == 0:
         asum = tl.zeros([BLOCK_K], dtype=tl.float32)
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            sc = _scale_chunk(params, cols, col_mask, CFG.SCALE_MODE)
+            sc = _scale_chunk(shared, cols, col_mask, CFG.SCALE_MODE)
             tl.store(consts + cols, sc, mask=col_mask)
-            asum += tl.sum(_load_tile(params.w_up, cols, col_mask, kk, k_mask, K) * sc[:, None], axis=0)
+            asum += tl.sum(_load_tile(shared.w_up, cols, col_mask, kk, k_mask, K) * sc[:, None], axis=0)
         tl.store(_asum(consts, D, K, CFG.S) + kk, asum, mask=k_mask)
     if CFG.N_PS > 0:
         if (pid >= CFG.S) & (pid < CFG.S + tl.cdiv(B, BLOCK_M)):
@@ -487,11 +488,11 @@ def _stream_pass(streams, j: tl.constexpr, consts, rows, row_mask, kk, k_mask, K
 
 
 @triton.jit
-def _output_chunk(x_ptr, r_ptr, params, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
+def _output_chunk(x_ptr, r_ptr, shared, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
                   FUSE_LN: tl.constexpr, PRECISION: tl.constexpr):
     """o = x + s v (+ r under FUSE_LN) of one chunk, fp32, with v = fused W_up^T + b_up."""
-    v = tl.dot(fused_op, _w_up_t(params, cols, col_mask, kk, k_mask, K).to(fused_op.dtype), input_precision=PRECISION)
-    v += _vec(params.b_up, cols, col_mask)[None, :]
+    v = tl.dot(fused_op, _w_up_t(shared, cols, col_mask, kk, k_mask, K).to(fused_op.dtype), input_precision=PRECISION)
+    v += _vec(shared.b_up, cols, col_mask)[None, :]
     o = _load_tile(x_ptr, rows, row_mask, cols, col_mask, D) + v * _vec(consts, cols, col_mask)[None, :]
     if FUSE_LN:
         o += _load_tile(r_ptr, rows, row_mask, cols, col_mask, D)
@@ -499,14 +500,14 @@ def _output_chunk(x_ptr, r_ptr, params, consts, fused_op, rows, row_mask, cols, 
 
 
 @triton.jit
-def _gate_forward(acts, params, weights, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
+def _gate_forward(acts, shared, weights, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.constexpr):
     """(fused, lse): fused = sum_j softmax_j(l) h_j by an online softmax over the streams (no S logit tiles
     held at once), lse the log-sum-exp of the logits (backward recomputes each softmax weight from it)."""
     m = tl.full(acts[0].shape, float("-inf"), dtype=tl.float32)
     den = tl.zeros(acts[0].shape, dtype=tl.float32)
     num = tl.zeros(acts[0].shape, dtype=tl.float32)
     for j in range(0, CFG.S):
-        l = _logit(acts, params, weights, j, kk, k_mask, K, CFG, PRECISION)
+        l = _logit(acts, shared, weights, j, kk, k_mask, K, CFG, PRECISION)
         h = _gated(_select(acts, j, CFG.S), weights, j, kk, k_mask, K, CFG, PRECISION)
         m_new = tl.maximum(m, l)
         alpha = tl.exp(m - m_new)
@@ -520,7 +521,7 @@ def _gate_forward(acts, params, weights, kk, k_mask, K, CFG: tl.constexpr, PRECI
 @triton.jit
 def gmu_fwd_kernel(
     streams,                # Streams
-    params,                 # Params
+    shared,                 # Params
     r_ptr,                  # (N, D) residual, read when FUSE_LN (dtype may differ from x's: autocast)
     y_ptr,                  # out (N, D): x's dtype, or that of x + r under FUSE_LN
     bufs,                   # Buffers: consts (gmu_prep_kernel's); out when SAVE: saved, fused
@@ -561,7 +562,7 @@ def gmu_fwd_kernel(
         acts = acts + (activation(z, CFG.ACT).to(op.dtype),)
 
     # ---- gate, on chip ----
-    fused, lse = _gate_forward(acts, params, bufs.weights, kk, k_mask, K, CFG, PRECISION)
+    fused, lse = _gate_forward(acts, shared, bufs.weights, kk, k_mask, K, CFG, PRECISION)
     fused_op = fused.to(op.dtype)
     if SAVE:
         tl.store(_plane(bufs.fused, 0, rows, kk, N, K), fused_op, mask=tile_mask)
@@ -577,7 +578,7 @@ def gmu_fwd_kernel(
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            o = _output_chunk(x_ptr, r_ptr, params, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask,
+            o = _output_chunk(x_ptr, r_ptr, shared, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask,
                                   D, K, CFG.FUSE_LN, PRECISION)
             mean_o, m2 = merge_moments(mean_o, m2, o, col_mask, c0, D)
         rstd_o = 1.0 / tl.sqrt(m2 / D + ln_eps)
@@ -589,11 +590,11 @@ def gmu_fwd_kernel(
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        o = _output_chunk(x_ptr, r_ptr, params, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask, D,
+        o = _output_chunk(x_ptr, r_ptr, shared, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask, D,
                               K, CFG.FUSE_LN, PRECISION)
         if CFG.FUSE_LN:
-            o = (o - mean_o[:, None]) * rstd_o[:, None] * _vec(params.ln_weight, cols, col_mask)[None, :] \
-                + _vec(params.ln_bias, cols, col_mask)[None, :]
+            o = (o - mean_o[:, None]) * rstd_o[:, None] * _vec(shared.ln_weight, cols, col_mask)[None, :] \
+                + _vec(shared.ln_bias, cols, col_mask)[None, :]
         _store_tile(y_ptr, o, rows, row_mask, cols, col_mask, D)
 
 
@@ -602,7 +603,7 @@ def gmu_fwd_kernel(
 @triton.jit
 def gmu_bwd_rows_kernel(
     streams,                # Streams
-    params,                 # Params
+    shared,                 # Params
     dy_ptr,                 # (N, D)
     r_ptr,                  # (N, D), read when FUSE_LN
     bufs,                   # Buffers: the forward's consts, saved, fused; out: kgrad, rowgrad
@@ -643,15 +644,15 @@ def gmu_bwd_rows_kernel(
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         s = _vec(consts, cols, col_mask)
-        wut = _w_up_t(params, cols, col_mask, kk, k_mask, K).to(op.dtype)  # W_up^T, loaded once for both uses
+        wut = _w_up_t(shared, cols, col_mask, kk, k_mask, K).to(op.dtype)  # W_up^T, loaded once for both uses
         wp = tl.trans(wut.to(tl.float32) * s[None, :]).to(op.dtype)
         g = _load_tile(dy_ptr, rows, row_mask, cols, col_mask, D)
         if CFG.FUSE_LN:
-            v = tl.dot(fused_op, wut, input_precision=PRECISION) + _vec(params.b_up, cols, col_mask)[None, :]
+            v = tl.dot(fused_op, wut, input_precision=PRECISION) + _vec(shared.b_up, cols, col_mask)[None, :]
             o = _load_tile(x_ptr, rows, row_mask, cols, col_mask, D) + v * s[None, :] \
                 + _load_tile(r_ptr, rows, row_mask, cols, col_mask, D)
             ohat = tl.where(col_mask[None, :], (o - mean_o[:, None]) * rstd_o[:, None], 0.0)
-            g = g * _vec(params.ln_weight, cols, col_mask)[None, :]
+            g = g * _vec(shared.ln_weight, cols, col_mask)[None, :]
             sum_g += tl.sum(g, axis=1)
             sum_go += tl.sum(g * ohat, axis=1)
             xo = tl.dot(ohat.to(op.dtype), wp, acc=xo, input_precision=PRECISION)
@@ -677,7 +678,7 @@ def gmu_bwd_rows_kernel(
     for j in tl.static_range(CFG.S):
         das = das + (tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),)
     for j in range(0, CFG.S):
-        l = _logit(acts, params, bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
+        l = _logit(acts, shared, bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
         h = _gated(_select(acts, j, CFG.S), bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
         dh = dfused * tl.where(tile_mask, tl.exp(l - lse), 0.0)
         if CFG.GMU_FORM:
@@ -756,7 +757,7 @@ def _store_stream_grads(dst, off, width, chunk, cols, col_mask, kk, k_mask, K, m
 
 
 @triton.jit
-def _token_stream_unit(streams, params, j: tl.constexpr, unit, split, dy_ptr, r_ptr, grads, bufs, part, offsets, B,
+def _token_stream_unit(streams, shared, j: tl.constexpr, unit, split, dy_ptr, r_ptr, grads, bufs, part, offsets, B,
                        T, K, tiles_per_split, op, CFG: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
     """Columns of ``unit`` (CHUNKS chunks of BLOCK_D) of token stream j over the split's tiles: d input, the
@@ -823,12 +824,12 @@ def _token_stream_unit(streams, params, j: tl.constexpr, unit, split, dy_ptr, r_
                 lnw = acc_lnw[c]
                 lnb = acc_lnb[c]
                 if CFG.FUSE_LN:
-                    v = tl.dot(fused_op, _w_up_t(params, cols, col_mask, kk, k_mask, K).to(op.dtype),
-                               input_precision=PRECISION) + _vec(params.b_up, cols, col_mask)[None, :]
+                    v = tl.dot(fused_op, _w_up_t(shared, cols, col_mask, kk, k_mask, K).to(op.dtype),
+                               input_precision=PRECISION) + _vec(shared.b_up, cols, col_mask)[None, :]
                     o = x + v * _vec(bufs.consts, cols, col_mask)[None, :] \
                         + _load_tile(r_ptr, rows, row_mask, cols, col_mask, D)
                     ohat = tl.where(col_mask[None, :], (o - mean_o[:, None]) * rstd_o[:, None], 0.0)
-                    g = dy * _vec(params.ln_weight, cols, col_mask)[None, :]
+                    g = dy * _vec(shared.ln_weight, cols, col_mask)[None, :]
                     do = tl.where(col_mask[None, :], (g - mg[:, None] - ohat * mgo[:, None]) * rstd_o[:, None], 0.0)
                     if CFG.LN_GRAD:
                         lnw += tl.sum(dy * ohat, axis=0)
@@ -870,12 +871,12 @@ def _token_stream_unit(streams, params, j: tl.constexpr, unit, split, dy_ptr, r_
             # ds = sum_t do o v = sum_k W_up o (fused^T do)^T + b_up o sum do
             up = row + offsets.up
             s = _vec(bufs.consts, cols, col_mask)
-            wu = _w_up_t(params, cols, col_mask, kk, k_mask, K).to(tl.float32)  # [BLOCK_K, BLOCK_D]
+            wu = _w_up_t(shared, cols, col_mask, kk, k_mask, K).to(tl.float32)  # [BLOCK_K, BLOCK_D]
             tl.store(up + cols[None, :] * K + kk[:, None], acc_dos[c] * s[None, :],
                      mask=k_mask[:, None] & col_mask[None, :])
             tl.store(up + D * K + cols, sum_dos[c] * s, mask=col_mask)
             if CFG.SCALE_MODE != SCALE_FLOAT:  # per channel; a learned scalar sums them afterwards
-                ds = tl.sum(wu * acc_dos[c], axis=0) + _vec(params.b_up, cols, col_mask) * sum_dos[c]
+                ds = tl.sum(wu * acc_dos[c], axis=0) + _vec(shared.b_up, cols, col_mask) * sum_dos[c]
                 tl.store(up + D * K + D + cols, ds, mask=col_mask)
             if CFG.LN_GRAD:
                 tl.store(up + D * K + 2 * D + cols, acc_lnw[c], mask=col_mask)
@@ -986,7 +987,7 @@ class Grads(NamedTuple):
 @triton.jit
 def gmu_bwd_cols_kernel(
     streams,                # Streams
-    params,                 # Params
+    shared,                 # Params
     dy_ptr,                 # (N, D)
     r_ptr,                  # (N, D), read when FUSE_LN
     grads,                  # Grads: out dx (x's dtype), dr (r's), dm_j (the modalities')
@@ -1018,7 +1019,7 @@ def gmu_bwd_cols_kernel(
             chunks = tl.cdiv(streams.widths[j], BLOCK_D)
         if (unit >= start) & (unit < start + chunks):
             if CFG.ALIGNED[j]:
-                _token_stream_unit(streams, params, j, unit - start, split, dy_ptr, r_ptr, grads, bufs, part, offsets,
+                _token_stream_unit(streams, shared, j, unit - start, split, dy_ptr, r_ptr, grads, bufs, part, offsets,
                                    B, T, K, tiles_per_split, op, CFG, PRECISION, BLOCK_M, BLOCK_D, BLOCK_K, CHUNKS)
             elif split == 0:
                 _sample_stream_unit(streams, j, unit - start, grads, bufs, flat, offsets, B, T, K,

@@ -84,3 +84,21 @@ def test_bytes_report_counts_the_adapter_blocks_traffic():
     fp16 = done.stdout.split("mix (")[0]
     assert "forward: activation bytes read or written once per kernel 480 per token; floor 480 (100%" in fp16
     assert "backward: activation bytes read or written once per kernel 1120 per token; floor 800" in fp16
+
+
+def test_no_kernel_argument_shadows_the_launchers_own_names():
+    """Triton's launcher binds a launch's arguments in a generated function (triton.runtime.jit,
+    create_function_from_signature) whose locals include `params` and `options`: a kernel argument of
+    that name is silently replaced by the launcher's dict and the launch fails on a GPU, while the
+    interpreter, which has no launcher, runs it fine (the GMU kernels' `params` did exactly that)."""
+    from ampfuse.kernels import adapter_block, common, fusion, gmu
+
+    reserved = {"params", "specialization", "options", "backend", "specialize_impl", "JITCallable"}
+    found = 0
+    for module in (adapter_block, common, fusion, gmu):
+        for name, fn in vars(module).items():
+            if name.endswith("_kernel") and hasattr(fn, "arg_names"):  # jitted, or interpreted (the tests' CPU)
+                found += 1
+                clashes = reserved & set(fn.arg_names)
+                assert not clashes, f"{module.__name__}.{name} takes {sorted(clashes)}"
+    assert found >= 15
