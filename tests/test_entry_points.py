@@ -66,9 +66,9 @@ def test_demo_exits_0_and_its_redirected_log_is_one_line_per_epoch(tmp_path, min
     assert proc.stderr == ""  # no progress bars, no warnings, no result list
     assert "\x1b" not in proc.stdout and "\r" not in proc.stdout
     epochs = [line for line in proc.stdout.splitlines() if " epoch " in line]
-    assert len(epochs) == 2 * 3, proc.stdout  # three variants, two epochs each
+    assert len(epochs) == 2 * 4, proc.stdout  # four variants, two epochs each
     assert all("train samples/s" in line and "ms of CPU per sample" in line for line in epochs)
     assert proc.stdout.splitlines()[-1].startswith("wrote metrics.json")
     report = json.loads((out / "metrics.json").read_text())
-    assert [r["variant"] for r in report["results"]] == ["text", "gmu", "gmu_fusion"]
+    assert [r["variant"] for r in report["results"]] == ["text", "gmu", "gmu_fusion", "gmu_shared"]
     assert "--train-size 8" in report["command"]

@@ -124,6 +124,8 @@ def test_every_case_runs_in_the_interpreter(tmp_path):
     for name, case in cases.items():
         if "-cuda-" in name and not torch_cuda():
             assert case["status"] == "skipped" and "cuda" in case["detail"], case
+        elif "-triton-bf16" in name and not torch_cuda():  # the interpreter computes bf16 wrongly: refused
+            assert case["status"] == "skipped" and "11584" in case["detail"], case
         else:
             assert case["status"] == "ok", case
             assert set(case["phase_seconds"]) == {"forward", "backward", "train"}
