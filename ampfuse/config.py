@@ -27,7 +27,7 @@ class AdapterConfig:
     non_linearity: relu | gelu | gelu_tanh | silu (swish) | tanh | identity.
     mh_adapter: an adapter after the attention output; output_adapter: after the feed-forward output.
     original_ln_before, residual_before_ln, ln_before, scaling (float | "learned" | "channel"),
-    dropout: as in the adapters library (and DESIGN.md section 2).
+    dropout: as in the adapters library (and docs/design.md section 2).
     init_weights: "bert" | "houlsby" | "lora"; zero_init_up: start as the exact frozen model.
     layers: indices of the layers to adapt (negative counts from the top); None = all.
     trainable_modules: names of base-model modules that stay trainable (e.g. ("classifier",) for a

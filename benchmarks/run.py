@@ -1,6 +1,6 @@
 """ampfuse benchmarks: every backend against the baselines, in one process, with the roofline.
 
-    python -m benchmarks.run --suite adapter        # adapter block, DESIGN.md section 4 sizes
+    python -m benchmarks.run --suite adapter        # adapter block, docs/design.md section 5 sizes
     python -m benchmarks.run --suite all --quick    # small sizes: the CPU smoke CI runs
     python -m benchmarks.run --sizes headline      # the headline shapes, what a GPU session runs
 
@@ -93,7 +93,7 @@ class Rotating:
 def adapter_cases(sizes, device):
     if sizes == "quick":
         return [(256, 96, 16)] if device.type == "cpu" else [(4096, 768, 64)]
-    if sizes == "headline":  # DESIGN.md's headline shape (d=768, k=64) over N
+    if sizes == "headline":  # docs/design.md's headline shape (d=768, k=64) over N
         return [(n, 768, 64) for n in (4096, 16384, 65536)]
     return [(n, d, k) for d in (384, 768, 1024) for k in (16, 64, 256) for n in (1024, 4096, 16384, 65536)]
 
@@ -528,7 +528,7 @@ def main(argv=None):
     p.add_argument("--suite", default="all", choices=[*SUITES, "all"])
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--sizes", default="full", choices=["quick", "headline", "full"],
-                   help="quick: one small size per suite (the CI smoke); headline: DESIGN.md's headline shapes "
+                   help="quick: one small size per suite (the CI smoke); headline: docs/design.md's headline shapes "
                         "(fits a 10-minute GPU lease); full: the whole grid")
     p.add_argument("--quick", action="store_const", dest="sizes", const="quick", help="same as --sizes quick")
     p.add_argument("--device", default="auto")

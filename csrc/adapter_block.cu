@@ -1,4 +1,4 @@
-// Adapter block (DESIGN.md section 2) in CUDA C++.
+// Adapter block (docs/design.md section 2) in CUDA C++.
 //
 // Forward: row tiles per block of 8 warps, LayerNorms a warp per row with the row in registers,
 // the two bottleneck GEMMs on tensor cores (WMMA) for fp16/bf16 (see adapter_block_fwd_kernel).

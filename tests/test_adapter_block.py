@@ -57,7 +57,7 @@ def test_reference_low_precision_tracks_float64(activation, dtype):
 
 
 def test_reference_matches_formula_with_nn_modules():
-    """The reference is DESIGN.md section 2 written with nn.LayerNorm / nn.Linear (Pfeiffer, ln_before)."""
+    """The reference is docs/design.md section 2 written with nn.LayerNorm / nn.Linear (Pfeiffer, ln_before)."""
     torch.manual_seed(0)
     d, k = 16, 4
     base_ln, ada_ln = torch.nn.LayerNorm(d, eps=1e-5).double(), torch.nn.LayerNorm(d).double()

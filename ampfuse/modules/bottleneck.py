@@ -1,4 +1,4 @@
-"""BottleneckAdapter: the parameters of one fused adapter block (DESIGN.md section 2)."""
+"""BottleneckAdapter: the parameters of one fused adapter block (docs/design.md section 2)."""
 
 import math
 from typing import Optional, Union

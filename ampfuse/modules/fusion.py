@@ -1,4 +1,4 @@
-"""FusionLayer: the layer-wise multimodal adaptation gate between BERT layers (DESIGN.md 3b)."""
+"""FusionLayer: the layer-wise multimodal adaptation gate between BERT layers (docs/design.md section 3b)."""
 
 import torch
 from torch import nn
