@@ -91,21 +91,6 @@ def print_parameters():
 
 # ----------------------------------------------------------------------------- cost of forming the weights
 
-def per_call_us(fn, reps):
-    """Median microseconds of fn() over 20 batches, the calling thread's CPU time (as
-    benchmarks/host_overhead.py: the time waiting for a busy machine's CPU is not counted)."""
-    for _ in range(max(3, reps // 20)):
-        fn()
-    batch = max(1, reps // 20)
-    times = []
-    for _ in range(20):
-        start = time.thread_time_ns()
-        for _ in range(batch):
-            fn()
-        times.append((time.thread_time_ns() - start) / batch / 1e3)
-    return statistics.median(times)
-
-
 def interleaved_us(fns, reps):
     """Median microseconds per call of each of ``fns`` (thread CPU time), timed in turns over 20 rounds."""
     batch = max(1, reps // 20)
@@ -181,6 +166,7 @@ def print_cost(reps):
     from ampfuse import backend
     from ampfuse.kernels import runtime
     from ampfuse.modules import shared
+    from benchmarks.host_overhead import per_call_us  # the calling thread's CPU time, as host_overhead reports it
 
     torch.set_num_threads(1)
     x, y = torch.ones(2), torch.ones(2)

@@ -28,10 +28,11 @@ backward, 3 launches
                             scalars below the adapter (algebraic for Pfeiffer and Houlsby, one more
                             pass otherwise). Writes p = f(z) and dz in the operand dtype, and eight
                             row scalars.
-  adapter_bwd_cols_kernel   grid of column chunks x token splits: dh (and dr where it differs),
-                            elementwise from the row scalars, and the weight gradients as GEMMs
-                            over the split's tokens accumulated on chip ([BLOCK_D, k] each), the
-                            d-wide vector gradients as column sums; one fp32 partial per split.
+  adapter_bwd_cols_kernel   grid of column chunks x token splits x bottleneck slices: dh (and dr
+                            where it differs), elementwise from the row scalars, and the weight
+                            gradients as GEMMs over the split's tokens accumulated on chip
+                            ([BLOCK_KS, BLOCK_D] each: a slice of at most 128 of the k columns),
+                            the d-wide vector gradients as column sums; one fp32 partial per split.
   reduce_partials_kernel    sums the splits in a fixed order (deterministic), casting to the
                             parameters' dtype.
 """
@@ -607,12 +608,19 @@ def adapter_bwd_cols_kernel(
     DR_IS_DH: tl.constexpr,         # Pfeiffer placement, h and r of one dtype: dr equals dh, written once
     LN_GRAD: tl.constexpr,          # the frozen LayerNorm's parameters want gradients
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,         # the bottleneck columns a program accumulates weight gradients for
 ):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     split = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
+    # Grid axis 2 slices the bottleneck for the weight-gradient accumulators alone (k = 256: two
+    # [256, BLOCK_D] fp32 tiles do not fit the registers). Every slice recomputes the chunk's elementwise
+    # backward, which needs all of k; the first slice alone writes dh, dr and the vector gradients.
+    ks = tl.program_id(2) * BLOCK_KS + tl.arange(0, BLOCK_KS)
+    ks_mask = ks < K
+    first_slice = tl.program_id(2) == 0
     # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
     if h_ptr.dtype.element_ty == tl.float32:
         op = r_ptr.dtype.element_ty
@@ -622,9 +630,9 @@ def adapter_bwd_cols_kernel(
     s = _vec(consts, VEC_S, cols, col_mask, D)
     wd_op = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                     other=0.0).to(op)
-    acc_wu = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # dW_up[cols, :]^T = p^T dv
-    acc_wd = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # dW_down[:, cols] = dz^T an
-    acc_bd = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_wu = tl.zeros([BLOCK_KS, BLOCK_D], dtype=tl.float32)  # dW_up[cols, ks]^T = p[:, ks]^T dv
+    acc_wd = tl.zeros([BLOCK_KS, BLOCK_D], dtype=tl.float32)  # dW_down[ks, cols] = dz[:, ks]^T an
+    acc_bd = tl.zeros([BLOCK_KS], dtype=tl.float32)
     acc_bu = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_lnw = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -639,6 +647,12 @@ def adapter_bwd_cols_kernel(
         pd = pd_ptr + rows[:, None] * (2 * K) + kk[None, :]
         p_op = tl.load(pd, mask=tile_mask, other=0.0)
         dz_op = tl.load(pd + K, mask=tile_mask, other=0.0)
+        if BLOCK_KS == BLOCK_K:
+            p_ks, dz_ks = p_op, dz_op
+        else:  # the slice's columns, read again (cache hits)
+            pd_ks = pd_ptr + rows[:, None] * (2 * K) + ks[None, :]
+            p_ks = tl.load(pd_ks, mask=row_mask[:, None] & ks_mask[None, :], other=0.0)
+            dz_ks = tl.load(pd_ks + K, mask=row_mask[:, None] & ks_mask[None, :], other=0.0)
         _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
         mg, mgo, ma1, ma2, c1, c2 = _row_scalars(rowgrad_ptr, rows, row_mask, M)
         mean_o, rstd_o = _row_scalar(rowgrad_ptr, 6, rows, row_mask, M), _row_scalar(rowgrad_ptr, 7, rows, row_mask, M)
@@ -658,14 +672,14 @@ def adapter_bwd_cols_kernel(
             acc_s += tl.sum(du * v, axis=0)
         dv = du * s[None, :]
         acc_bu += tl.sum(dv, axis=0)
-        acc_wu = tl.dot(tl.trans(p_op), dv.to(op), acc=acc_wu, input_precision=PRECISION)
+        acc_wu = tl.dot(tl.trans(p_ks), dv.to(op), acc=acc_wu, input_precision=PRECISION)
 
         # ---- the down-projection and the LayerNorms below it ----
         da, dan, x1hat, ahat, an = _input_grad(
             h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
             ma1, ma2, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, PRECISION)
-        acc_wd = tl.dot(tl.trans(dz_op), an.to(op), acc=acc_wd, input_precision=PRECISION)
-        acc_bd += tl.sum(dz_op.to(tl.float32), axis=0)
+        acc_wd = tl.dot(tl.trans(dz_ks), an.to(op), acc=acc_wd, input_precision=PRECISION)
+        acc_bd += tl.sum(dz_ks.to(tl.float32), axis=0)
         if LN_BEFORE:
             acc_aw += tl.sum(dan * ahat, axis=0)
             acc_ab += tl.sum(dan, axis=0)
@@ -685,18 +699,19 @@ def adapter_bwd_cols_kernel(
             dh = dx1
         if INPUT_GRAD:
             offs = rows[:, None] * D + cols[None, :]
-            mask = row_mask[:, None] & col_mask[None, :]
+            mask = row_mask[:, None] & col_mask[None, :] & first_slice
             tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
             if not DR_IS_DH:
                 tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
     part = part_ptr + split.to(tl.int64) * (2 * K * D + K + 6 * D)
-    tl.store(part + _grad_offset(G_WU, D, K) + cols[None, :] * K + kk[:, None], acc_wu,
-             mask=k_mask[:, None] & col_mask[None, :])
-    tl.store(part + _grad_offset(G_WD, D, K) + kk[:, None] * D + cols[None, :], acc_wd,
-             mask=k_mask[:, None] & col_mask[None, :])
+    tl.store(part + _grad_offset(G_WU, D, K) + cols[None, :] * K + ks[:, None], acc_wu,
+             mask=ks_mask[:, None] & col_mask[None, :])
+    tl.store(part + _grad_offset(G_WD, D, K) + ks[:, None] * D + cols[None, :], acc_wd,
+             mask=ks_mask[:, None] & col_mask[None, :])
     if tl.program_id(0) == 0:
-        tl.store(part + _grad_offset(G_BD, D, K) + kk, acc_bd, mask=k_mask)
+        tl.store(part + _grad_offset(G_BD, D, K) + ks, acc_bd, mask=ks_mask)
+    col_mask = col_mask & first_slice  # the vector gradients: the first slice's
     tl.store(part + _grad_offset(G_BU, D, K) + cols, acc_bu, mask=col_mask)
     if SCALE_MODE != SCALE_FLOAT:  # per channel; a learned scalar sums them afterwards
         tl.store(part + _grad_offset(G_S, D, K) + cols, acc_s, mask=col_mask)
@@ -816,7 +831,7 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
         dh = runtime.empty_output(h.shape, h.dtype, h.device)
         same = spec.original_ln_before and spec.residual_before_ln and r.dtype == h.dtype
         dr = dh if same else runtime.empty_output(h.shape, r.dtype, h.device)
-    runtime.launch(adapter_bwd_cols_kernel, (cdiv(D, cols["BLOCK_D"]), splits),
+    runtime.launch(adapter_bwd_cols_kernel, (cdiv(D, cols["BLOCK_D"]), splits, cdiv(K, cols["BLOCK_KS"])),
                    dy, h, r, h if dh is None else dh, h if dr is None else dr, saved, pd, rowgrad, part, consts,
                    params.w_down, params.w_up, seed_arg, float(spec.dropout_p), M, D, K, tiles_per_split,
                    SCALE_MODE=SCALE_MODES.index(spec.scale_mode), INPUT_GRAD=input_grad, DR_IS_DH=dr is dh,

@@ -190,6 +190,22 @@ def _row_scalar(buf, planes, i, rows, N, K):
 # ----------------------------------------------------------------------------- shared pieces
 
 @triton.jit
+def _stream_chunk(streams, j: tl.constexpr, cols, col_mask, kk, k_mask, op, STREAM_LN: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Columns ``cols`` of stream j: W_j's [BLOCK_K, BLOCK_D] chunk in the operand dtype, and its LayerNorm's
+    weight and bias (zeros without stream LayerNorms)."""
+    width = streams.widths[j]
+    w = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0).to(op.dtype)
+    lam = tl.zeros([BLOCK_D], dtype=tl.float32)
+    mu = lam
+    if STREAM_LN:
+        lam = _vec(streams.ln_w[j], cols, col_mask)
+        mu = _vec(streams.ln_b[j], cols, col_mask)
+    return w, lam, mu
+
+
+@triton.jit
 def _tile_rows(tile, T, BLOCK_M: tl.constexpr):
     """(b, rows, row_mask) of tile ``tile``: tiles run over samples, ceil(T / BLOCK_M) per sample, so a
     tile's tokens share one sample (a per-sample stream is then one broadcast row)."""
@@ -809,11 +825,7 @@ def _token_stream_unit(streams, shared, j: tl.constexpr, unit, split, dy_ptr, r_
         for c in tl.static_range(CHUNKS):
             cols = col0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
             col_mask = cols < width
-            w_op = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :],
-                           mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(op.dtype)
-            lam = tl.zeros([BLOCK_D], dtype=tl.float32)
-            if CFG.STREAM_LN:
-                lam = _vec(streams.ln_w[j], cols, col_mask)
+            w_op, lam, _mu = _stream_chunk(streams, j, cols, col_mask, kk, k_mask, op, CFG.STREAM_LN, BLOCK_D)
             x = _load_tile(streams.inputs[j], rows, row_mask, cols, col_mask, width)
             dx, xhat = _stream_input_grad(dz_op, x, w_op, lam, mean, rstd, c1, c2, col_mask, CFG.STREAM_LN,
                                           PRECISION)
@@ -857,13 +869,7 @@ def _token_stream_unit(streams, shared, j: tl.constexpr, unit, split, dy_ptr, r_
     for c in tl.static_range(CHUNKS):
         cols = col0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
         col_mask = cols < width
-        w = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                    other=0.0).to(op.dtype)
-        lam = tl.zeros([BLOCK_D], dtype=tl.float32)
-        mu = lam
-        if CFG.STREAM_LN:
-            lam = _vec(streams.ln_w[j], cols, col_mask)
-            mu = _vec(streams.ln_b[j], cols, col_mask)
+        w, lam, mu = _stream_chunk(streams, j, cols, col_mask, kk, k_mask, op, CFG.STREAM_LN, BLOCK_D)
         _store_stream_grads(row, offsets.stream[j], width, unit * CHUNKS + c, cols, col_mask, kk, k_mask, K, ms[c],
                             acc_c, w, lam, mu, CFG.STREAM_LN)
         if j == 0:
@@ -896,13 +902,7 @@ def _sample_stream_unit(streams, j: tl.constexpr, chunk, grads, bufs, flat, offs
     col_mask = cols < width
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
-    w_op = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                   other=0.0).to(op.dtype)
-    lam = tl.zeros([BLOCK_D], dtype=tl.float32)
-    mu = lam
-    if CFG.STREAM_LN:
-        lam = _vec(streams.ln_w[j], cols, col_mask)
-        mu = _vec(streams.ln_b[j], cols, col_mask)
+    w_op, lam, mu = _stream_chunk(streams, j, cols, col_mask, kk, k_mask, op, CFG.STREAM_LN, BLOCK_D)
     fold = _fold(bufs.consts, D, K, j)
     f1 = _vec(fold, kk, k_mask)
     f2 = _vec(fold + K, kk, k_mask)

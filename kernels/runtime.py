@@ -116,15 +116,18 @@ def row_tiles(D, K, dtype, heavy=False):
 @functools.lru_cache(maxsize=None)
 def column_tiles(D, K, dtype):
     """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
-    of BLOCK_M rows, accumulating two [BLOCK_K, BLOCK_D] fp32 weight-gradient tiles on chip. 16 columns:
-    at 32, the fp16 and mixed-dtype variants spill at k = 64 on sm_90 (benchmarks/compile_report). 64 rows
-    at k <= 64; at k = 256 the accumulators alone take 32 registers a thread and even 16 rows spill a
-    few dozen bytes (reported by compile_report, not failed on)."""
+    of BLOCK_M rows, accumulating two [BLOCK_KS, BLOCK_D] fp32 weight-gradient tiles on chip for a slice
+    of BLOCK_KS of the k bottleneck columns (a grid axis runs over the slices). 16 columns: at 32, the
+    fp16 and mixed-dtype variants spill at k = 64 on sm_90 (benchmarks/compile_report). Slices of at most
+    128: at k = 256 two whole [256, 16] accumulators spill even at 16 rows. In the interpreter, slices
+    of 32, so the tests cross a slice boundary at their k = 48."""
     block_k = block_width(K)
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
+        return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, BLOCK_KS=min(block_k, 32),
+                    PRECISION=_precision(dtype))
     rows = 64 if block_k <= 64 and dtype != torch.float32 else 16
-    return dict(BLOCK_M=rows, BLOCK_D=16, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+    return dict(BLOCK_M=rows, BLOCK_D=16, BLOCK_K=block_k, BLOCK_KS=min(block_k, 128), PRECISION=_precision(dtype),
+                num_warps=8)
 
 
 def _interpreter_chunk(D):

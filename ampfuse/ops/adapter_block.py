@@ -8,7 +8,6 @@ LN is the frozen LayerNorm of the BERT sub-layer (ln_weight, ln_bias, ln_eps). D
 probability dropout_p is applied to u in training.
 """
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
+from . import _spec
 from .activations import ACTIVATIONS, canonical
 
 
@@ -31,16 +31,10 @@ class AdapterBlockSpec(NamedTuple):
     adapter_ln_eps: float = 1e-5
     dropout_p: float = 0.0              # 0 outside training
 
-    def encode(self) -> str:
-        """The spec as one string: how torch.compile's custom op carries it."""
-        return "|".join(map(repr, self))
+    encode = _spec.encode  # the spec as one string: how torch.compile's custom op carries it
 
 
-@functools.lru_cache(maxsize=None)
-def _decode(text: str) -> AdapterBlockSpec:
-    import ast
-
-    return AdapterBlockSpec(*map(ast.literal_eval, text.split("|")))
+_decode = _spec.decoder(AdapterBlockSpec)
 
 
 class AdapterParams(NamedTuple):

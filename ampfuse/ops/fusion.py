@@ -10,7 +10,6 @@ For text states x (B, T, d) and token-aligned modalities m (B, T, d_m):
 Reference, spec, autograd and dispatch; the Triton kernels are in kernels/fusion.py.
 """
 
-import functools
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
+from . import _spec
 
 
 def fusion_shift(x, modalities, gate_w, gate_b, proj_w, proj_b):
@@ -45,16 +45,10 @@ class FusionSpec(NamedTuple):
     dropout_p: float = 0.0              # 0 outside training
     operands: str = "float32"           # dtype (torch name) of the tensor-core operands: autocast's, else x's
 
-    def encode(self) -> str:
-        """The spec as one string: how torch.compile's custom op carries it."""
-        return "|".join(map(repr, self))
+    encode = _spec.encode  # the spec as one string: how torch.compile's custom op carries it
 
 
-@functools.lru_cache(maxsize=None)
-def _decode(text: str) -> FusionSpec:
-    import ast
-
-    return FusionSpec(*map(ast.literal_eval, text.split("|")))
+_decode = _spec.decoder(FusionSpec)
 
 
 class FusionParams(NamedTuple):

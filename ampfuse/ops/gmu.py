@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
+from . import _spec
 from .activations import ACTIVATIONS, canonical
 
 GATES = ("sigmoid", "softmax")
@@ -41,16 +42,10 @@ class GMUSpec(NamedTuple):
     stream_ln_eps: float = 1e-5
     ln_eps: float = 1e-12
 
-    def encode(self) -> str:
-        """The spec as one string: how torch.compile's custom op carries it."""
-        return "|".join(map(repr, self))
+    encode = _spec.encode  # the spec as one string: how torch.compile's custom op carries it
 
 
-@functools.lru_cache(maxsize=None)
-def _decode(text: str) -> GMUSpec:
-    import ast
-
-    return GMUSpec(*map(ast.literal_eval, text.split("|")))
+_decode = _spec.decoder(GMUSpec)
 
 
 class GMUParams(NamedTuple):
