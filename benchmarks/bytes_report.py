@@ -35,7 +35,8 @@ class Counter:
 
     def record(self, kind, ptrs, mask, itemsize):
         if self._current is not None:
-            addresses = ptrs.data if mask is None else ptrs.data[mask.data]
+            # the interpreter may hold a mask as int32 (a bool block & a scalar comparison): index with bools
+            addresses = ptrs.data if mask is None else ptrs.data[mask.data.astype(bool)]
             self._current[kind].append((np.asarray(addresses, dtype=np.uint64).ravel(), itemsize))
 
     def launch(self, kernel, grid, *args, **meta):
