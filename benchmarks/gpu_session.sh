@@ -118,7 +118,10 @@ print(int(bool(u.find_spec("xdist"))), int(bool(u.find_spec("pytest_timeout"))),
   # the float64 references (threads spinning against each other cost more than they give), and
   # torch.compile's inductor compiling in its worker rather than in a pool of its own per worker.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
-  PYTEST=("$PY" -m pytest -p no:cacheprovider -v --tb=short -rfE -o junit_family=xunit1)
+  # pyproject.toml's addopts ask for xdist workers (-n auto), which this script chooses itself (and the GPU
+  # machine may lack xdist): replaced here by what else they hold.
+  PYTEST=("$PY" -m pytest -o "addopts=--import-mode=importlib" -p no:cacheprovider -v --tb=short -rfE
+          -o junit_family=xunit1)
   if (( HAS_TIMEOUT )); then PYTEST+=(--timeout "$TEST_TIMEOUT" --timeout-method thread); else
     echo "pytest-timeout is missing: no per-test timeout"; fi
   xdist() { (( HAS_XDIST && $1 > 1 )) && echo "-n $1 --dist $DIST"; }

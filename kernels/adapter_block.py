@@ -37,6 +37,8 @@ backward, 3 launches
                             parameters' dtype.
 """
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
@@ -60,6 +62,19 @@ SAVED_ROWS, ROWGRAD_ROWS = 6, 8
 # (w_down, b_down, w_up, b_up, scale, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias; see
 # _grad_offset); slots of gradients not computed stay unwritten.
 G_WD, G_BD, G_WU, G_BU, G_S, G_LNW, G_LNB, G_AW, G_AB = map(tl.constexpr, range(9))
+
+
+class Flags(NamedTuple):
+    """The static options every adapter-block kernel specialises on, as one tl.constexpr (CFG)."""
+    ORIG_LN_BEFORE: bool        # a = LN(h + r) (Pfeiffer) or a = h (Houlsby)
+    LN_BEFORE: bool             # the adapter's own LayerNorm on a
+    RESIDUAL_BEFORE_LN: bool    # the residual is h + r (else a + r)
+    DROPOUT: bool
+    ACT: int                    # kernels/codes.py ACTIVATIONS
+    SCALE_MODE: int             # kernels/codes.py SCALE_MODES
+    INPUT_GRAD: bool = False    # backward: dh (and dr) wanted
+    DR_IS_DH: bool = False      # backward: Pfeiffer placement, h and r of one dtype: dr equals dh, written once
+    LN_GRAD: bool = False       # backward: the frozen LayerNorm's parameters want gradients
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -123,7 +138,7 @@ def _chunk(ptr, rows, row_mask, cols, col_mask, D):
 
 @triton.jit
 def _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
-            ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr):
+            CFG: tl.constexpr):
     """One chunk of the adapter's inputs, exact given the row statistics it needs:
     (x1 = h + r, x1_hat, a, a_hat, an, residual); padded columns hold 0. Unused ones cost nothing
     (the compiler drops them)."""
@@ -131,17 +146,17 @@ def _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd
     r = _chunk(r_ptr, rows, row_mask, cols, col_mask, D)
     x1 = h + r
     x1hat = tl.where(col_mask[None, :], (x1 - mean1[:, None]) * rstd1[:, None], 0.0)
-    if ORIG_LN_BEFORE:
+    if CFG.ORIG_LN_BEFORE:
         a = x1hat * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :] + _vec(consts, VEC_BETA, cols, col_mask,
                                                                                D)[None, :]
     else:
         a = h
     ahat = tl.where(col_mask[None, :], (a - mean_a[:, None]) * rstd_a[:, None], 0.0)
-    if LN_BEFORE:
+    if CFG.LN_BEFORE:
         an = ahat * _vec(consts, VEC_GA, cols, col_mask, D)[None, :] + _vec(consts, VEC_BA, cols, col_mask, D)[None, :]
     else:
         an = a
-    if RESIDUAL_BEFORE_LN:
+    if CFG.RESIDUAL_BEFORE_LN:
         res = x1
     else:
         res = a + r
@@ -150,13 +165,13 @@ def _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd
 
 @triton.jit
 def _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K, seed_ptr, p_drop,
-              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+              CFG: tl.constexpr, PRECISION: tl.constexpr):
     """(w, v, keep) of one chunk: v = p W_up^T + b_up, w = dropout(s v) (keep: the dropout mask)."""
     wut = tl.load(wu_ptr + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
     v = tl.dot(p_op, wut.to(p_op.dtype), input_precision=PRECISION) + _vec(consts, VEC_BU, cols, col_mask, D)[None, :]
     w = v * _vec(consts, VEC_S, cols, col_mask, D)[None, :]
     keep = w == w  # all kept without dropout
-    if DROPOUT:
+    if CFG.DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), rows[:, None] * D + cols[None, :], p_drop)
         w = tl.where(keep, w / (1.0 - p_drop), 0.0)
     return w, v, keep
@@ -171,14 +186,13 @@ def _scaled_w_up(wu_ptr, consts, cols, col_mask, kk, k_mask, D, K):
 
 @triton.jit
 def _first_chunk_mean(h_ptr, r_ptr, consts, rows, row_mask, D, mean1, rstd1, mean_a, rstd_a,
-                      ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      CFG: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-row mean of the residual's first chunk (x1 in the Pfeiffer placement): the shift that keeps a
     row's common offset out of 16-bit dot operands."""
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
     _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
-                                               mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+                                               mean_a, rstd_a, CFG)
     return tl.sum(res, axis=1) / tl.minimum(D, BLOCK_D)
 
 
@@ -304,18 +318,14 @@ def adapter_fwd_kernel(
     wd_ptr, wu_ptr,                 # W_down (K, D), W_up (D, K)
     seed_ptr, p_drop,               # dropout: Philox seed (int64[1]) and probability
     M, D, K, eps, eps_a,
-    ORIG_LN_BEFORE: tl.constexpr,   # a = LN(h + r) (Pfeiffer) or a = h (Houlsby)
-    LN_BEFORE: tl.constexpr,        # the adapter's own LayerNorm on a
-    RESIDUAL_BEFORE_LN: tl.constexpr,
-    ACT: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    CFG: tl.constexpr,              # Flags (the static options)
     OUT_PASS: tl.constexpr,         # the output moments by an exact pass (dropout, or a k too wide for the Gram tile)
     SAVE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # LN(x1) folded into the down-projection: a itself is then never needed (Pfeiffer placement)
-    FOLD: tl.constexpr = ORIG_LN_BEFORE and RESIDUAL_BEFORE_LN and not LN_BEFORE
+    FOLD: tl.constexpr = CFG.ORIG_LN_BEFORE and CFG.RESIDUAL_BEFORE_LN and not CFG.LN_BEFORE
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     kk = tl.arange(0, BLOCK_K)
@@ -329,29 +339,28 @@ def adapter_fwd_kernel(
     mean1, rstd1, mean_a, rstd_a = zero, zero, zero, zero
 
     # ---- exact statistics a needs: of x1 (when a = LN(x1) is used as is), then of a (adapter LN) ----
-    if ORIG_LN_BEFORE and not FOLD:
+    if CFG.ORIG_LN_BEFORE and not FOLD:
         mean1, m2 = zero, zero
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             x1, _x1hat, _a, _ahat, _an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, zero,
-                                                       zero, zero, zero, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+                                                       zero, zero, zero, CFG)
             mean1, m2 = merge_moments(mean1, m2, x1, col_mask, c0, D)
         rstd1 = 1.0 / tl.sqrt(m2 / D + eps)
-    if LN_BEFORE:
+    if CFG.LN_BEFORE:
         mean_a, m2 = zero, zero
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             _x1, _x1hat, a, _ahat, _an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D,
-                                                       mean1, rstd1, zero, zero, ORIG_LN_BEFORE, LN_BEFORE,
-                                                       RESIDUAL_BEFORE_LN)
+                                                       mean1, rstd1, zero, zero, CFG)
             mean_a, m2 = merge_moments(mean_a, m2, a, col_mask, c0, D)
         rstd_a = 1.0 / tl.sqrt(m2 / D + eps_a)
 
     # ---- down: z, and (without dropout) the residual's moments and its product with W' = s o W_up ----
     shift = _first_chunk_mean(h_ptr, r_ptr, consts, rows, row_mask, D, mean1, rstd1, mean_a, rstd_a,
-                              ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, BLOCK_D)
+                              CFG, BLOCK_D)
     acc_z = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # sum_c (res_c - shift) W'[c, :]
     acc_b = zero  # sum_c (res_c - shift) s_c b_up_c
@@ -360,7 +369,7 @@ def adapter_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         x1, _x1hat, _a, _ahat, an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1,
-                                                 rstd1, mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+                                                 rstd1, mean_a, rstd_a, CFG)
         wd = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                      other=0.0).to(tl.float32)
         res_c = tl.where(col_mask[None, :], res - shift[:, None], 0.0)
@@ -385,7 +394,7 @@ def adapter_fwd_kernel(
         z = rstd1[:, None] * (acc_z + (shift - mean1)[:, None] * f1[None, :]) + f2[None, :]
     else:
         z = acc_z + _kvec(consts, KVEC_BD, kk, k_mask, D, K)[None, :]
-    p = activation(z, ACT)
+    p = activation(z, CFG.ACT)
     p_op = p.to(op)
     if SAVE:
         tl.store(saved_ptr + rows[:, None] * K + kk[None, :], z, mask=row_mask[:, None] & k_mask[None, :])
@@ -397,10 +406,9 @@ def adapter_fwd_kernel(
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D,
-                                                       mean1, rstd1, mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE,
-                                                       RESIDUAL_BEFORE_LN)
+                                                       mean1, rstd1, mean_a, rstd_a, CFG)
             w, _v, _keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
-                                     seed_ptr, p_drop, DROPOUT, PRECISION)
+                                     seed_ptr, p_drop, CFG, PRECISION)
             mean_o, m2 = merge_moments(mean_o, m2, w + res, col_mask, c0, D)
         rstd_o = 1.0 / tl.sqrt(m2 / D + eps)
     else:
@@ -424,10 +432,9 @@ def adapter_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1,
-                                                   rstd1, mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE,
-                                                   RESIDUAL_BEFORE_LN)
+                                                   rstd1, mean_a, rstd_a, CFG)
         w, _v, _keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
-                                 seed_ptr, p_drop, DROPOUT, PRECISION)
+                                 seed_ptr, p_drop, CFG, PRECISION)
         y = ((w + res) - mean_o[:, None]) * rstd_o[:, None] * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :] \
             + _vec(consts, VEC_BETA, cols, col_mask, D)[None, :]
         tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
@@ -447,11 +454,7 @@ def adapter_bwd_rows_kernel(
     consts, wd_ptr, wu_ptr,
     seed_ptr, p_drop,
     M, D, K, eps,
-    ORIG_LN_BEFORE: tl.constexpr,
-    LN_BEFORE: tl.constexpr,
-    RESIDUAL_BEFORE_LN: tl.constexpr,
-    ACT: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    CFG: tl.constexpr,              # Flags (the static options)
     LN_SWEEP: tl.constexpr,         # the LayerNorm below the adapter needs an exact pass (see below)
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -467,7 +470,7 @@ def adapter_bwd_rows_kernel(
         op = h_ptr.dtype.element_ty
     tile_mask = row_mask[:, None] & k_mask[None, :]
     z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
-    p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), ACT).to(op)
+    p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), CFG.ACT).to(op)
     shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
 
     # ---- output LayerNorm: g = dy o gamma, do = rstd_o (g - mean(g) - ohat mean(g ohat)); with
@@ -486,24 +489,23 @@ def adapter_bwd_rows_kernel(
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1,
-                                                   rstd1, mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE,
-                                                   RESIDUAL_BEFORE_LN)
+                                                   rstd1, mean_a, rstd_a, CFG)
         w, _v, keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K, seed_ptr,
-                                p_drop, DROPOUT, PRECISION)
+                                p_drop, CFG, PRECISION)
         mean_o, m2_o = merge_moments(mean_o, m2_o, w + res, col_mask, c0, D)
         oc = tl.where(col_mask[None, :], w + res - shift[:, None], 0.0)
         g = _chunk(dy_ptr, rows, row_mask, cols, col_mask, D) * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
         sum_g += tl.sum(g, axis=1)
         sum_go += tl.sum(g * oc, axis=1)
         wp = _scaled_w_up(wu_ptr, consts, cols, col_mask, kk, k_mask, D, K).to(op)
-        if DROPOUT:
+        if CFG.DROPOUT:
             kappa = tl.where(keep & col_mask[None, :], 1.0 / (1.0 - p_drop), 0.0)
             g = g * kappa
             oc = oc * kappa
             xk = tl.dot(kappa.to(op), wp, acc=xk, input_precision=PRECISION)
         xg = tl.dot(g.to(op), wp, acc=xg, input_precision=PRECISION)
         xo = tl.dot(oc.to(op), wp, acc=xo, input_precision=PRECISION)
-    if not DROPOUT:
+    if not CFG.DROPOUT:
         xk = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + _kvec(consts, KVEC_ASUM, kk, k_mask, D, K)[None, :]
     rstd_o = 1.0 / tl.sqrt(m2_o / D + eps)
     delta = mean_o - shift
@@ -512,7 +514,7 @@ def adapter_bwd_rows_kernel(
     xo = rstd_o[:, None] * (xo - delta[:, None] * xk)
     dp = rstd_o[:, None] * (xg - mg[:, None] * xk - mgo[:, None] * xo)
     z = tl.load(z_ptrs, mask=tile_mask, other=0.0)  # again (a cache hit) rather than held through the sweep
-    dz = dp * activation_grad(z, ACT)
+    dz = dp * activation_grad(z, CFG.ACT)
     pd = pd_ptr + rows[:, None] * (2 * K) + kk[None, :]
     tl.store(pd, p_op, mask=tile_mask)
     tl.store(pd + K, dz.to(op), mask=tile_mask)
@@ -533,16 +535,15 @@ def adapter_bwd_rows_kernel(
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             do = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            if not RESIDUAL_BEFORE_LN:
+            if not CFG.RESIDUAL_BEFORE_LN:
                 do, _dy, _ohat, _v, _keep = _output_grad(
                     dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
-                    mean1, rstd1, mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, ORIG_LN_BEFORE,
-                    LN_BEFORE, RESIDUAL_BEFORE_LN, DROPOUT, PRECISION)
+                    mean1, rstd1, mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, CFG, PRECISION)
             wd_op = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                             other=0.0).to(op)
             da, _dan, x1hat, _ahat, _an = _input_grad(
                 h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a,
-                rstd_a, ma1, ma2, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, PRECISION)
+                rstd_a, ma1, ma2, CFG, PRECISION)
             gda = da * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
             c1 += tl.sum(gda, axis=1)
             c2 += tl.sum(gda * x1hat, axis=1)
@@ -556,14 +557,13 @@ def adapter_bwd_rows_kernel(
 @triton.jit
 def _output_grad(dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
                  mean1, rstd1, mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop,
-                 ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
-                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                 CFG: tl.constexpr, PRECISION: tl.constexpr):
     """One chunk of the output LayerNorm's backward, exact from the row scalars:
     (do: gradient of o, dy, o_hat, v, the dropout mask)."""
     _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
-                                               mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+                                               mean_a, rstd_a, CFG)
     w, v, keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K, seed_ptr, p_drop,
-                           DROPOUT, PRECISION)
+                           CFG, PRECISION)
     ohat = tl.where(col_mask[None, :], (w + res - mean_o[:, None]) * rstd_o[:, None], 0.0)
     dy = _chunk(dy_ptr, rows, row_mask, cols, col_mask, D)
     g = dy * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
@@ -573,21 +573,20 @@ def _output_grad(dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, col
 
 @triton.jit
 def _input_grad(h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a,
-                rstd_a, ma1, ma2, ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr,
-                RESIDUAL_BEFORE_LN: tl.constexpr, PRECISION: tl.constexpr):
+                rstd_a, ma1, ma2, CFG: tl.constexpr, PRECISION: tl.constexpr):
     """One chunk of the gradient below the bottleneck, exact from the row scalars, given do:
     (da: gradient of a, dan: of the adapter's input an, x1_hat, a_hat, an). h and r are read again
     here (cache hits) rather than held through the output's backward."""
     _x1, x1hat, _a, ahat, an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
-                                             mean_a, rstd_a, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN)
+                                             mean_a, rstd_a, CFG)
     dan = tl.dot(dz_op, wd_op, input_precision=PRECISION)
-    if LN_BEFORE:
+    if CFG.LN_BEFORE:
         ga = _vec(consts, VEC_GA, cols, col_mask, D)
         da = tl.where(col_mask[None, :], (dan * ga[None, :] - ma1[:, None] - ahat * ma2[:, None]) * rstd_a[:, None],
                       0.0)
     else:
         da = dan
-    if not RESIDUAL_BEFORE_LN:
+    if not CFG.RESIDUAL_BEFORE_LN:
         da += do
     return da, dan, x1hat, ahat, an
 
@@ -602,11 +601,8 @@ def adapter_bwd_cols_kernel(
     consts, wd_ptr, wu_ptr,
     seed_ptr, p_drop,
     M, D, K, tiles_per_split,
-    ORIG_LN_BEFORE: tl.constexpr, LN_BEFORE: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
-    SCALE_MODE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    INPUT_GRAD: tl.constexpr,       # dh (and dr) wanted
-    DR_IS_DH: tl.constexpr,         # Pfeiffer placement, h and r of one dtype: dr equals dh, written once
-    LN_GRAD: tl.constexpr,          # the frozen LayerNorm's parameters want gradients
+    CFG: tl.constexpr,              # Flags (the static options)
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr,         # the bottleneck columns a program accumulates weight gradients for
 ):
@@ -660,15 +656,14 @@ def adapter_bwd_cols_kernel(
         # ---- the output LayerNorm and the up-projection ----
         do, dy, ohat, v, keep = _output_grad(
             dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K, mean1, rstd1,
-            mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN,
-            DROPOUT, PRECISION)
-        if LN_GRAD:
+            mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, CFG, PRECISION)
+        if CFG.LN_GRAD:
             acc_lnw += tl.sum(dy * ohat, axis=0)
             acc_lnb += tl.sum(dy, axis=0)
         du = do
-        if DROPOUT:
+        if CFG.DROPOUT:
             du = tl.where(keep, do / (1.0 - p_drop), 0.0)
-        if SCALE_MODE != SCALE_FLOAT:
+        if CFG.SCALE_MODE != SCALE_FLOAT:
             acc_s += tl.sum(du * v, axis=0)
         dv = du * s[None, :]
         acc_bu += tl.sum(dv, axis=0)
@@ -677,14 +672,14 @@ def adapter_bwd_cols_kernel(
         # ---- the down-projection and the LayerNorms below it ----
         da, dan, x1hat, ahat, an = _input_grad(
             h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
-            ma1, ma2, ORIG_LN_BEFORE, LN_BEFORE, RESIDUAL_BEFORE_LN, PRECISION)
+            ma1, ma2, CFG, PRECISION)
         acc_wd = tl.dot(tl.trans(dz_ks), an.to(op), acc=acc_wd, input_precision=PRECISION)
         acc_bd += tl.sum(dz_ks.to(tl.float32), axis=0)
-        if LN_BEFORE:
+        if CFG.LN_BEFORE:
             acc_aw += tl.sum(dan * ahat, axis=0)
             acc_ab += tl.sum(dan, axis=0)
-        if ORIG_LN_BEFORE:
-            if LN_GRAD:
+        if CFG.ORIG_LN_BEFORE:
+            if CFG.LN_GRAD:
                 acc_lnw += tl.sum(da * x1hat, axis=0)
                 acc_lnb += tl.sum(da, axis=0)
             dx1 = tl.where(col_mask[None, :], (da * gamma[None, :] - c1[:, None] - x1hat * c2[:, None]) * rstd1[:, None],
@@ -693,15 +688,15 @@ def adapter_bwd_cols_kernel(
         else:
             dx1 = da  # a = h
             dr = do
-        if RESIDUAL_BEFORE_LN:
+        if CFG.RESIDUAL_BEFORE_LN:
             dh = do + dx1
         else:
             dh = dx1
-        if INPUT_GRAD:
+        if CFG.INPUT_GRAD:
             offs = rows[:, None] * D + cols[None, :]
             mask = row_mask[:, None] & col_mask[None, :] & first_slice
             tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
-            if not DR_IS_DH:
+            if not CFG.DR_IS_DH:
                 tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
     part = part_ptr + split.to(tl.int64) * (2 * K * D + K + 6 * D)
@@ -713,12 +708,12 @@ def adapter_bwd_cols_kernel(
         tl.store(part + _grad_offset(G_BD, D, K) + ks, acc_bd, mask=ks_mask)
     col_mask = col_mask & first_slice  # the vector gradients: the first slice's
     tl.store(part + _grad_offset(G_BU, D, K) + cols, acc_bu, mask=col_mask)
-    if SCALE_MODE != SCALE_FLOAT:  # per channel; a learned scalar sums them afterwards
+    if CFG.SCALE_MODE != SCALE_FLOAT:  # per channel; a learned scalar sums them afterwards
         tl.store(part + _grad_offset(G_S, D, K) + cols, acc_s, mask=col_mask)
-    if LN_GRAD:
+    if CFG.LN_GRAD:
         tl.store(part + _grad_offset(G_LNW, D, K) + cols, acc_lnw, mask=col_mask)
         tl.store(part + _grad_offset(G_LNB, D, K) + cols, acc_lnb, mask=col_mask)
-    if LN_BEFORE:
+    if CFG.LN_BEFORE:
         tl.store(part + _grad_offset(G_AW, D, K) + cols, acc_aw, mask=col_mask)
         tl.store(part + _grad_offset(G_AB, D, K) + cols, acc_ab, mask=col_mask)
 
@@ -744,9 +739,9 @@ def operand_dtype(h, r):
     return r.dtype if h.dtype == torch.float32 else h.dtype
 
 
-def _flags(spec):
-    return dict(ORIG_LN_BEFORE=spec.original_ln_before, LN_BEFORE=spec.ln_before,
-                RESIDUAL_BEFORE_LN=spec.residual_before_ln, DROPOUT=spec.dropout_p > 0)
+def _flags(spec, **backward_options):
+    return Flags(spec.original_ln_before, spec.ln_before, spec.residual_before_ln, spec.dropout_p > 0,
+                 ACTIVATIONS.index(spec.activation), SCALE_MODES.index(spec.scale_mode), **backward_options)
 
 
 def cdiv(a, b):
@@ -797,7 +792,7 @@ def forward(spec, h, r, params, seed, save):
                    h, r, y, y if saved is None else saved, consts, params.w_down, params.w_up,
                    h if seed is None else seed, float(spec.dropout_p),
                    M, D, K, float(spec.ln_eps), float(spec.adapter_ln_eps),
-                   SAVE=save, OUT_PASS=out_pass, ACT=ACTIVATIONS.index(spec.activation), **_flags(spec), **cfg)
+                   SAVE=save, OUT_PASS=out_pass, CFG=_flags(spec), **cfg)
     return y, state
 
 
@@ -809,7 +804,6 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
     M = h.numel() // D
     K = params.w_down.shape[0]
     consts, saved = _split_state(state, M, D, K)
-    flags = _flags(spec)
     heavy = spec.ln_before or spec.dropout_p > 0 or h.dtype != r.dtype  # more work per element: narrower tiles
     rows = runtime.row_tiles(D, K, operand_dtype(h, r), heavy)
     pd = runtime.empty_output((M, 2 * K), operand_dtype(h, r), h.device)
@@ -817,8 +811,8 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
     seed_arg = h if seed is None else seed
     runtime.launch(adapter_bwd_rows_kernel, (cdiv(M, rows["BLOCK_M"]),),
                    dy, h, r, saved, pd, rowgrad, consts, params.w_down, params.w_up, seed_arg, float(spec.dropout_p),
-                   M, D, K, float(spec.ln_eps), ACT=ACTIVATIONS.index(spec.activation),
-                   LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **flags, **rows)
+                   M, D, K, float(spec.ln_eps), CFG=_flags(spec),
+                   LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **rows)
 
     cols = runtime.column_tiles(D, K, operand_dtype(h, r))
     tiles = cdiv(M, cols["BLOCK_M"])
@@ -834,9 +828,7 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
     runtime.launch(adapter_bwd_cols_kernel, (cdiv(D, cols["BLOCK_D"]), splits, cdiv(K, cols["BLOCK_KS"])),
                    dy, h, r, h if dh is None else dh, h if dr is None else dr, saved, pd, rowgrad, part, consts,
                    params.w_down, params.w_up, seed_arg, float(spec.dropout_p), M, D, K, tiles_per_split,
-                   SCALE_MODE=SCALE_MODES.index(spec.scale_mode), INPUT_GRAD=input_grad, DR_IS_DH=dr is dh,
-                   LN_GRAD=ln_grad,
-                   **flags, **cols)
+                   CFG=_flags(spec, INPUT_GRAD=input_grad, DR_IS_DH=dr is dh, LN_GRAD=ln_grad), **cols)
     return dh, dr, sum_partials(part, grad_dtype)
 
 
