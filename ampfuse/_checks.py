@@ -35,3 +35,14 @@ def positive(name, value):
     if not float(value) > 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return float(value)
+
+
+def scaling(value, d, device):
+    """An adapter's scaling: a float, or a one-element or (d,) tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        tensor("scaling", value, device=device)
+        if value.numel() != 1 and tuple(value.shape) != (d,):
+            raise ValueError(f"scaling must be a float, a one-element tensor or a ({d},) tensor, "
+                             f"got shape {tuple(value.shape)}")
+    elif not isinstance(value, (int, float)):
+        raise TypeError(f"scaling must be a float or a tensor, got {type(value).__name__}")

@@ -1,4 +1,5 @@
-"""Triton building blocks shared by the fused ops: activations, LayerNorm pieces, dropout.
+"""Triton building blocks shared by the fused ops: activations, streamed LayerNorm moments, dropout,
+the fixed-order sum of split partials.
 
 All arithmetic here is fp32: callers convert loaded tiles with ``.to(tl.float32)`` first, which
 also keeps bf16 out of the Triton interpreter's arithmetic (it stores bf16 as raw bits).
@@ -69,41 +70,6 @@ def activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def load_rows(ptr, rows, row_mask, D, BLOCK: tl.constexpr):
-    """Rows of a (M, D) row-major tensor as a [len(rows), BLOCK] fp32 tile (padding 0), with its
-    offsets, mask, column indices and column mask."""
-    cols = tl.arange(0, BLOCK)
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask, cols, col_mask
-
-
-@triton.jit
-def layer_norm_stats(x, col_mask, D, eps):
-    """Row mean and 1/std of a [BLOCK_M, BLOCK_D] fp32 tile whose padded columns hold 0."""
-    mean = tl.sum(x, axis=1) / D
-    centered = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(centered * centered, axis=1) / D
-    return mean, 1.0 / tl.sqrt(var + eps)
-
-
-@triton.jit
-def normalize(x, mean, rstd, col_mask):
-    """x_hat with padded columns forced to 0 (so row sums over x_hat stay exact)."""
-    return tl.where(col_mask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
-
-
-@triton.jit
-def layer_norm_bwd(dxhat, xhat, rstd, col_mask, D):
-    """dx from dL/dx_hat for x_hat = (x - mean) * rstd; padded columns of both inputs hold 0."""
-    c1 = tl.sum(dxhat, axis=1) / D
-    c2 = tl.sum(dxhat * xhat, axis=1) / D
-    dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-    return tl.where(col_mask[None, :], dx, 0.0)
-
-
-@triton.jit
 def merge_moments(mean, m2, x, col_mask, c0, D):
     """Per-row (mean, M2) of the columns before c0, merged with those of the chunk x ([BLOCK_M,
     BLOCK_D] fp32, columns c0.. of which col_mask marks the real ones): Chan's pairwise update, so a
@@ -121,27 +87,6 @@ def merge_moments(mean, m2, x, col_mask, c0, D):
 def dropout_keep(seed, offsets, p):
     """Keep-mask of inverted dropout: Philox uniform per element index, kept when >= p."""
     return tl.rand(seed, offsets) >= p
-
-
-@triton.jit
-def load_scale(s_ptr, s_value, cols, col_mask, SCALE_MODE: tl.constexpr):
-    """The scaling s as something that broadcasts against a [BLOCK_M, BLOCK_D] tile."""
-    if SCALE_MODE == SCALE_CHANNEL:
-        s = tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    elif SCALE_MODE == SCALE_SCALAR:
-        s = tl.load(s_ptr).to(tl.float32)
-    else:
-        s = s_value
-    return s
-
-
-@triton.jit
-def accumulate_partial(ptrs, value, mask, first):
-    """This program's slice of the partial buffer: store on its first row block, add after."""
-    if first:
-        tl.store(ptrs, value, mask=mask)
-    else:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit

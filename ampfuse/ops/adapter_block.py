@@ -333,13 +333,7 @@ def _explain_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scalin
     _checks.tensor("b_down", b_down, shape=(k,), device=dev)
     _checks.tensor("w_up", w_up, shape=(d, k), device=dev)
     _checks.tensor("b_up", b_up, shape=(d,), device=dev)
-    if isinstance(scaling, Tensor):
-        _checks.tensor("scaling", scaling, device=dev)
-        if scaling.numel() != 1 and tuple(scaling.shape) != (d,):
-            raise ValueError(f"scaling must be a float, a one-element tensor or a ({d},) tensor, "
-                             f"got shape {tuple(scaling.shape)}")
-    elif not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a float or a tensor, got {type(scaling).__name__}")
+    _checks.scaling(scaling, d, dev)
     if (adapter_ln_weight is None) != (adapter_ln_bias is None):
         raise ValueError("adapter_ln_weight and adapter_ln_bias must be given together")
     _checks.optional_tensor("adapter_ln_weight", adapter_ln_weight, shape=(d,), device=dev)

@@ -504,13 +504,7 @@ def _explain_inputs(x, modalities, stream_w, stream_b, gate_w, gate_b, w_up, b_u
     _checks.optional_tensor("gmu_w", gmu_w, shape=(S, k, k), device=dev)
     _checks.tensor("w_up", w_up, shape=(d, k), device=dev)
     _checks.tensor("b_up", b_up, shape=(d,), device=dev)
-    if isinstance(scaling, Tensor):
-        _checks.tensor("scaling", scaling, device=dev)
-        if scaling.numel() != 1 and tuple(scaling.shape) != (d,):
-            raise ValueError(f"scaling must be a float, a one-element tensor or a ({d},) tensor, "
-                             f"got shape {tuple(scaling.shape)}")
-    elif not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a float or a tensor, got {type(scaling).__name__}")
+    _checks.scaling(scaling, d, dev)
     if ln_weight is not None:
         _checks.tensor("r", r, shape=x.shape, device=dev)
         _checks.tensor("ln_weight", ln_weight, shape=(d,), device=dev)
