@@ -85,6 +85,17 @@ def check_adapter_block(tensors, kwargs, backend="triton", tol=None, **op_kwargs
         assert rel_err(g, g64) < tol, (name, rel_err(g, g64))
 
 
+def cuda_kernel_names(fn):
+    """Names of the CUDA kernels the profiler sees while ``fn()`` runs (synchronised): the launch count
+    from the GPU's side, not from ampfuse's own counter."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def float64_copy(tensors):
     """Detached float64 CPU copies (lists of tensors too), requiring grad where the originals do."""
     def copy(t):

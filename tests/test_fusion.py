@@ -290,8 +290,6 @@ def test_torch_compile_fullgraph_equals_eager(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_profiler_counts_kernel_launches(dtype, monkeypatch):
     """On a GPU the profiler, not our own counter, sees 3 kernels forward and 5 backward."""
-    from torch.profiler import ProfilerActivity, profile
-
     monkeypatch.setattr(runtime, "POISON_OUTPUTS", False)  # poisoning is a fill kernel of its own
     tensors = fusion_inputs(B=32, T=128, d=768, widths=(74, 35), dtype=dtype, param_dtype=torch.float32,
                             device="cuda")
@@ -300,18 +298,12 @@ def test_gpu_profiler_counts_kernel_launches(dtype, monkeypatch):
         fusion_layer(**tensors, beta=0.5, backend="triton").backward(dy)
     torch.cuda.synchronize()
 
-    def kernels(fn):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
     y = None
 
     def forward():
         nonlocal y
         y = fusion_layer(**tensors, beta=0.5, backend="triton")
 
-    assert len(kernels(forward)) == 3
-    backward = kernels(lambda: torch.autograd.grad(y, leaves(tensors), dy))
+    assert len(testing.cuda_kernel_names(forward)) == 3
+    backward = testing.cuda_kernel_names(lambda: torch.autograd.grad(y, leaves(tensors), dy))
     assert len(backward) == 5, backward
