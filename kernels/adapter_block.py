@@ -313,8 +313,9 @@ def _a_rows(wu_ptr, s, rows_k, k_mask, cols, col_mask, K):
 def adapter_fwd_kernel(
     h_ptr, r_ptr,                   # (M, D) inputs: dense output h, residual r (dtypes may differ: autocast)
     y_ptr,                          # (M, D) out, in the dtype of h + r
-    saved_ptr,                      # out when SAVE: z (M, K) then SAVED_ROWS rows of M statistics, fp32
-    consts,                         # adapter_constants_kernel's buffer
+    consts,                         # adapter_constants_kernel's buffer, the head of the forward's state
+    saved_offset,                   # where the state's saved part starts: out when SAVE, z (M, K) then
+                                    # SAVED_ROWS rows of M statistics, fp32
     wd_ptr, wu_ptr,                 # W_down (K, D), W_up (D, K)
     seed_ptr, p_drop,               # dropout: Philox seed (int64[1]) and probability
     M, D, K, eps, eps_a,
@@ -326,6 +327,7 @@ def adapter_fwd_kernel(
 ):
     # LN(x1) folded into the down-projection: a itself is then never needed (Pfeiffer placement)
     FOLD: tl.constexpr = CFG.ORIG_LN_BEFORE and CFG.RESIDUAL_BEFORE_LN and not CFG.LN_BEFORE
+    saved_ptr = consts + saved_offset
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     kk = tl.arange(0, BLOCK_K)
@@ -448,10 +450,10 @@ def adapter_fwd_kernel(
 @triton.jit
 def adapter_bwd_rows_kernel(
     dy_ptr, h_ptr, r_ptr,           # (M, D)
-    saved_ptr,                      # the forward's saved buffer
     pd_ptr,                         # out: p and dz, (M, 2K) in the operand dtype
     rowgrad_ptr,                    # out: ROWGRAD_ROWS rows of M row scalars, fp32
-    consts, wd_ptr, wu_ptr,
+    consts, saved_offset,           # the forward's state: its constants, and where its saved part starts
+    wd_ptr, wu_ptr,
     seed_ptr, p_drop,
     M, D, K, eps,
     CFG: tl.constexpr,              # Flags (the static options)
@@ -469,6 +471,7 @@ def adapter_bwd_rows_kernel(
     else:
         op = h_ptr.dtype.element_ty
     tile_mask = row_mask[:, None] & k_mask[None, :]
+    saved_ptr = consts + saved_offset
     z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
     p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), CFG.ACT).to(op)
     shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
@@ -595,10 +598,10 @@ def _input_grad(h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, co
 def adapter_bwd_cols_kernel(
     dy_ptr, h_ptr, r_ptr,           # (M, D)
     dh_ptr, dr_ptr,                 # out (INPUT_GRAD): (M, D) in h's and r's dtypes; dr unused when DR_IS_DH
-    saved_ptr,                      # the forward's saved buffer
     pd_ptr, rowgrad_ptr,            # adapter_bwd_rows_kernel's outputs
     part_ptr,                       # out: (splits, T) fp32 partial gradients, placed by GRAD_SLOTS
-    consts, wd_ptr, wu_ptr,
+    consts, saved_offset,           # the forward's state: its constants, and where its saved part starts
+    wd_ptr, wu_ptr,
     seed_ptr, p_drop,
     M, D, K, tiles_per_split,
     CFG: tl.constexpr,              # Flags (the static options)
@@ -649,7 +652,7 @@ def adapter_bwd_cols_kernel(
             pd_ks = pd_ptr + rows[:, None] * (2 * K) + ks[None, :]
             p_ks = tl.load(pd_ks, mask=row_mask[:, None] & ks_mask[None, :], other=0.0)
             dz_ks = tl.load(pd_ks + K, mask=row_mask[:, None] & ks_mask[None, :], other=0.0)
-        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
+        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(consts + saved_offset + M * K, rows, row_mask, M)
         mg, mgo, ma1, ma2, c1, c2 = _row_scalars(rowgrad_ptr, rows, row_mask, M)
         mean_o, rstd_o = _row_scalar(rowgrad_ptr, 6, rows, row_mask, M), _row_scalar(rowgrad_ptr, 7, rows, row_mask, M)
 
@@ -728,9 +731,12 @@ def dropout_mask_kernel(seed_ptr, keep_ptr, numel, p_drop, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- launchers
 
-import torch  # noqa: E402  (below the kernels: they need only triton)
+import functools  # noqa: E402  (below the kernels: they need only triton)
+
+import torch  # noqa: E402
 
 from . import runtime  # noqa: E402
+from .runtime import cdiv  # noqa: E402
 from .codes import ACTIVATIONS, SCALE_MODES  # noqa: E402
 
 
@@ -739,24 +745,22 @@ def operand_dtype(h, r):
     return r.dtype if h.dtype == torch.float32 else h.dtype
 
 
+@functools.lru_cache(maxsize=None)
 def _flags(spec, **backward_options):
     return Flags(spec.original_ln_before, spec.ln_before, spec.residual_before_ln, spec.dropout_p > 0,
                  ACTIVATIONS.index(spec.activation), SCALE_MODES.index(spec.scale_mode), **backward_options)
 
 
-def cdiv(a, b):
-    return -(-a // b)
+def saved_offset(D, K):
+    """Where the saved part of the forward's fp32 state starts: after the constants (6 D + 5 K + K K + 2),
+    rounded up to 32 elements, so that the saved rows start 128-byte aligned (the kernels take the offset,
+    not a second tensor: no view to make on every call)."""
+    return -(-(6 * D + 5 * K + K * K + 2) // 32) * 32
 
 
 def state_size(M, D, K, save):
     """Length of the forward's fp32 state: the constants, then (for backward) z and the row statistics."""
-    return 6 * D + 5 * K + K * K + 2 + (M * K + SAVED_ROWS * M if save else 0)
-
-
-def _split_state(state, M, D, K):
-    """(constants, saved or None) views of the forward's state."""
-    n = state_size(M, D, K, False)
-    return (state, None) if state.numel() == n else (state[:n], state[n:])
+    return saved_offset(D, K) + (M * K + SAVED_ROWS * M if save else 0)
 
 
 def constants(spec, params, consts, D, K, gram):
@@ -785,11 +789,10 @@ def forward(spec, h, r, params, seed, save):
     cfg = runtime.row_tiles(D, K, operand_dtype(h, r))
     out_pass = spec.dropout_p > 0 or cfg["BLOCK_K"] > 64  # a [k, k] fp32 Gram operand beyond 16 KiB: no
     state = runtime.empty_output((state_size(M, D, K, save),), torch.float32, h.device)
-    consts, saved = _split_state(state, M, D, K)
-    constants(spec, params, consts, D, K, gram=not out_pass)
+    constants(spec, params, state, D, K, gram=not out_pass)
     y = runtime.empty_output(h.shape, torch.promote_types(h.dtype, r.dtype), h.device)
     runtime.launch(adapter_fwd_kernel, (cdiv(M, cfg["BLOCK_M"]),),
-                   h, r, y, y if saved is None else saved, consts, params.w_down, params.w_up,
+                   h, r, y, state, saved_offset(D, K), params.w_down, params.w_up,
                    h if seed is None else seed, float(spec.dropout_p),
                    M, D, K, float(spec.ln_eps), float(spec.adapter_ln_eps),
                    SAVE=save, OUT_PASS=out_pass, CFG=_flags(spec), **cfg)
@@ -803,14 +806,14 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
     D = h.shape[-1]
     M = h.numel() // D
     K = params.w_down.shape[0]
-    consts, saved = _split_state(state, M, D, K)
     heavy = spec.ln_before or spec.dropout_p > 0 or h.dtype != r.dtype  # more work per element: narrower tiles
     rows = runtime.row_tiles(D, K, operand_dtype(h, r), heavy)
     pd = runtime.empty_output((M, 2 * K), operand_dtype(h, r), h.device)
     rowgrad = runtime.empty_output((ROWGRAD_ROWS, M), torch.float32, h.device)
     seed_arg = h if seed is None else seed
     runtime.launch(adapter_bwd_rows_kernel, (cdiv(M, rows["BLOCK_M"]),),
-                   dy, h, r, saved, pd, rowgrad, consts, params.w_down, params.w_up, seed_arg, float(spec.dropout_p),
+                   dy, h, r, pd, rowgrad, state, saved_offset(D, K), params.w_down, params.w_up, seed_arg,
+                   float(spec.dropout_p),
                    M, D, K, float(spec.ln_eps), CFG=_flags(spec),
                    LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **rows)
 
@@ -826,8 +829,9 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
         same = spec.original_ln_before and spec.residual_before_ln and r.dtype == h.dtype
         dr = dh if same else runtime.empty_output(h.shape, r.dtype, h.device)
     runtime.launch(adapter_bwd_cols_kernel, (cdiv(D, cols["BLOCK_D"]), splits, cdiv(K, cols["BLOCK_KS"])),
-                   dy, h, r, h if dh is None else dh, h if dr is None else dr, saved, pd, rowgrad, part, consts,
-                   params.w_down, params.w_up, seed_arg, float(spec.dropout_p), M, D, K, tiles_per_split,
+                   dy, h, r, h if dh is None else dh, h if dr is None else dr, pd, rowgrad, part, state,
+                   saved_offset(D, K), params.w_down, params.w_up, seed_arg, float(spec.dropout_p), M, D, K,
+                   tiles_per_split,
                    CFG=_flags(spec, INPUT_GRAD=input_grad, DR_IS_DH=dr is dh, LN_GRAD=ln_grad), **cols)
     return dh, dr, sum_partials(part, grad_dtype)
 
@@ -837,6 +841,6 @@ def dropout_keep_mask(seed, shape, dropout_p):
     numel = int(torch.Size(shape).numel())
     keep = torch.empty(shape, dtype=torch.int8, device=seed.device)
     block = 1024
-    runtime.launch(dropout_mask_kernel, (max(1, triton.cdiv(numel, block)),), seed, keep, numel,
+    runtime.launch(dropout_mask_kernel, (max(1, cdiv(numel, block)),), seed, keep, numel,
                    float(dropout_p), BLOCK=block)
     return keep.bool()

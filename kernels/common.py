@@ -106,5 +106,5 @@ def sum_partials(part, dtype=torch.float32):
     P, T = part.shape
     flat = runtime.empty_output((T,), dtype, part.device)
     block = 1024
-    runtime.launch(reduce_partials_kernel, (triton.cdiv(T, block),), part, flat, P, T, BLOCK_T=block)
+    runtime.launch(reduce_partials_kernel, (runtime.cdiv(T, block),), part, flat, P, T, BLOCK_T=block)
     return flat

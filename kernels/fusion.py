@@ -542,10 +542,7 @@ import functools  # noqa: E402  (below the kernels: they need only triton)
 import torch  # noqa: E402
 
 from . import runtime  # noqa: E402
-
-
-def cdiv(a, b):
-    return -(-a // b)
+from .runtime import cdiv  # noqa: E402
 
 
 def _round16(n):

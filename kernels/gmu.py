@@ -1038,11 +1038,8 @@ import functools  # noqa: E402
 import torch  # noqa: E402  (below the kernels: they need only triton)
 
 from . import runtime  # noqa: E402
+from .runtime import cdiv  # noqa: E402
 from .codes import ACTIVATIONS, SCALE_MODES  # noqa: E402
-
-
-def _cdiv(a, b):
-    return -(-a // b)  # (triton.cdiv is a JIT function: slow on the host)
 
 
 def operand_dtype(x, r):
@@ -1150,7 +1147,7 @@ def forward(spec, x, r, modalities, params, save):
     consts = runtime.empty_output((consts_size(D, K, cfg.S, B, cfg.N_PS),), torch.float32, x.device)
     weights = runtime.empty_output((weights_size(K, cfg.S, cfg.SG, cfg.GMU_FORM),), op, x.device)
     prep = tiles("prep", K, cfg.S, op)
-    programs = cfg.S + (_cdiv(B, prep["BLOCK_M"]) if cfg.N_PS else 0)
+    programs = cfg.S + (cdiv(B, prep["BLOCK_M"]) if cfg.N_PS else 0)
     runtime.launch(gmu_prep_kernel, (programs,), streams, shared, consts, weights, B, K, float(spec.stream_ln_eps),
                    CFG=cfg, **prep)
     y = runtime.empty_output(x.shape, torch.promote_types(x.dtype, r.dtype) if spec.fuse_ln else x.dtype, x.device)
@@ -1160,7 +1157,7 @@ def forward(spec, x, r, modalities, params, save):
                                                              x.device),
                        runtime.empty_output((B * T, K), op, x.device))
     fwd = tiles("fwd", K, cfg.S, op)
-    runtime.launch(gmu_fwd_kernel, (B * _cdiv(T, fwd["BLOCK_M"]),), streams, shared, r, y, bufs, B, T, K,
+    runtime.launch(gmu_fwd_kernel, (B * cdiv(T, fwd["BLOCK_M"]),), streams, shared, r, y, bufs, B, T, K,
                    float(spec.stream_ln_eps), float(spec.ln_eps), CFG=cfg, SAVE=save, **fwd)
     return y, bufs
 
@@ -1177,7 +1174,7 @@ def backward(spec, dy, x, r, modalities, params, bufs, dr_grad, ln_grad, mod_gra
     _, offsets, total = gradient_layout(streams.widths, cfg.ALIGNED, K, spec, ln_grad)
 
     rows = tiles("rows", K, cfg.S, op)
-    row_tiles = _cdiv(T, rows["BLOCK_M"])
+    row_tiles = cdiv(T, rows["BLOCK_M"])
     bufs = Buffers(bufs.consts, bufs.weights, bufs.saved, bufs.fused,
                    runtime.empty_output((kgrad_planes(cfg.N_TOK, cfg.S, cfg.SG, cfg.GMU_FORM), B * T, K), op, x.device),
                    runtime.empty_output((rowgrad_size(B * T, K, cfg.N_TOK, B * row_tiles, cfg.N_PS),), torch.float32,
@@ -1185,12 +1182,12 @@ def backward(spec, dy, x, r, modalities, params, bufs, dr_grad, ln_grad, mod_gra
     runtime.launch(gmu_bwd_rows_kernel, (B * row_tiles,), streams, shared, dy, r, bufs, B, T, K, CFG=cfg, **rows)
 
     cols = tiles("cols", K, cfg.S, op)
-    token_tiles = B * _cdiv(T, cols["BLOCK_M"])
-    units = sum(_cdiv(w, cols["BLOCK_D"] * (cols["CHUNKS"] if a else 1)) for w, a in zip(streams.widths, cfg.ALIGNED))
+    token_tiles = B * cdiv(T, cols["BLOCK_M"])
+    units = sum(cdiv(w, cols["BLOCK_D"] * (cols["CHUNKS"] if a else 1)) for w, a in zip(streams.widths, cfg.ALIGNED))
     units += cfg.SG + cfg.S * cfg.GMU_FORM
     splits = runtime.token_splits(token_tiles, units)
-    tiles_per_split = _cdiv(token_tiles, splits)
-    splits = _cdiv(token_tiles, tiles_per_split)
+    tiles_per_split = cdiv(token_tiles, splits)
+    splits = cdiv(token_tiles, tiles_per_split)
     dx = runtime.empty_output(x.shape, x.dtype, x.device)
     dr = runtime.empty_output(r.shape, r.dtype, r.device) if dr_grad else None
     dms = [runtime.empty_output(m.shape, m.dtype, m.device) if mod_grad else None for m in modalities]
@@ -1200,6 +1197,6 @@ def backward(spec, dy, x, r, modalities, params, bufs, dr_grad, ln_grad, mod_gra
     runtime.launch(gmu_bwd_cols_kernel, (units, splits), streams, shared, dy, r, grads, bufs, part, flat, offsets, B,
                    T, K, tiles_per_split, row_tiles, CFG=cfg, **cols)
     block = 1024
-    runtime.launch(reduce_partials_kernel, (_cdiv(offsets.reduced, block),), part, flat, splits,
+    runtime.launch(reduce_partials_kernel, (cdiv(offsets.reduced, block),), part, flat, splits,
                    offsets.reduced, BLOCK_T=block)
     return dx, dr, dms, flat

@@ -41,6 +41,12 @@ def max_programs(device) -> int:
 DEFAULT_META = {"num_stages": 1}
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints (triton.cdiv is a constexpr function: several microseconds a call
+    on the host, where every launch computes its grid)."""
+    return -(-a // b)
+
+
 def launch(kernel, grid, *args, **meta):
     """kernel[grid](*args, **DEFAULT_META | meta), counted."""
     global launch_count
