@@ -112,19 +112,27 @@ def _implementation(backend):
 _IMPLEMENTATIONS = {}
 
 
-def _gradients(spec, flat, params, d, k, needs):
+# Each parameter's slot in GRAD_SLOTS, in AdapterParams order.
+_SLOT_OF_PARAM = tuple(GRAD_SLOTS.index(name) for name in AdapterParams._fields)
+_SCALE_SLOT = GRAD_SLOTS.index("scale")
+
+
+def _gradients(spec, flat, params, needs):
     """Per-parameter gradients in parameter order: views of ``flat`` (cast only where it is not the
-    parameter's dtype), None where not needed."""
-    slots = dict(zip(GRAD_SLOTS, flat.split([k * d, k, d * k] + [d] * 6)))  # one call for all the views
+    parameter's dtype), None where not needed. The host path of every backward: one split for all the
+    slices, then a view only where a parameter is a matrix (a view costs about a torch.add)."""
+    k, d = params.w_down.shape
+    slots = flat.split_with_sizes((k * d, k, d * k, d, d, d, d, d, d))
     grads = []
-    for name, param, need in zip(AdapterParams._fields, params, needs):
+    for param, need, slot in zip(params, needs, _SLOT_OF_PARAM):
         if not need or param is None:
             grads.append(None)
             continue
-        slot = slots[name]
-        if name == "scale" and spec.scale_mode == "scalar":  # per-channel partials of one scalar
-            slot = slot.sum(dtype=torch.float32)
-        grad = slot.view(param.shape)
+        grad = slots[slot]
+        if param.dim() == 2:
+            grad = grad.view(param.shape)
+        elif slot == _SCALE_SLOT and spec.scale_mode == "scalar":  # per-channel partials of one scalar
+            grad = grad.sum(dtype=torch.float32).view(param.shape)
         grads.append(grad if grad.dtype == param.dtype else grad.to(param.dtype))
     return grads
 
@@ -143,7 +151,7 @@ def _backward(ctx, dy, spec, backend, needs):
     ln_grad = bool(needs[2] or needs[3])  # the frozen LayerNorm's weight or bias
     dh, dr, flat = _implementation(backend).backward(
         spec, dy.contiguous(), h, r, params, seed, state, input_grad, ln_grad, _grad_dtype(spec, params))
-    grads = _gradients(spec, flat, params, h.shape[-1], params.w_down.shape[0], needs[2:])
+    grads = _gradients(spec, flat, params, needs[2:])
     return (dh if needs[0] else None), (dr if needs[1] else None), grads
 
 
@@ -221,7 +229,7 @@ def _op_backward(ctx, dy, _d_state):
     dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), h, r, seed, state, *params, ctx.spec, ctx.backend,
                                               input_grad, ln_grad)
     params = AdapterParams(*params)
-    grads = _gradients(_decode(ctx.spec), flat, params, h.shape[-1], params.w_down.shape[0], needs[3:12])
+    grads = _gradients(_decode(ctx.spec), flat, params, needs[3:12])
     return (dh if needs[0] else None, dr if needs[1] else None, None, *grads, None, None)
 
 

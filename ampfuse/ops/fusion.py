@@ -101,12 +101,16 @@ def _run_backward(spec, dy, x, seed, saved, mods, params, flags):
 def _parameter_grads(flat, params, need_weights, need_ln):
     """Views of the flat buffer per parameter (gradient_layout places them one after another, in
     params.weights() order then ln_weight, ln_bias), cast only where a parameter has another dtype; None
-    where not wanted."""
+    where not wanted. One split for all; a view only for a matrix (a view costs about a torch.add)."""
     tensors = params.weights() + [params.ln_weight, params.ln_bias]
     wanted = [need_weights] * (len(tensors) - 2) + [need_ln] * 2
     pieces = flat.split_with_sizes([t.numel() for t in tensors])
-    return [(g.view(t.shape) if g.dtype == t.dtype else g.view(t.shape).to(t.dtype)) if want else None
-            for g, t, want in zip(pieces, tensors, wanted)]
+    grads = []
+    for grad, param, want in zip(pieces, tensors, wanted):
+        if want and param.dim() != 1:
+            grad = grad.view(param.shape)
+        grads.append((grad if grad.dtype == param.dtype else grad.to(param.dtype)) if want else None)
+    return grads
 
 
 class _FusionFunction(torch.autograd.Function):

@@ -152,13 +152,15 @@ def _grad_dtype(params):
 
 @functools.lru_cache(maxsize=None)
 def _split_plan(entries, total):
-    """(sizes, [(name, piece, shape)]): ``flat.split(sizes)[piece]`` is the gradient ``name`` (the gaps of the
-    layout are pieces of their own), so one split serves every gradient."""
+    """(sizes, [(name, field, index, piece)]): ``flat.split_with_sizes(sizes)[piece]`` is the gradient ``name``
+    of the GMUParams field ``field`` (its element ``index`` for a per-stream tuple, else None); the gaps of
+    the layout are pieces of their own, so one split serves every gradient. Cached: names are parsed once."""
     sizes, picks, at = [], [], 0
     for name, offset, shape in sorted(entries, key=lambda e: e[1]):
         if offset > at:
             sizes.append(offset - at)
-        picks.append((name, len(sizes), shape))
+        field, _, index = name.partition(".")
+        picks.append((name, field, int(index) if index else None, len(sizes)))
         sizes.append(int(torch.Size(shape).numel()))
         at = offset + sizes[-1]
     if total > at:
@@ -171,11 +173,10 @@ def _named_gradients(spec, flat, params, widths, aligned, ln_grad):
     names element 1 of a per-stream tuple. A learned scalar's gradient is the sum of its d partials."""
     entries, _, total = _kernels().gradient_layout(widths, aligned, params.w_up.shape[1], spec, ln_grad)
     sizes, picks = _split_plan(entries, total)
-    pieces = flat.split(sizes)
+    pieces = flat.split_with_sizes(sizes)
     grads = {}
-    for name, piece, shape in picks:
-        base, _, index = name.partition(".")
-        param = getattr(params, base)[int(index)] if index else getattr(params, base)
+    for name, field, index, piece in picks:
+        param = getattr(params, field) if index is None else getattr(params, field)[index]
         grad = pieces[piece]
         if name == "scale" and spec.scale_mode == "scalar":
             grad = grad.sum(dtype=torch.float32)
@@ -204,6 +205,7 @@ def _backward(spec, dy, x, r, modalities, params, bufs, needs, traced=False):
     return dx, dr, dms, _named_gradients(spec, flat, params, widths, aligned, ln_grad)
 
 
+@functools.lru_cache(maxsize=None)
 def _flat_names(S, stream_ln):
     names = [f"stream_w.{j}" for j in range(S)] + [f"stream_b.{j}" for j in range(S)]
     if stream_ln:
