@@ -1,11 +1,13 @@
 """The adapter block op: reference, Triton kernels (interpreter on CPU), custom op, dispatch, bad input."""
 
+import collections
 import itertools
 
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ampfuse
 from ampfuse import BackendUnavailableError
@@ -189,6 +191,44 @@ def test_triton_launch_counts(device):
     before = runtime.launch_count
     y.backward(torch.randn_like(y))
     assert runtime.launch_count - before == 3
+
+
+class _AtenOps(TorchDispatchMode):
+    """Counts the aten operations run inside the ``with`` block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_path_runs_no_aten_kernel_but_allocations_and_views(device, monkeypatch):
+    """The eager host path around the launches (docs/design.md rule 4; benchmarks/host_overhead.py times
+    it): forward allocates y and its state; backward allocates its outputs and scratch, and hands autograd
+    the parameter gradients as slices of the reduced buffer: one split and a view per weight matrix, no
+    copy, cast or reduction (each would be a kernel launch on a GPU, per parameter per layer). Autograd
+    takes the slices themselves as .grad (they share the buffer's storage: no copy there either). Launches
+    stubbed: what the kernels compute is tested above; h alone of the inputs wants a gradient (a leaf h and
+    r sharing one gradient tensor would make autograd copy one of them, which in a model never happens)."""
+    monkeypatch.setattr(runtime, "POISON_OUTPUTS", False)  # poisoning is a fill kernel of its own
+    monkeypatch.setattr(runtime, "launch", lambda *args, **meta: None)
+    tensors, kwargs = testing.adapter_inputs(8, 64, 16, device=device, scale_kind="float")
+    tensors["r"].requires_grad_(False)
+    with _AtenOps() as forward:
+        y = testing.call(adapter_block, tensors, backend="triton", **kwargs)
+    dy = torch.randn_like(y)
+    with _AtenOps() as backward:
+        y.backward(dy)
+    assert set(forward.ops) <= {"empty", "promote_types"} and forward.ops["empty"] == 2, forward.ops
+    # "detach": autograd's own, as it takes each gradient
+    assert set(backward.ops) <= {"empty", "split_with_sizes", "view", "detach"}, backward.ops
+    assert backward.ops["split_with_sizes"] == 1 and backward.ops["view"] == 2, backward.ops
+    storages = {tensors[name].grad.untyped_storage().data_ptr()
+                for name in ("ln_weight", "ln_bias", "w_down", "b_down", "w_up", "b_up")}
+    assert len(storages) == 1
 
 
 def test_pfeiffer_gradient_of_h_and_r_computed_once_stays_safe(device):
