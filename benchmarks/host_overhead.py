@@ -11,12 +11,19 @@ no-grad forward, a training forward (inputs requiring grad) and a forward plus b
 a tiny torch.add and the eager reference of the same op on the same tiny tensors. The launches
 themselves (Triton's own host cost, a few microseconds each) are counted, not timed: a GPU run
 adds them. Targets (issue 12): forward at most 8 torch.adds, forward plus backward at most 30.
+
+A lone ``y.backward(dy)`` pays autograd's entry, which a training step pays once for the whole
+model. So one more row times a step as training runs it: gradients set to None (``zero_grad``), a
+chain of LAYERS calls, each layer with its own parameters and fed the previous layer's output (as
+BERT's layers are), and one backward; it reports the step's time per layer, against the forward
+plus backward target. The first line gives the floor of any op built on an autograd.Function: an
+empty one over the adapter block's tensors, in the same three measures. Each row's unit (the
+torch.add) is measured next to it, since this machine's speed drifts over a run.
 """
 
 import argparse
 import json
 import os
-import statistics
 import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -27,13 +34,16 @@ import torch  # noqa: E402
 from ampfuse import backend  # noqa: E402
 from ampfuse.kernels import runtime  # noqa: E402
 
-TARGETS = {"forward (no grad)": 8, "forward (training)": 8, "forward + backward": 30}
+TARGETS = {"forward (no grad)": 8, "forward (training)": 8, "forward + backward": 30, "step, per layer": 30}
+LAYERS = 12  # BERT-base
 
 
 def per_call_us(fn, reps):
-    """Median microseconds of fn() over ``reps`` calls, in 20 batches after a warm-up. The clock is the
-    calling thread's CPU time: host cost is CPU work, and this clock does not count the time the
-    thread waits while other processes have the CPU (wall time on a shared machine would)."""
+    """Microseconds of one fn() call: ``reps`` calls in 20 batches after a warm-up, the fastest batch's
+    mean. The clock is the calling thread's CPU time: host cost is CPU work, and this clock does not count
+    the time the thread waits while other processes have the CPU (wall time on a shared machine would).
+    The fastest batch, not the median: on a shared machine the same thread CPU time still swings by 2x
+    with the neighbours' load (caches, frequency), and interference only ever adds to it."""
     for _ in range(max(10, reps // 20)):
         fn()
     batch = max(1, reps // 20)
@@ -43,7 +53,7 @@ def per_call_us(fn, reps):
         for _ in range(batch):
             fn()
         times.append((time.thread_time_ns() - start) / batch / 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 def adapter_case():
@@ -103,6 +113,36 @@ def fusion_case():
 
 
 CASES = {"adapter_block": adapter_case, "gmu_adapter": gmu_case, "fusion_layer": fusion_case}
+# The input a layer's output feeds in the next layer of a chain (the rest of a layer's tensors are its own).
+CHAINED = {"adapter_block": ("h", "r"), "gmu_adapter": ("x", "r"), "fusion_layer": ("x",)}
+
+
+def training_step(fn, tensors, chained, dy):
+    """A step of LAYERS chained calls as training runs it (see the module's doc): each layer gets its
+    own copy of the trainable tensors (what requires grad, but the chained inputs), gradients are set
+    to None first, and one backward runs at the end. Returns a function of no arguments."""
+    def own(value):
+        if isinstance(value, list):
+            return [own(v) for v in value]
+        return value.detach().clone().requires_grad_() if value.requires_grad else value
+    layers = [{n: (v if n in chained else own(v)) for n, v in tensors.items()} for _ in range(LAYERS)]
+    leaves = [t for layer in layers for v in layer.values() for t in (v if isinstance(v, list) else [v])
+              if t.requires_grad]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        y = tensors[chained[0]]
+        for layer in layers:
+            y = fn(layer | {n: y for n in chained})
+        y.backward(dy)
+    return step
+
+
+def add_us(reps):
+    """The unit: microseconds of a torch.add of two 2-element tensors."""
+    x, y = torch.ones(2), torch.ones(2)
+    return per_call_us(lambda: torch.add(x, y), reps * 5)
 
 
 def measure(name, reps):
@@ -118,33 +158,42 @@ def measure(name, reps):
 
     for label, make in (("forward (no grad)", lambda f: lambda: _no_grad(f, frozen)),
                         ("forward (training)", lambda f: lambda: f(tensors)),
-                        ("forward + backward", lambda f: lambda: f(tensors).backward(dy))):
-        row = {"op": name, "mode": label, "fused_us": per_call_us(make(fused), reps),
-               "eager_us": per_call_us(make(eager), reps), "launches": launches(make(fused))}
+                        ("forward + backward", lambda f: lambda: f(tensors).backward(dy)),
+                        ("step, per layer", lambda f: training_step(f, tensors, CHAINED[name], dy))):
+        per = LAYERS if label == "step, per layer" else 1
+        row = {"op": name, "mode": label, "add_us": add_us(reps),
+               "fused_us": per_call_us(make(fused), reps // per) / per,
+               "eager_us": per_call_us(make(eager), reps // per) / per, "launches": launches(make(fused)) / per}
         rows.append(row)
     return rows
 
 
-class _Identity(torch.autograd.Function):
-    """The least an autograd.Function costs: save the inputs, return an empty output, pass dy back."""
+class _Empty(torch.autograd.Function):
+    """The least an autograd.Function costs: save the inputs, return an empty output, hand back dy for the
+    first input and an empty gradient for each other one that wants one."""
 
     @staticmethod
-    def forward(ctx, h, *params):
-        ctx.save_for_backward(h, *params)
+    def forward(ctx, h, *tensors):
+        ctx.save_for_backward(h, *tensors)
         return torch.empty_like(h)
 
     @staticmethod
     def backward(ctx, dy):
-        return (dy,) + (None,) * (len(ctx.saved_tensors) - 1)
+        _, *tensors = ctx.saved_tensors
+        return (dy, *(torch.empty_like(t) if need else None for t, need in zip(tensors, ctx.needs_input_grad[1:])))
 
 
 def function_floor_us(reps):
-    """(forward, forward + backward) microseconds of _Identity over the adapter block's twelve tensors."""
+    """Microseconds of _Empty over the adapter block's tensors (h, r and its six parameters): forward,
+    forward + backward, and per layer of a training step."""
     _, _, tensors = adapter_case()
-    h, params = tensors["h"], [t for n, t in tensors.items() if n != "h"] + [tensors["h"]] * 3
-    dy = torch.randn_like(h)
-    return (per_call_us(lambda: _Identity.apply(h, *params), reps),
-            per_call_us(lambda: _Identity.apply(h, *params).backward(dy), reps))
+    names = list(tensors)  # h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up
+
+    def empty_op(t):
+        return _Empty.apply(*(t[n] for n in names))
+    dy = torch.randn_like(tensors["h"])
+    return (per_call_us(lambda: empty_op(tensors), reps), per_call_us(lambda: empty_op(tensors).backward(dy), reps),
+            per_call_us(training_step(empty_op, tensors, CHAINED["adapter_block"], dy), reps // LAYERS) / LAYERS)
 
 
 def _no_grad(fn, tensors):
@@ -161,22 +210,25 @@ def main(argv=None):
     runtime.launch = _stub_launch
     backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors (nothing launches)
     torch.set_num_threads(1)
-    x, y = torch.ones(2), torch.ones(2)
-    add_us = per_call_us(lambda: torch.add(x, y), args.reps * 5)
     rows = [row for name in CASES for row in measure(name, args.reps)]
-    floor_fwd, floor_fwd_bwd = function_floor_us(args.reps)
-    print(f"torch.add of two 2-element tensors: {add_us:.2f} us (the unit below); an empty autograd.Function of "
-          f"12 tensors costs {floor_fwd / add_us:.1f} adds forward, {floor_fwd_bwd / add_us:.1f} forward + backward")
-    print(f"{'op':14} {'mode':20} {'fused us':>9} {'x add':>6} {'target':>7} {'launches':>8} {'eager us':>9}")
+    unit = add_us(args.reps)  # measured next to the floor: the machine's speed drifts over a run
+    floor = function_floor_us(args.reps)
+    print(f"an empty autograd.Function of the adapter block's 8 tensors costs {floor[0] / unit:.1f} torch.adds "
+          f"forward, {floor[1] / unit:.1f} forward + backward, {floor[2] / unit:.1f} per layer of a step "
+          f"(torch.add of two 2-element tensors: {unit:.2f} us)")
+    print(f"{'op':14} {'mode':20} {'add us':>6} {'fused us':>9} {'x add':>6} {'target':>7} {'launches':>8} "
+          f"{'eager us':>9}")
+    print(f"  (step, per layer: {LAYERS} chained calls, zero_grad, one backward; the step's time / {LAYERS})")
     for row in rows:
-        row["adds"] = row["fused_us"] / add_us
+        row["adds"] = row["fused_us"] / row["add_us"]
         row["target_adds"] = TARGETS[row["mode"]]
         flag = "" if row["adds"] <= row["target_adds"] else "  over target"
-        print(f"{row['op']:14} {row['mode']:20} {row['fused_us']:9.1f} {row['adds']:6.1f} {row['target_adds']:>7} "
-              f"{row['launches']:8} {row['eager_us']:9.1f}{flag}")
+        print(f"{row['op']:14} {row['mode']:20} {row['add_us']:6.2f} {row['fused_us']:9.1f} {row['adds']:6.1f} "
+              f"{row['target_adds']:>7} {row['launches']:8g} {row['eager_us']:9.1f}{flag}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch_add_us": add_us, "function_floor_us": [floor_fwd, floor_fwd_bwd],
+            json.dump({"torch_add_us": unit, "function_floor_us": dict(zip(("forward", "forward + backward",
+                                                                           "step, per layer"), floor)),
                    "torch": torch.__version__, "rows": rows}, f, indent=1)
     return rows
 

@@ -71,8 +71,9 @@ def test_host_overhead_benchmark_runs():
     done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--reps", "100"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for mode in ("forward (no grad)", "forward (training)", "forward + backward"):
-        assert f"adapter_block  {mode}" in done.stdout
+    for op in ("adapter_block", "gmu_adapter", "fusion_layer"):
+        for mode in ("forward (no grad)", "forward (training)", "forward + backward", "step, per layer"):
+            assert f"{op:14} {mode}" in done.stdout, (op, mode)
 
 
 def test_bytes_report_counts_the_adapter_blocks_traffic():
