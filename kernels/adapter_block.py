@@ -327,7 +327,11 @@ def adapter_fwd_kernel(
 ):
     # LN(x1) folded into the down-projection: a itself is then never needed (Pfeiffer placement)
     FOLD: tl.constexpr = CFG.ORIG_LN_BEFORE and CFG.RESIDUAL_BEFORE_LN and not CFG.LN_BEFORE
-    saved_ptr = consts + saved_offset
+    # saved_offset is even: "// 2 * 2" tells the compiler the saved part is 8-byte aligned, which it cannot
+    # know from an int argument (sm_90, d = 768, k = 64, bf16: 120 registers and 2 blocks per SM, against 164
+    # without; an offset it knows 16-byte aligned vectorises z's store, and the autocast mix with the adapter
+    # LayerNorm and dropout at k = 256 then spills: benchmarks/compile_report)
+    saved_ptr = consts + saved_offset // 2 * 2
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     kk = tl.arange(0, BLOCK_K)
@@ -471,10 +475,9 @@ def adapter_bwd_rows_kernel(
     else:
         op = h_ptr.dtype.element_ty
     tile_mask = row_mask[:, None] & k_mask[None, :]
-    saved_ptr = consts + saved_offset
-    z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
+    z_ptrs = consts + saved_offset + rows[:, None] * K + kk[None, :]
     p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), CFG.ACT).to(op)
-    shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
+    shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(consts + saved_offset + M * K, rows, row_mask, M)
 
     # ---- output LayerNorm: g = dy o gamma, do = rstd_o (g - mean(g) - ohat mean(g ohat)); with
     # kappa the dropout scale and W' = s o W_up, dp = dv W_up = sum_c kappa_c do_c W'[c, :]
@@ -752,10 +755,10 @@ def _flags(spec, **backward_options):
 
 
 def saved_offset(D, K):
-    """Where the saved part of the forward's fp32 state starts: after the constants (6 D + 5 K + K K + 2),
-    rounded up to 32 elements, so that the saved rows start 128-byte aligned (the kernels take the offset,
-    not a second tensor: no view to make on every call)."""
-    return -(-(6 * D + 5 * K + K * K + 2) // 32) * 32
+    """Where the saved part of the forward's fp32 state starts: right after the constants. The kernels take
+    the offset, not a second tensor (no view to make on every call). Rounded up to even (an 8-byte aligned
+    start; adapter_fwd_kernel says why not more)."""
+    return -(-(6 * D + 5 * K + K * K + 2) // 2) * 2
 
 
 def state_size(M, D, K, save):
