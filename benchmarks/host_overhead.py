@@ -59,11 +59,14 @@ def per_call_us(fn, reps):
 
 
 def adapter_case():
-    """(fused op, eager reference, tensors) of the adapter block, Pfeiffer placement, tiny and on the CPU."""
+    """(fused op, eager reference, tensors) of the adapter block, Pfeiffer placement, tiny and on the CPU. The
+    sub-layer's LayerNorm is frozen, as ampfuse.patch leaves it; the adapter's weights train."""
     from ampfuse import testing
     from ampfuse.ops.adapter_block import adapter_block, adapter_block_reference
 
     tensors, kwargs = testing.adapter_inputs(8, 64, 16, scale_kind="float")
+    tensors["ln_weight"].requires_grad_(False)
+    tensors["ln_bias"].requires_grad_(False)
 
     def call(fn, **options):
         return lambda t: fn(t["h"], t["r"], t["ln_weight"], t["ln_bias"], t["w_down"], t["b_down"], t["w_up"],
