@@ -130,6 +130,17 @@ def _grad_offset(slot, D, K):
 
 
 @triton.jit
+def _saved_part(consts, saved_offset):
+    """The saved part of the forward's state: z (M, K), then SAVED_ROWS rows of M statistics. saved_offset is
+    even, and "// 2 * 2" tells the compiler so: the saved part is 8-byte aligned, which it cannot know from an
+    int argument (sm_90, d = 768, k = 64, bf16: the forward takes 120 registers and 2 blocks per SM with it,
+    164 without; the previous head's 8-byte aligned view gave 144). It must never learn 16-byte alignment
+    (the kernels do not specialise saved_offset): that vectorises the store of z, and the forward in the
+    autocast mix with the adapter LayerNorm and dropout at k = 256 then spills (benchmarks/compile_report)."""
+    return consts + saved_offset // 2 * 2
+
+
+@triton.jit
 def _chunk(ptr, rows, row_mask, cols, col_mask, D):
     """[BLOCK_M, BLOCK_D] fp32 chunk of a (M, D) row-major tensor, 0 outside."""
     mask = row_mask[:, None] & col_mask[None, :]
@@ -309,7 +320,7 @@ def _a_rows(wu_ptr, s, rows_k, k_mask, cols, col_mask, K):
     return wu.to(tl.float32) * s[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["saved_offset"])
 def adapter_fwd_kernel(
     h_ptr, r_ptr,                   # (M, D) inputs: dense output h, residual r (dtypes may differ: autocast)
     y_ptr,                          # (M, D) out, in the dtype of h + r
@@ -327,11 +338,7 @@ def adapter_fwd_kernel(
 ):
     # LN(x1) folded into the down-projection: a itself is then never needed (Pfeiffer placement)
     FOLD: tl.constexpr = CFG.ORIG_LN_BEFORE and CFG.RESIDUAL_BEFORE_LN and not CFG.LN_BEFORE
-    # saved_offset is even: "// 2 * 2" tells the compiler the saved part is 8-byte aligned, which it cannot
-    # know from an int argument (sm_90, d = 768, k = 64, bf16: 120 registers and 2 blocks per SM, against 164
-    # without; an offset it knows 16-byte aligned vectorises z's store, and the autocast mix with the adapter
-    # LayerNorm and dropout at k = 256 then spills: benchmarks/compile_report)
-    saved_ptr = consts + saved_offset // 2 * 2
+    saved_ptr = _saved_part(consts, saved_offset)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     kk = tl.arange(0, BLOCK_K)
@@ -451,7 +458,7 @@ def adapter_fwd_kernel(
 
 # ----------------------------------------------------------------------------- backward
 
-@triton.jit
+@triton.jit(do_not_specialize=["saved_offset"])
 def adapter_bwd_rows_kernel(
     dy_ptr, h_ptr, r_ptr,           # (M, D)
     pd_ptr,                         # out: p and dz, (M, 2K) in the operand dtype
@@ -475,9 +482,10 @@ def adapter_bwd_rows_kernel(
     else:
         op = h_ptr.dtype.element_ty
     tile_mask = row_mask[:, None] & k_mask[None, :]
-    z_ptrs = consts + saved_offset + rows[:, None] * K + kk[None, :]
+    saved_ptr = _saved_part(consts, saved_offset)
+    z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
     p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), CFG.ACT).to(op)
-    shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(consts + saved_offset + M * K, rows, row_mask, M)
+    shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
 
     # ---- output LayerNorm: g = dy o gamma, do = rstd_o (g - mean(g) - ohat mean(g ohat)); with
     # kappa the dropout scale and W' = s o W_up, dp = dv W_up = sum_c kappa_c do_c W'[c, :]
@@ -597,7 +605,7 @@ def _input_grad(h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, co
     return da, dan, x1hat, ahat, an
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["saved_offset"])
 def adapter_bwd_cols_kernel(
     dy_ptr, h_ptr, r_ptr,           # (M, D)
     dh_ptr, dr_ptr,                 # out (INPUT_GRAD): (M, D) in h's and r's dtypes; dr unused when DR_IS_DH
@@ -655,7 +663,8 @@ def adapter_bwd_cols_kernel(
             pd_ks = pd_ptr + rows[:, None] * (2 * K) + ks[None, :]
             p_ks = tl.load(pd_ks, mask=row_mask[:, None] & ks_mask[None, :], other=0.0)
             dz_ks = tl.load(pd_ks + K, mask=row_mask[:, None] & ks_mask[None, :], other=0.0)
-        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(consts + saved_offset + M * K, rows, row_mask, M)
+        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(_saved_part(consts, saved_offset) + M * K, rows,
+                                                                  row_mask, M)
         mg, mgo, ma1, ma2, c1, c2 = _row_scalars(rowgrad_ptr, rows, row_mask, M)
         mean_o, rstd_o = _row_scalar(rowgrad_ptr, 6, rows, row_mask, M), _row_scalar(rowgrad_ptr, 7, rows, row_mask, M)
 
@@ -748,22 +757,27 @@ def operand_dtype(h, r):
     return r.dtype if h.dtype == torch.float32 else h.dtype
 
 
-@functools.lru_cache(maxsize=None)
 def _flags(spec, **backward_options):
-    return Flags(spec.original_ln_before, spec.ln_before, spec.residual_before_ln, spec.dropout_p > 0,
-                 ACTIVATIONS.index(spec.activation), SCALE_MODES.index(spec.scale_mode), **backward_options)
+    return _flags_of(spec.original_ln_before, spec.ln_before, spec.residual_before_ln, spec.dropout_p > 0,
+                     spec.activation, spec.scale_mode, **backward_options)
 
 
-def saved_offset(D, K):
+@functools.lru_cache(maxsize=None)  # keyed on what the kernels specialise on: a handful of entries
+def _flags_of(original_ln_before, ln_before, residual_before_ln, dropout, activation, scale_mode, **backward_options):
+    return Flags(original_ln_before, ln_before, residual_before_ln, dropout, ACTIVATIONS.index(activation),
+                 SCALE_MODES.index(scale_mode), **backward_options)
+
+
+def saved_part_offset(D, K):
     """Where the saved part of the forward's fp32 state starts: right after the constants. The kernels take
     the offset, not a second tensor (no view to make on every call). Rounded up to even (an 8-byte aligned
-    start; adapter_fwd_kernel says why not more)."""
-    return -(-(6 * D + 5 * K + K * K + 2) // 2) * 2
+    start; _saved_part says why not more)."""
+    return cdiv(6 * D + 5 * K + K * K + 2, 2) * 2
 
 
 def state_size(M, D, K, save):
     """Length of the forward's fp32 state: the constants, then (for backward) z and the row statistics."""
-    return saved_offset(D, K) + (M * K + SAVED_ROWS * M if save else 0)
+    return saved_part_offset(D, K) + (M * K + SAVED_ROWS * M if save else 0)
 
 
 def constants(spec, params, consts, D, K, gram):
@@ -795,7 +809,7 @@ def forward(spec, h, r, params, seed, save):
     constants(spec, params, state, D, K, gram=not out_pass)
     y = runtime.empty_output(h.shape, torch.promote_types(h.dtype, r.dtype), h.device)
     runtime.launch(adapter_fwd_kernel, (cdiv(M, cfg["BLOCK_M"]),),
-                   h, r, y, state, saved_offset(D, K), params.w_down, params.w_up,
+                   h, r, y, state, saved_part_offset(D, K), params.w_down, params.w_up,
                    h if seed is None else seed, float(spec.dropout_p),
                    M, D, K, float(spec.ln_eps), float(spec.adapter_ln_eps),
                    SAVE=save, OUT_PASS=out_pass, CFG=_flags(spec), **cfg)
@@ -809,13 +823,14 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
     D = h.shape[-1]
     M = h.numel() // D
     K = params.w_down.shape[0]
+    saved_offset = saved_part_offset(D, K)
     heavy = spec.ln_before or spec.dropout_p > 0 or h.dtype != r.dtype  # more work per element: narrower tiles
     rows = runtime.row_tiles(D, K, operand_dtype(h, r), heavy)
     pd = runtime.empty_output((M, 2 * K), operand_dtype(h, r), h.device)
     rowgrad = runtime.empty_output((ROWGRAD_ROWS, M), torch.float32, h.device)
     seed_arg = h if seed is None else seed
     runtime.launch(adapter_bwd_rows_kernel, (cdiv(M, rows["BLOCK_M"]),),
-                   dy, h, r, pd, rowgrad, state, saved_offset(D, K), params.w_down, params.w_up, seed_arg,
+                   dy, h, r, pd, rowgrad, state, saved_offset, params.w_down, params.w_up, seed_arg,
                    float(spec.dropout_p),
                    M, D, K, float(spec.ln_eps), CFG=_flags(spec),
                    LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **rows)
@@ -833,7 +848,7 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
         dr = dh if same else runtime.empty_output(h.shape, r.dtype, h.device)
     runtime.launch(adapter_bwd_cols_kernel, (cdiv(D, cols["BLOCK_D"]), splits, cdiv(K, cols["BLOCK_KS"])),
                    dy, h, r, h if dh is None else dh, h if dr is None else dr, pd, rowgrad, part, state,
-                   saved_offset(D, K), params.w_down, params.w_up, seed_arg, float(spec.dropout_p), M, D, K,
+                   saved_offset, params.w_down, params.w_up, seed_arg, float(spec.dropout_p), M, D, K,
                    tiles_per_split,
                    CFG=_flags(spec, INPUT_GRAD=input_grad, DR_IS_DH=dr is dh, LN_GRAD=ln_grad), **cols)
     return dh, dr, sum_partials(part, grad_dtype)

@@ -147,7 +147,7 @@ def token_splits(tiles, chunks):
     programs to fill a GPU, a number that depends on the shape alone, so gradients are bitwise the same
     on every run and every GPU. A few in the interpreter, so the tests cross split boundaries."""
     target = 6 if interpreting() else 264
-    return max(1, min(tiles, -(-target // chunks)))
+    return max(1, min(tiles, cdiv(target, chunks)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,4 +186,4 @@ def weight_grad_splits(tiles, token_blocks):
     depends on the shape alone, so gradients are bitwise the same on every run and every GPU. Two in
     the interpreter whenever there are tokens for them, so the tests cross split boundaries."""
     target = 2 * tiles if interpreting() else 264
-    return max(1, min(token_blocks, -(-target // tiles)))
+    return max(1, min(token_blocks, cdiv(target, tiles)))

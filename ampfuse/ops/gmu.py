@@ -210,7 +210,7 @@ def _flat_names(S, stream_ln):
     names = [f"stream_w.{j}" for j in range(S)] + [f"stream_b.{j}" for j in range(S)]
     if stream_ln:
         names += [f"stream_ln_w.{j}" for j in range(S)] + [f"stream_ln_b.{j}" for j in range(S)]
-    return names + ["gate_w", "gate_b", "gmu_w", "w_up", "b_up", "scale", "ln_weight", "ln_bias"]
+    return tuple(names + ["gate_w", "gate_b", "gmu_w", "w_up", "b_up", "scale", "ln_weight", "ln_bias"])
 
 
 class _GMUFunction(torch.autograd.Function):
