@@ -56,13 +56,17 @@ GRAD_SLOTS = ("w_down", "b_down", "w_up", "b_up", "scale", "ln_weight", "ln_bias
               "adapter_ln_bias")
 
 
+def _slot_sizes(d, k):
+    """The lengths of GRAD_SLOTS in the flat gradient buffer, in order."""
+    return (k * d, k, d * k) + (d,) * 6
+
+
 def gradient_layout(d, k):
     """{name: offset} of GRAD_SLOTS in the flat gradient buffer, and its length."""
-    sizes = dict(w_down=k * d, b_down=k, w_up=d * k)
     offsets, offset = {}, 0
-    for name in GRAD_SLOTS:
+    for name, size in zip(GRAD_SLOTS, _slot_sizes(d, k)):
         offsets[name] = offset
-        offset += sizes.get(name, d)
+        offset += size
     return offsets, offset
 
 
@@ -122,7 +126,7 @@ def _gradients(spec, flat, params, needs):
     parameter's dtype), None where not needed. The host path of every backward: one split for all the
     slices, then a view only where a parameter is a matrix (a view costs about a torch.add)."""
     k, d = params.w_down.shape
-    slots = flat.split_with_sizes((k * d, k, d * k, d, d, d, d, d, d))
+    slots = flat.split_with_sizes(_slot_sizes(d, k))
     grads = []
     for param, need, slot in zip(params, needs, _SLOT_OF_PARAM):
         if not need or param is None:
