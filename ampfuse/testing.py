@@ -1,5 +1,7 @@
 """Helpers for comparing the fused ops with their float64 references (used by tests and benchmarks)."""
 
+import contextlib
+
 import torch
 
 # Relative-error bounds ||out - ref|| / ||ref|| against the float64 reference, per input dtype.
@@ -94,6 +96,23 @@ def cuda_kernel_names(fn):
         fn()
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@contextlib.contextmanager
+def aten_ops():
+    """``with aten_ops() as calls:`` records the aten operations run inside the block, in order: (name,
+    whether it is a view) each. A view launches no kernel on a GPU; anything else but an allocation
+    does. The host-path test and benchmarks/sharing.py count with it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append((func.overloadpacket.__name__, func.is_view))
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    with Record():
+        yield calls
 
 
 def float64_copy(tensors):

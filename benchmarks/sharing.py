@@ -138,27 +138,18 @@ def run_layers(stack, h, r, norm):
     return h
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten operations that do work (not views, not allocations): GPU kernel launches."""
-
-    SKIP = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",
-            "detach", "lift_fresh", "_to_copy", "promote_types"}
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not func.is_view and name not in self.SKIP:
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
+# aten operations that launch no work of their own (besides views): allocations and the like
+NO_WORK = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",
+           "detach", "lift_fresh", "_to_copy", "promote_types"}
 
 
 def count_ops(fn):
-    with _CountOps() as counter:
+    """The aten operations fn() runs that do work (not views, not allocations): GPU kernel launches."""
+    from ampfuse.testing import aten_ops
+
+    with aten_ops() as calls:
         fn()
-    return counter.ops
+    return [name for name, is_view in calls if not is_view and name not in NO_WORK]
 
 
 def print_cost(reps):

@@ -7,7 +7,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ampfuse
 from ampfuse import BackendUnavailableError
@@ -193,18 +192,6 @@ def test_triton_launch_counts(device):
     assert runtime.launch_count - before == 3
 
 
-class _AtenOps(TorchDispatchMode):
-    """Counts the aten operations run inside the ``with`` block, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_host_path_runs_no_aten_kernel_but_allocations_and_views(device, monkeypatch):
     """The eager host path around the launches (docs/design.md rule 4; benchmarks/host_overhead.py times
     it): forward allocates y and its state; backward allocates its outputs and scratch, and hands autograd
@@ -217,15 +204,17 @@ def test_host_path_runs_no_aten_kernel_but_allocations_and_views(device, monkeyp
     monkeypatch.setattr(runtime, "launch", lambda *args, **meta: None)
     tensors, kwargs = testing.adapter_inputs(8, 64, 16, device=device, scale_kind="float")
     tensors["r"].requires_grad_(False)
-    with _AtenOps() as forward:
+    with testing.aten_ops() as calls:
         y = testing.call(adapter_block, tensors, backend="triton", **kwargs)
+    forward = collections.Counter(name for name, _ in calls)
     dy = torch.randn_like(y)
-    with _AtenOps() as backward:
+    with testing.aten_ops() as calls:
         y.backward(dy)
-    assert set(forward.ops) <= {"empty", "promote_types"} and forward.ops["empty"] == 2, forward.ops
+    backward = collections.Counter(name for name, _ in calls)
+    assert set(forward) <= {"empty", "promote_types"} and forward["empty"] == 2, forward
     # "detach": autograd's own, as it takes each gradient
-    assert set(backward.ops) <= {"empty", "split_with_sizes", "view", "detach"}, backward.ops
-    assert backward.ops["split_with_sizes"] == 1 and backward.ops["view"] == 2, backward.ops
+    assert set(backward) <= {"empty", "split_with_sizes", "view", "detach"}, backward
+    assert backward["split_with_sizes"] == 1 and backward["view"] == 2, backward
     storages = {tensors[name].grad.untyped_storage().data_ptr()
                 for name in ("ln_weight", "ln_bias", "w_down", "b_down", "w_up", "b_up")}
     assert len(storages) == 1
