@@ -157,11 +157,10 @@ def print_cost(reps):
     from ampfuse import backend
     from ampfuse.kernels import runtime
     from ampfuse.modules import shared
-    from benchmarks.host_overhead import per_call_us  # the calling thread's CPU time, as host_overhead reports it
+    from benchmarks.host_overhead import add_us, per_call_us  # the calling thread's CPU time, as host_overhead
 
     torch.set_num_threads(1)
-    x, y = torch.ones(2), torch.ones(2)
-    add_us = per_call_us(lambda: torch.add(x, y), reps * 5)
+    unit_us = add_us(reps)
 
     # (1) host path and (2) aten operations, launches stubbed (as benchmarks/host_overhead.py)
     d, k = 64, 16
@@ -173,7 +172,7 @@ def print_cost(reps):
         h, r = torch.randn(8, d, generator=g), torch.randn(8, d, generator=g)
         norm = torch.nn.LayerNorm(d)
         print(f"host path per adapter call (two layers, halved; Triton launches stubbed; 8 tokens, d = {d}, k = {k}; "
-              f"thread CPU time; torch.add = {add_us:.2f} us):")
+              f"thread CPU time; torch.add = {unit_us:.2f} us):")
         print(f"{'adapters':16} {'no-grad fwd us':>15} {'training fwd us':>16} {'fwd + bwd us':>13}  "
               "aten ops of fwd + bwd (GPU launches besides the op's own)")
         calls, ops = {}, {}
