@@ -204,10 +204,11 @@ def triton_bind_us(kernel, args, meta, reps):
     looks up the device and stream, reads its settings, checks the kernel's globals and builds the launch
     metadata before the driver's launch. (Triton's internals, as benchmarks/compile_report uses them.)"""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+    from triton.runtime.jit import compute_cache_key
 
-    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    from benchmarks.compile_report import launch_binder
+
+    binder = launch_binder(kernel, GPUTarget("cuda", 90, 32))
     options = dict(meta, debug=False, instrumentation_mode="")  # what JITFunction.run adds to the options
     cache = {}
 
