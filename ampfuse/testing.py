@@ -115,6 +115,77 @@ def aten_ops():
         yield calls
 
 
+@contextlib.contextmanager
+def triton_without_gpu():
+    """``with triton_without_gpu() as launches:`` runs Triton's real launch path without a GPU: kernels
+    compile for sm_90 on their first launch, as on a Hopper GPU, and each launch ends at the driver's
+    launcher, which records (compiled kernel's function handle, grid, stream, arguments) in
+    ``launches`` instead of running anything. Tensors may be CPU tensors (only their addresses are read).
+    benchmarks/host_overhead.py and tests/test_launch.py use it. On exit the previous driver comes
+    back, and the kernels compiled here are dropped from Triton's and ampfuse's caches (their handles
+    are not real)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from .kernels import runtime
+
+    launches, kernels, handles = [], set(), iter(range(1, 1 << 30))
+
+    class Utils:
+        def load_binary(self, name, binary, shared, device):
+            return object(), next(handles), 32, 0, 1024  # module, function, registers, spills, max threads
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+        def unload_module(self, module):
+            pass
+
+    class Driver:  # the surface of Triton's CUDA driver that compiling and launching use
+        utils = Utils()
+
+        def is_active(self):
+            return True
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 7
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def launcher_cls(self, src, metadata):
+            kernels.add(src.fn)
+
+            def launcher(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
+                         exit_hook, *args):  # as Triton's C launcher: the hooks around the launch
+                if enter_hook is not None:
+                    enter_hook(launch_metadata)
+                launches.append((function, (grid_x, grid_y, grid_z), stream, args))
+                if exit_hook is not None:
+                    exit_hook(launch_metadata)
+            return launcher
+
+    previous = driver._active  # None until Triton first needs a driver (set_active(None) restores that)
+    runtime._COMPILED.clear()
+    driver.set_active(Driver())
+    try:
+        yield launches
+    finally:
+        runtime._COMPILED.clear()
+        for kernel in kernels:
+            for compiled_kernels, *_ in kernel.device_caches.values():
+                for compiled in compiled_kernels.values():
+                    compiled.module = None  # nothing to unload (Triton 3.8 would ask the driver)
+            kernel.device_caches.clear()
+        driver.set_active(previous)
+
+
 def float64_copy(tensors):
     """Detached float64 CPU copies (lists of tensors too), requiring grad where the originals do."""
     def copy(t):

