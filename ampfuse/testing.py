@@ -116,6 +116,20 @@ def aten_ops():
 
 
 @contextlib.contextmanager
+def devices_entered():
+    """``with devices_entered() as devices:`` records the device of every backend.on_device entered inside
+    the block (each op's forward makes its tensors' device current there)."""
+    from . import backend
+
+    devices, on_device = [], backend.on_device
+    backend.on_device = lambda device: devices.append(device) or on_device(device)
+    try:
+        yield devices
+    finally:
+        backend.on_device = on_device
+
+
+@contextlib.contextmanager
 def triton_without_gpu():
     """``with triton_without_gpu() as launches:`` runs Triton's real launch path without a GPU: kernels
     compile for sm_90 on their first launch, as on a Hopper GPU, and each launch ends at the driver's

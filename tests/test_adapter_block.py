@@ -252,6 +252,16 @@ def test_triton_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
+def test_forward_makes_the_tensors_device_current(device):
+    # Triton launches on the current CUDA device, whatever the tensors' (backend.on_device)
+    tensors, kwargs = testing.adapter_inputs(9, 24, 8, device=device)
+    with testing.devices_entered() as devices:
+        testing.call(adapter_block, tensors, backend="triton", **kwargs)
+        with torch.no_grad():
+            testing.call(adapter_block, tensors, backend="triton", **kwargs)
+    assert devices == [tensors["h"].device] * 2
+
+
 def test_inputs_are_not_modified(device):
     tensors, kwargs = testing.adapter_inputs(23, 48, 8, device=device, scale_kind="channel", ln_before=True)
     before = {n: t.detach().clone() for n, t in tensors.items()}

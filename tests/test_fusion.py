@@ -210,6 +210,16 @@ def test_triton_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
+def test_forward_makes_the_tensors_device_current(device):
+    # Triton launches on the current CUDA device, whatever the tensors' (backend.on_device)
+    tensors = fusion_inputs(device=device)
+    with testing.devices_entered() as devices:
+        fusion_layer(**tensors, backend="triton")
+        with torch.no_grad():
+            fusion_layer(**tensors, backend="triton")
+    assert devices == [tensors["x"].device] * 2
+
+
 def test_inputs_are_not_modified(device):
     tensors = fusion_inputs(widths=(20, 9), device=device)
     before = {n: [t.detach().clone() for t in v] if isinstance(v, list) else v.detach().clone()

@@ -186,6 +186,16 @@ def test_frozen_modalities_and_layer_norm_get_no_gradient(device):
     assert tensors["gate_w"].grad is not None and tensors["x"].grad is not None
 
 
+def test_forward_makes_the_tensors_device_current(device):
+    # Triton launches on the current CUDA device, whatever the tensors' (backend.on_device)
+    tensors, options = gmu_inputs(device=device)
+    with testing.devices_entered() as devices:
+        gmu_adapter(**tensors, **options, backend="triton")
+        with torch.no_grad():
+            gmu_adapter(**tensors, **options, backend="triton")
+    assert devices == [tensors["x"].device] * 2
+
+
 def test_inputs_are_not_modified(device):
     tensors, options = gmu_inputs(widths=(20, 7), aligned=(True, False), gate="softmax", form="gmu", device=device)
     before = [t.detach().clone() for t in leaves(tensors)]

@@ -150,3 +150,15 @@ def test_direct_launch_can_be_turned_off(monkeypatch):
     env = dict(os.environ, AMPFUSE_TRITON_LAUNCH="triton")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_cuda_tensors_off_the_current_device_switch_it(monkeypatch):
+    # Triton launches on the current device: an op on cuda:0 tensors while cuda:1 is current must switch
+    # (decided here with current_device faked; a GPU run takes the no-switch branch)
+    from ampfuse import backend
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    switch = backend.on_device(torch.device("cuda", 0))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 0
+    for device in (torch.device("cuda", 1), torch.device("cpu")):
+        assert not isinstance(backend.on_device(device), torch.cuda.device)
