@@ -92,17 +92,6 @@ def why_unavailable(name: str, device: torch.device, dtypes):
     return None
 
 
-def on_device(device: torch.device):
-    """A context in which ``device`` is the current CUDA device. Triton launches on the current device
-    whatever the tensors' device (a model spread over GPUs, device_map="auto", puts layers on devices
-    other than the current one): without this its kernels would read another GPU's addresses. A no-op
-    (nothing to switch) on the CPU and on the current device; backward needs none (autograd runs a
-    device's backward with that device current)."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 @torch.compiler.assume_constant_result  # decided once when torch.compile traces the caller
 def resolve(device: torch.device, dtype, explicit=None, op: str = "op") -> str:
     """The backend that runs this call (``dtype``: one dtype or a tuple of the operands' dtypes);

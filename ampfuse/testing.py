@@ -116,17 +116,41 @@ def aten_ops():
 
 
 @contextlib.contextmanager
-def devices_entered():
-    """``with devices_entered() as devices:`` records the device of every backend.on_device entered inside
-    the block (each op's forward makes its tensors' device current there)."""
-    from . import backend
+def device_switches():
+    """``with device_switches() as events:`` records, in order, each launch (``"launch"``) and each entry
+    to and exit from the device switch of kernels/runtime.on_tensors_device (``("enter", device)``,
+    ``"exit"``), the switch made for CPU tensors too, so a test on the CPU sees where launches happen."""
+    from .kernels import runtime
 
-    devices, on_device = [], backend.on_device
-    backend.on_device = lambda device: devices.append(device) or on_device(device)
+    events, launch, device_switch = [], runtime.launch, runtime.device_switch
+
+    @contextlib.contextmanager
+    def switch(device):
+        events.append(("enter", device))
+        try:
+            yield
+        finally:
+            events.append("exit")
+
+    def recorded_launch(*args, **kwargs):
+        events.append("launch")
+        return launch(*args, **kwargs)
+
+    runtime.device_switch, runtime.launch = switch, recorded_launch
     try:
-        yield devices
+        yield events
     finally:
-        backend.on_device = on_device
+        runtime.device_switch, runtime.launch = device_switch, launch
+
+
+def launches_switched_to(events, device):
+    """Whether ``events`` (device_switches) has launches and each is inside a switch to ``device``."""
+    inside = None
+    for event in events:
+        if event == "launch" and inside != device:
+            return False
+        inside = event[1] if event[0] == "enter" else None if event == "exit" else inside
+    return "launch" in events
 
 
 @contextlib.contextmanager
@@ -134,16 +158,19 @@ def triton_without_gpu():
     """``with triton_without_gpu() as launches:`` runs Triton's real launch path without a GPU: kernels
     compile for sm_90 on their first launch, as on a Hopper GPU, and each launch ends at the driver's
     launcher, which records (compiled kernel's function handle, grid, stream, arguments) in
-    ``launches`` instead of running anything. Tensors may be CPU tensors (only their addresses are read).
-    benchmarks/host_overhead.py and tests/test_launch.py use it. On exit the previous driver comes
-    back, and the kernels compiled here are dropped from Triton's and ampfuse's caches (their handles
-    are not real)."""
+    ``launches`` instead of running anything; ``launches.device`` sets the current device it reports.
+    Tensors may be CPU tensors (only their addresses are read). benchmarks/host_overhead.py and
+    tests/launch_checks.py use it. On exit the previous driver comes back, and the kernels compiled here
+    are dropped from Triton's and ampfuse's caches (their handles are not real)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
     from .kernels import runtime
 
-    launches, kernels, handles = [], set(), iter(range(1, 1 << 30))
+    class Launches(list):
+        device = 0  # the current device the stand-in reports (a test may change it); its stream is 7 + 1000 device
+
+    launches, kernels, handles = Launches(), set(), iter(range(1, 1 << 30))
 
     class Utils:
         def load_binary(self, name, binary, shared, device):
@@ -162,10 +189,10 @@ def triton_without_gpu():
             return True
 
         def get_current_device(self):
-            return 0
+            return launches.device
 
         def get_current_stream(self, device):
-            return 7
+            return 7 + 1000 * device
 
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)

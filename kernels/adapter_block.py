@@ -797,6 +797,7 @@ def constants(spec, params, consts, D, K, gram):
                    GRAM=gram, PRECISION="ieee", BLOCK_D=block_d, BLOCK_G=block_g)
 
 
+@runtime.on_tensors_device
 def forward(spec, h, r, params, seed, save):
     """(y, state) for contiguous h, r of shape (..., D), M rows in all: y in the dtype of h + r; state
     (fp32) holds the constants and, when ``save``, z and the row statistics, for backward."""
@@ -816,6 +817,7 @@ def forward(spec, h, r, params, seed, save):
     return y, state
 
 
+@runtime.on_tensors_device
 def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtype):
     """(dh, dr, flat) for contiguous inputs of shape (..., D) and the forward's state: flat holds the
     parameter gradients in ``grad_dtype``, placed by GRAD_SLOTS (2 K D + K + 6 D elements); dh, dr are

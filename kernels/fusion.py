@@ -583,6 +583,7 @@ def gradient_layout(D, widths):
     return layout, tuple(table), total
 
 
+@runtime.on_tensors_device
 def forward(spec, x, mods, params, seed, save):
     """(y, saved) for contiguous x (..., D) and modalities (..., D_i), M tokens: y in the dtype of x promoted with the
     LayerNorm weight's; saved, what backward needs beyond the inputs (the shift in the operand dtype, the
@@ -614,6 +615,7 @@ def forward(spec, x, mods, params, seed, save):
     return y, ((s, stats, pack) if save else None)
 
 
+@runtime.on_tensors_device
 def backward(spec, dy, x, mods, params, saved, seed, x_grad, mod_grad, weight_grad, ln_grad, grad_dtype):
     """(dx, [dm_i], flat) from the forward's inputs and saved tensors: dx when ``x_grad``, the modalities'
     gradients when ``mod_grad``, and when ``weight_grad`` or ``ln_grad`` the parameter gradients in one

@@ -77,7 +77,8 @@ class Params(NamedTuple):
 
 
 class Config(NamedTuple):
-    """The kernels' static options (one tl.constexpr)."""
+    """The kernels' static options (one tl.constexpr). Triton 3.6 reads its fields inside a kernel as plain
+    Python values, not constexprs: tl.static_range takes them wrapped, tl.static_range(CFG.S)."""
     S: int              # streams: text + modalities
     SG: int             # gates: 1 (sigmoid; stream 1's logit is 0) or S (softmax)
     ALIGNED: tuple      # per stream: token-aligned (True) or per-sample
@@ -1136,6 +1137,7 @@ def _kernel_args(spec, x, modalities, params):
     return streams, shared, config(spec, tuple(t.dim() == 3 for t in inputs))
 
 
+@runtime.on_tensors_device
 def forward(spec, x, r, modalities, params, save):
     """(y, Buffers) for contiguous x (B, T, D), r (B, T, D) under spec.fuse_ln, modalities (B, T, D_j) or
     (B, D_j): y in x's dtype, or that of x + r under spec.fuse_ln; the buffers' saved and fused (what backward
@@ -1162,6 +1164,7 @@ def forward(spec, x, r, modalities, params, save):
     return y, bufs
 
 
+@runtime.on_tensors_device
 def backward(spec, dy, x, r, modalities, params, bufs, dr_grad, ln_grad, mod_grad, grad_dtype):
     """(dx, dr, dms, flat): dx in x's dtype; dr (r's dtype) when ``dr_grad``; dms (one per modality, in its
     dtype and shape) when ``mod_grad``, else Nones; flat the parameter gradients in ``grad_dtype`` placed by

@@ -60,6 +60,9 @@ def launch(kernel, grid, *args, **meta):
             or kernel.pre_run_hooks or knobs.runtime.add_stages_inspection_hook is not None):
         kernel[grid](*args, **meta)
         return
+    # the options JITFunction.run adds: Triton's cache key holds them, so ours does
+    meta["debug"] = meta.get("debug", kernel.debug) or knobs.runtime.debug
+    meta["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     device = driver.active.get_current_device()
     binder = kernel.device_caches[device][4]  # JITFunction.run's own (kernel cache, key cache, target, backend, binder)
     bound, specialization, options = binder(*args, **meta)
@@ -72,12 +75,20 @@ def launch(kernel, grid, *args, **meta):
     if compiled is None:
         _COMPILED[key] = kernel[grid](*args, **meta)
         return
+    if callable(grid):
+        grid = grid(bound)
     stream = driver.active.get_current_stream(device)
-    padded, bound, enter_hook = (*grid, 1, 1), bound.values(), knobs.runtime.launch_enter_hook
-    # the launch metadata only goes to the enter hooks (a profiler's): none registered, none built
-    metadata = compiled.launch_metadata(grid, stream, *bound) if getattr(enter_hook, "calls", True) else None
+    padded, bound = (*grid, 1, 1), bound.values()
+    enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    # the launch metadata goes only to the hooks (a profiler's): none registered, none built
+    metadata = compiled.launch_metadata(grid, stream, *bound) if _hooked(enter_hook) or _hooked(exit_hook) else None
     compiled.run(padded[0], padded[1], padded[2], stream, compiled.function, compiled.packed_metadata, metadata,
-                 enter_hook, knobs.runtime.launch_exit_hook, *bound)
+                 enter_hook, exit_hook, *bound)
+
+
+def _hooked(hook):
+    """Whether a launch hook of Triton's knobs has anything to call (an empty HookChain has not)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 # Direct launches. Triton's JITFunction.run spends 8-32 us of Python on every launch (28-32 us for the
@@ -88,12 +99,35 @@ def launch(kernel, grid, *args, **meta):
 # up under what Triton's cache key is made of (the specialisation and the options); it lets
 # JITFunction.run launch a specialisation the first time (compiling it if need be) and keeps the
 # compiled kernel it returns; after that it calls that kernel's launcher as JITFunction.run would,
-# with the bound arguments on the current stream. Not followed after the first launch: a change of
-# TRITON_DEBUG, of Triton's instrumentation mode or of a global a kernel reads (Triton raises on that). Pre-run hooks and a stages
+# with the bound arguments on the current stream. Not followed after the first launch: a change of a
+# global a kernel reads (Triton raises on that; these kernels read only constants). Pre-run hooks and a stages
 # inspection hook send launches through JITFunction.run, and so does AMPFUSE_TRITON_LAUNCH=triton.
 DIRECT_LAUNCH = os.environ.get("AMPFUSE_TRITON_LAUNCH", "direct") != "triton"
 
 _COMPILED = {}  # (Triton's binder of a kernel on a device, its specialisation, options) -> compiled kernel
+
+
+def on_tensors_device(launcher):
+    """Decorates an op's launcher ``launcher(spec, tensor, ...)``: it runs with ``tensor``'s CUDA device
+    current. Triton launches on the current device whatever the tensors' device, and a model spread
+    over GPUs (device_map="auto") calls layers on devices other than the current one; every path in
+    (eager, no grad, torch.compile's custom ops, backward) goes through these launchers."""
+    @functools.wraps(launcher)
+    def run(spec, tensor, *args, **kwargs):
+        switch = device_switch(tensor.device)
+        if switch is None:
+            return launcher(spec, tensor, *args, **kwargs)
+        with switch:
+            return launcher(spec, tensor, *args, **kwargs)
+    return run
+
+
+def device_switch(device):
+    """torch.cuda.device(device) where ``device`` is a CUDA device other than the current one, else None
+    (nothing to switch on the CPU or on the current device)."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return None
 
 
 def scale_args(scale, scale_value, dummy):

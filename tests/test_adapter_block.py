@@ -252,14 +252,16 @@ def test_triton_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
-def test_forward_makes_the_tensors_device_current(device):
-    # Triton launches on the current CUDA device, whatever the tensors' (backend.on_device)
+def test_launches_run_on_the_tensors_device(device):
+    # Triton launches on the current CUDA device, whatever the tensors': forward, no-grad forward and
+    # backward each launch inside a switch to the tensors' device (runtime.on_tensors_device)
     tensors, kwargs = testing.adapter_inputs(9, 24, 8, device=device)
-    with testing.devices_entered() as devices:
-        testing.call(adapter_block, tensors, backend="triton", **kwargs)
+    with testing.device_switches() as events:
         with torch.no_grad():
             testing.call(adapter_block, tensors, backend="triton", **kwargs)
-    assert devices == [tensors["h"].device] * 2
+        testing.call(adapter_block, tensors, backend="triton", **kwargs).sum().backward()
+    assert testing.launches_switched_to(events, tensors["h"].device), events
+    assert events.count("exit") == 3  # no-grad forward, forward, backward
 
 
 def test_inputs_are_not_modified(device):

@@ -210,14 +210,16 @@ def test_triton_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
-def test_forward_makes_the_tensors_device_current(device):
-    # Triton launches on the current CUDA device, whatever the tensors' (backend.on_device)
+def test_launches_run_on_the_tensors_device(device):
+    # Triton launches on the current CUDA device, whatever the tensors': forward, no-grad forward and
+    # backward each launch inside a switch to the tensors' device (runtime.on_tensors_device)
     tensors = fusion_inputs(device=device)
-    with testing.devices_entered() as devices:
-        fusion_layer(**tensors, backend="triton")
+    with testing.device_switches() as events:
         with torch.no_grad():
             fusion_layer(**tensors, backend="triton")
-    assert devices == [tensors["x"].device] * 2
+        fusion_layer(**tensors, backend="triton").sum().backward()
+    assert testing.launches_switched_to(events, tensors["x"].device), events
+    assert events.count("exit") == 3  # no-grad forward, forward, backward
 
 
 def test_inputs_are_not_modified(device):

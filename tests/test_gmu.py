@@ -186,14 +186,16 @@ def test_frozen_modalities_and_layer_norm_get_no_gradient(device):
     assert tensors["gate_w"].grad is not None and tensors["x"].grad is not None
 
 
-def test_forward_makes_the_tensors_device_current(device):
-    # Triton launches on the current CUDA device, whatever the tensors' (backend.on_device)
+def test_launches_run_on_the_tensors_device(device):
+    # Triton launches on the current CUDA device, whatever the tensors': forward, no-grad forward and
+    # backward each launch inside a switch to the tensors' device (runtime.on_tensors_device)
     tensors, options = gmu_inputs(device=device)
-    with testing.devices_entered() as devices:
-        gmu_adapter(**tensors, **options, backend="triton")
+    with testing.device_switches() as events:
         with torch.no_grad():
             gmu_adapter(**tensors, **options, backend="triton")
-    assert devices == [tensors["x"].device] * 2
+        gmu_adapter(**tensors, **options, backend="triton").sum().backward()
+    assert testing.launches_switched_to(events, tensors["x"].device), events
+    assert events.count("exit") == 3  # no-grad forward, forward, backward
 
 
 def test_inputs_are_not_modified(device):

@@ -299,11 +299,10 @@ def adapter_block(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_do
                                        activation=activation)
     if torch.compiler.is_compiling():
         return _adapter_block_op(h, r, seed, *params, spec.encode(), name)[0]
-    with _backend.on_device(h.device):
-        if torch.is_grad_enabled() and (h.requires_grad or r.requires_grad
-                                        or any(t is not None and t.requires_grad for t in params)):
-            return _AdapterBlockFunction.apply(spec, name, h, r, seed, *params)
-        return _implementation(name).forward(spec, h, r, AdapterParams(*params), seed, save=False)[0]  # y
+    if torch.is_grad_enabled() and (h.requires_grad or r.requires_grad
+                                    or any(t is not None and t.requires_grad for t in params)):
+        return _AdapterBlockFunction.apply(spec, name, h, r, seed, *params)
+    return _implementation(name).forward(spec, h, r, AdapterParams(*params), seed, save=False)[0]  # y
 
 
 def _check_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling, adapter_ln_weight,

@@ -249,13 +249,12 @@ def fusion_layer(x: Tensor, modalities: Sequence[Tensor], gate_w: Sequence[Tenso
                           _contiguous(ln_weight), _contiguous(ln_bias))
     if torch.compiler.is_compiling():
         return _fusion_op(x, seed, mods, params.weights(), params.ln_weight, params.ln_bias, spec.encode())[0]
-    with _backend.on_device(x.device):
-        if torch.is_grad_enabled() and (x.requires_grad or ln_weight.requires_grad or ln_bias.requires_grad
-                                        or any(t.requires_grad for t in mods)
-                                        or any(t.requires_grad for t in params.weights())):
-            return _FusionFunction.apply(spec, len(mods), x, seed, *mods, *params.weights(), params.ln_weight,
-                                         params.ln_bias)
-        return _kernels().forward(spec, x, mods, params, seed, save=False)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or ln_weight.requires_grad or ln_bias.requires_grad
+                                    or any(t.requires_grad for t in mods)
+                                    or any(t.requires_grad for t in params.weights())):
+        return _FusionFunction.apply(spec, len(mods), x, seed, *mods, *params.weights(), params.ln_weight,
+                                     params.ln_bias)
+    return _kernels().forward(spec, x, mods, params, seed, save=False)[0]
 
 
 def _contiguous(t):

@@ -401,12 +401,11 @@ def gmu_adapter(x: Tensor, modalities: Sequence[Tensor], stream_w: Sequence[Tens
     if torch.compiler.is_compiling():
         return _gmu_op(x, r, modalities, list(params.stream_w), list(params.stream_b),
                        list(params.stream_ln_w or ()), list(params.stream_ln_b or ()), *params[4:], spec.encode())[0]
-    with _backend.on_device(x.device):
-        if torch.is_grad_enabled():
-            flat = params.flat()
-            if any(t is not None and t.requires_grad for t in (x, r, *modalities, *flat)):
-                return _GMUFunction.apply(spec, name, len(modalities), x, r, *modalities, *flat)
-        return _kernels().forward(spec, x, r, modalities, params, save=False)[0]
+    if torch.is_grad_enabled():
+        flat = params.flat()
+        if any(t is not None and t.requires_grad for t in (x, r, *modalities, *flat)):
+            return _GMUFunction.apply(spec, name, len(modalities), x, r, *modalities, *flat)
+    return _kernels().forward(spec, x, r, modalities, params, save=False)[0]
 
 
 def _contiguous(seq):
