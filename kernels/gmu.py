@@ -78,7 +78,7 @@ class Params(NamedTuple):
 
 class Config(NamedTuple):
     """The kernels' static options (one tl.constexpr). Triton 3.6 reads its fields inside a kernel as plain
-    Python values, not constexprs: tl.static_range takes them wrapped, tl.static_range(CFG.S)."""
+    Python values, not constexprs: tl.static_range takes them wrapped, tl.static_range(tl.constexpr(CFG.S))."""
     S: int              # streams: text + modalities
     SG: int             # gates: 1 (sigmoid; stream 1's logit is 0) or S (softmax)
     ALIGNED: tuple      # per stream: token-aligned (True) or per-sample
@@ -271,7 +271,7 @@ def _activations(bufs, b, rows, row_mask, kk, k_mask, N, D, K, B, op, CFG: tl.co
     """(a_0, ..., a_{S-1}) of a tile from the saved pre-activations, in the operand dtype (as the forward
     held them)."""
     acts = ()
-    for j in tl.static_range(CFG.S):
+    for j in tl.static_range(tl.constexpr(CFG.S)):
         z = _pre_activation(bufs, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
         acts = acts + (activation(z, CFG.ACT).to(op),)
     return acts
@@ -309,7 +309,7 @@ def _logit(acts, shared, weights, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION
     gate's second stream. ``acts``: the S activation tiles, ``weights``: WEIGHTS, both in the operand dtype."""
     l = tl.zeros(acts[0].shape, dtype=tl.float32)
     if j < CFG.SG:
-        for i in tl.static_range(CFG.S):
+        for i in tl.static_range(tl.constexpr(CFG.S)):
             g = _gate_block(weights, j, i, kk, k_mask, K, CFG.S)
             l = tl.dot(acts[i], tl.trans(g), acc=l, input_precision=PRECISION)
         l += _vec(shared.gate_b, j * K + kk, k_mask)[None, :]
@@ -379,7 +379,7 @@ def _sample_projections(streams, consts, tile, B, D, K, kk, k_mask, eps, op, CFG
     samples = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     smask = samples < B
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j in tl.static_range(CFG.S):
+    for j in tl.static_range(tl.constexpr(CFG.S)):
         if not CFG.ALIGNED[j]:
             width = streams.widths[j]
             mean, rstd = zero, zero
@@ -434,12 +434,12 @@ def gmu_prep_kernel(
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
     op = tl.zeros([1], dtype=weights.dtype.element_ty)  # (the operand dtype: see _operand)
-    for j in tl.static_range(CFG.S):
+    for j in tl.static_range(tl.constexpr(CFG.S)):
         if pid == j:
             _fold_vectors(streams, j, consts, D, K, kk, k_mask, CFG.STREAM_LN, BLOCK_D)
     mask = k_mask[:, None] & k_mask[None, :]
     if pid < CFG.SG:  # gate pid's weights, in the operand dtype
-        for i in tl.static_range(CFG.S):
+        for i in tl.static_range(tl.constexpr(CFG.S)):
             offs = pid * K * CFG.S * K + kk[:, None] * (CFG.S * K) + i * K + kk[None, :]
             tl.store(weights + offs, _gate_block(shared.gate_w, pid, i, kk, k_mask, K, CFG.S).to(op.dtype),
                      mask=mask)
@@ -565,7 +565,7 @@ def gmu_fwd_kernel(
 
     # ---- streams ----
     acts = ()
-    for j in tl.static_range(CFG.S):
+    for j in tl.static_range(tl.constexpr(CFG.S)):
         if CFG.ALIGNED[j]:
             z, mean_j, rstd_j = _stream_pass(streams, j, consts, rows, row_mask, kk, k_mask, K, eps, op, CFG,
                                              PRECISION, BLOCK_D)
@@ -692,7 +692,7 @@ def gmu_bwd_rows_kernel(
     lse = tl.load(_plane(saved, CFG.N_TOK, rows, kk, N, K), mask=tile_mask, other=0.0)
     fused = fused_op.to(tl.float32)
     das = ()
-    for j in tl.static_range(CFG.S):
+    for j in tl.static_range(tl.constexpr(CFG.S)):
         das = das + (tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),)
     for j in range(0, CFG.S):
         l = _logit(acts, shared, bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
@@ -709,7 +709,7 @@ def gmu_bwd_rows_kernel(
         if j < CFG.SG:
             tl.store(_plane(kgrad, CFG.N_TOK + j, rows, kk, N, K), dl, mask=tile_mask)
         out = ()
-        for i in tl.static_range(CFG.S):
+        for i in tl.static_range(tl.constexpr(CFG.S)):
             da = das[i] + tl.where(j == i, dd, 0.0)
             if j < CFG.SG:
                 da = tl.dot(dl, _gate_block(bufs.weights, j, i, kk, k_mask, K, CFG.S), acc=da,
@@ -719,7 +719,7 @@ def gmu_bwd_rows_kernel(
 
     # ---- dz_j, and the LayerNorm row scalars: for LN_j right before W_j, with dxn = dz W_j and
     # z - f2 = (gamma o xhat) W_j^T: mean(dxn o gamma) = dz . f1 / D_j, mean(dxn o gamma o xhat) = dz . (z - f2) / D_j
-    for j in tl.static_range(CFG.S):
+    for j in tl.static_range(tl.constexpr(CFG.S)):
         z = _pre_activation(bufs, j, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M)
         dz = tl.where(tile_mask, das[j] * activation_grad(z, CFG.ACT), 0.0)
         if CFG.ALIGNED[j]:
@@ -947,7 +947,7 @@ def _gate_unit(u: tl.constexpr, split, bufs, part, offsets, B, T, D, K, tiles_pe
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
     accs = ()
-    for i in tl.static_range(CFG.S):
+    for i in tl.static_range(tl.constexpr(CFG.S)):
         accs = accs + (tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32),)
     acc_b = tl.zeros([BLOCK_K], dtype=tl.float32)
     first = split * tiles_per_split
@@ -957,7 +957,7 @@ def _gate_unit(u: tl.constexpr, split, bufs, part, offsets, B, T, D, K, tiles_pe
         # dl_u or dpre_j, loaded transposed: [BLOCK_K, BLOCK_M] (M = K: Hopper's wgmma)
         g_t = tl.load(_plane_t(bufs.kgrad, CFG.N_TOK + u, rows, kk, N, K), mask=tile_mask.T, other=0.0)
         if u < CFG.SG:
-            for i in tl.static_range(CFG.S):
+            for i in tl.static_range(tl.constexpr(CFG.S)):
                 a = activation(_pre_activation(bufs, i, b, rows, row_mask, kk, k_mask, N, D, K, B, CFG, BLOCK_M),
                                CFG.ACT)
                 accs = _tuple_add(accs, i, tl.dot(g_t.to(op.dtype), a.to(op.dtype), input_precision=PRECISION),
@@ -970,7 +970,7 @@ def _gate_unit(u: tl.constexpr, split, bufs, part, offsets, B, T, D, K, tiles_pe
     row = part + split.to(tl.int64) * offsets.reduced + offsets.gate
     mask = k_mask[:, None] & k_mask[None, :]
     if u < CFG.SG:
-        for i in tl.static_range(CFG.S):
+        for i in tl.static_range(tl.constexpr(CFG.S)):
             tl.store(row + u * K * CFG.S * K + kk[:, None] * (CFG.S * K) + i * K + kk[None, :], accs[i], mask=mask)
         tl.store(row + CFG.SG * K * CFG.S * K + u * K + kk, acc_b, mask=k_mask)
     else:
@@ -1013,7 +1013,7 @@ def gmu_bwd_cols_kernel(
     split = tl.program_id(1)
     op = _operand(streams.inputs[0], r_ptr, CFG.FUSE_LN)
     start = 0
-    for j in tl.static_range(CFG.S):
+    for j in tl.static_range(tl.constexpr(CFG.S)):
         if CFG.ALIGNED[j]:
             chunks = tl.cdiv(streams.widths[j], CHUNKS * BLOCK_D)
         else:
@@ -1026,7 +1026,7 @@ def gmu_bwd_cols_kernel(
                 _sample_stream_unit(streams, j, unit - start, grads, bufs, flat, offsets, B, T, K,
                                     row_tiles_per_sample, op, CFG, PRECISION, BLOCK_M, BLOCK_D, BLOCK_K)
         start += chunks
-    for u in tl.static_range(CFG.SG + CFG.S * CFG.GMU_FORM):
+    for u in tl.static_range(tl.constexpr(CFG.SG + CFG.S * CFG.GMU_FORM)):
         if unit == start + u:
             _gate_unit(u, split, bufs, part, offsets, B, T, streams.widths[0], K, tiles_per_split, op, CFG,
                        PRECISION, BLOCK_M, BLOCK_K)
