@@ -100,8 +100,8 @@ def _hooked(hook):
 # JITFunction.run launch a specialisation the first time (compiling it if need be) and keeps the
 # compiled kernel it returns; after that it calls that kernel's launcher as JITFunction.run would,
 # with the bound arguments on the current stream. Not followed after the first launch: a change of a
-# global a kernel reads (Triton raises on that; these kernels read only constants). Pre-run hooks and a stages
-# inspection hook send launches through JITFunction.run, and so does AMPFUSE_TRITON_LAUNCH=triton.
+# global a kernel reads (Triton raises on that; these kernels read only constants). Pre-run hooks and
+# a stages inspection hook send launches through JITFunction.run, as AMPFUSE_TRITON_LAUNCH=triton does.
 DIRECT_LAUNCH = os.environ.get("AMPFUSE_TRITON_LAUNCH", "direct") != "triton"
 
 _COMPILED = {}  # (Triton's binder of a kernel on a device, its specialisation, options) -> compiled kernel
