@@ -91,7 +91,7 @@ def _hooked(hook):
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-# Direct launches. Triton's JITFunction.run spends 8-32 us of Python on every launch (28-32 us for the
+# Direct launches. Triton's JITFunction.run spends 8-33 us of Python on every launch (28-33 us for the
 # adapter block's kernels, benchmarks/host_overhead.py measures it): it binds and specialises the
 # arguments, turns the specialisation into a cache key with str(), and compares every global constant
 # the kernel reads with its value at compile time. A BERT layer's adapter kernels take about that long
