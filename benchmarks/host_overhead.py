@@ -66,7 +66,6 @@ def per_call_us(fn, reps):
 def adapter_case():
     """(fused op, eager reference, tensors) of the adapter block, Pfeiffer placement, tiny and on the CPU. The
     sub-layer's LayerNorm is frozen, as ampfuse.patch leaves it; the adapter's weights train."""
-    from ampfuse import testing
     from ampfuse.ops.adapter_block import adapter_block, adapter_block_reference
 
     tensors, kwargs = testing.adapter_inputs(8, 64, 16, scale_kind="float")

@@ -12,8 +12,9 @@ BERT-base from transformers.BertConfig().
 cost: per adapter call at BERT-base width (d = 768, k = 48), (1) the host path, timed as
 benchmarks/host_overhead.py times it (tiny CPU tensors, the calling thread's CPU time) but with the
 Triton launches stubbed out (sharing adds aten operations, not Triton launches): an unshared
-adapter module against shared ones; (2) the aten operations each adds (each a kernel launch on a GPU); (3) the bytes forming moves against the bytes the op moves
-at 32 x 128 tokens, and (4) forming's CPU time against the torch-backend op's on this CPU.
+adapter module against shared ones; (2) the aten operations each adds (each a kernel launch on a
+GPU); (3) the bytes forming moves against the bytes the op moves at 32 x 128 tokens, and (4)
+forming's CPU time against the torch-backend op's on this CPU.
 """
 
 import argparse
