@@ -78,6 +78,15 @@ def spills_are_reported_only(case):
 # The adapter block's dtype layouts: (h, r, parameters); "mix" is autocast's (16-bit h, fp32 r and parameters).
 ADAPTER_DTYPES = {"bf16": (torch.bfloat16,) * 3, "fp16": (torch.float16,) * 3,
                   "mix": (torch.bfloat16, torch.float32, torch.float32), "fp32": (torch.float32,) * 3}
+# The adapter block's placements and options (adapter_block keywords; "+ln": the adapter's own LayerNorm). CI
+# compiles the headline and each placement's heaviest variant; --all-placements adds the other corners (slower).
+ADAPTER_PLACEMENTS = {"pfeiffer": {},
+                      "pfeiffer+ln+dropout": dict(training=True, dropout_p=0.1),
+                      "houlsby+ln+dropout": dict(original_ln_before=False, training=True, dropout_p=0.1)}
+MORE_ADAPTER_PLACEMENTS = {"pfeiffer+ln": {}, "pfeiffer+dropout": dict(training=True, dropout_p=0.1),
+                           "houlsby": dict(original_ln_before=False), "houlsby+ln": dict(original_ln_before=False),
+                           "houlsby+dropout": dict(original_ln_before=False, training=True, dropout_p=0.1),
+                           "residual-after+ln+dropout": dict(residual_before_ln=False, training=True, dropout_p=0.1)}
 # The fusion layer's: (x and modalities, parameters, autocast dtype or None). "mix": 16-bit activations with fp32
 # parameters; "autocast": fp32 activations (a BERT LayerNorm's output under autocast) with bf16 operands.
 FUSION_DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16, None), "fp16": (torch.float16, torch.float16, None),
@@ -115,7 +124,7 @@ def gmu_case(d, k, modalities, x_dtype, r_dtype, p_dtype, B=2, T=8):
     return tensors, dict(gate=gate)
 
 
-def cases():
+def cases(adapter_placements=ADAPTER_PLACEMENTS):
     from ampfuse import testing
     from ampfuse.ops.adapter_block import adapter_block
     from benchmarks.run import fusion_inputs
@@ -124,10 +133,9 @@ def cases():
 
     for d, k, layout in itertools.product((384, 768, 1024), (64, 256), ADAPTER_DTYPES):
         h_dtype, r_dtype, p_dtype = ADAPTER_DTYPES[layout]
-        for placement, kwargs in (("pfeiffer", {}),
-                                  ("houlsby+ln+dropout", dict(original_ln_before=False, training=True, dropout_p=0.1))):
+        for placement, kwargs in adapter_placements.items():
             tensors, scale = testing.adapter_inputs(16, d, k, dtype=h_dtype, param_dtype=p_dtype, scale_kind="channel",
-                                                    ln_before=placement != "pfeiffer")
+                                                    ln_before="+ln" in placement)
             tensors["r"] = tensors["r"].detach().to(r_dtype).requires_grad_()
             yield f"adapter d={d} k={k} {layout} {placement}", lambda t=tensors, kw=kwargs | scale: testing.call(
                 adapter_block, t, backend="triton", **kw).sum().backward()
@@ -159,6 +167,8 @@ def main(argv=None):
                    help="report only cases whose name contains this text (e.g. 'gmu'); repeat for several")
     p.add_argument("--no-spill-gate", action="store_true",
                    help="report spills without failing (for a Triton other than the one CI gates on)")
+    p.add_argument("--all-placements", action="store_true",
+                   help="compile every corner of the adapter block's options, not only CI's three placements")
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     rows, seen, compiled_by_key = [], set(), {}
@@ -189,7 +199,7 @@ def main(argv=None):
 
     runtime.launch = report
     backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors: nothing runs
-    for case, fn in cases():
+    for case, fn in cases(ADAPTER_PLACEMENTS | MORE_ADAPTER_PLACEMENTS if args.all_placements else ADAPTER_PLACEMENTS):
         if args.only and not any(text in case for text in args.only):
             continue
         try:

@@ -29,10 +29,12 @@ backward, 3 launches
                             pass otherwise). Writes p = f(z) and dz in the operand dtype, and eight
                             row scalars.
   adapter_bwd_cols_kernel   grid of column chunks x token splits x bottleneck slices: dh (and dr
-                            where it differs), elementwise from the row scalars, and the weight
-                            gradients as GEMMs over the split's tokens accumulated on chip
-                            ([BLOCK_KS, BLOCK_D] each: a slice of at most 128 of the k columns),
-                            the d-wide vector gradients as column sums; one fp32 partial per split.
+                            where it differs), elementwise from the row scalars (the products
+                            p W_up^T and dz W_down it recomputes step through k 64 columns at a
+                            time), and the weight gradients as GEMMs over the split's tokens
+                            accumulated on chip ([BLOCK_KS, BLOCK_D] each: a slice of at most 128
+                            of the k columns), the d-wide vector gradients as column sums; one
+                            fp32 partial per split.
   reduce_partials_kernel    sums the splits in a fixed order (deterministic), casting to the
                             parameters' dtype.
 """
@@ -175,11 +177,30 @@ def _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd
 
 
 @triton.jit
+def _w_down(wd_ptr, cols, col_mask, kk, k_mask, D):
+    """W_down at bottleneck rows kk and hidden columns cols: [len(kk), BLOCK_D]."""
+    return tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _up_product(p_op, wu_ptr, cols, col_mask, kk, k_mask, K, PRECISION: tl.constexpr):
+    """p W_up^T at one chunk of columns, for the bottleneck columns kk: [BLOCK_M, BLOCK_D] fp32."""
+    wut = tl.load(wu_ptr + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    return tl.dot(p_op, wut.to(p_op.dtype), input_precision=PRECISION)
+
+
+@triton.jit
 def _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K, seed_ptr, p_drop,
               CFG: tl.constexpr, PRECISION: tl.constexpr):
     """(w, v, keep) of one chunk: v = p W_up^T + b_up, w = dropout(s v) (keep: the dropout mask)."""
-    wut = tl.load(wu_ptr + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-    v = tl.dot(p_op, wut.to(p_op.dtype), input_precision=PRECISION) + _vec(consts, VEC_BU, cols, col_mask, D)[None, :]
+    return _up_from_product(_up_product(p_op, wu_ptr, cols, col_mask, kk, k_mask, K, PRECISION), consts, rows, cols,
+                            col_mask, D, seed_ptr, p_drop, CFG)
+
+
+@triton.jit
+def _up_from_product(pw, consts, rows, cols, col_mask, D, seed_ptr, p_drop, CFG: tl.constexpr):
+    """_up_chunk given the product pw = p W_up^T."""
+    v = pw + _vec(consts, VEC_BU, cols, col_mask, D)[None, :]
     w = v * _vec(consts, VEC_S, cols, col_mask, D)[None, :]
     keep = w == w  # all kept without dropout
     if CFG.DROPOUT:
@@ -550,14 +571,14 @@ def adapter_bwd_rows_kernel(
             col_mask = cols < D
             do = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             if not CFG.RESIDUAL_BEFORE_LN:
+                pw = _up_product(p_op, wu_ptr, cols, col_mask, kk, k_mask, K, PRECISION)
                 do, _dy, _ohat, _v, _keep = _output_grad(
-                    dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
-                    mean1, rstd1, mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, CFG, PRECISION)
-            wd_op = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                            other=0.0).to(op)
-            da, _dan, x1hat, _ahat, _an = _input_grad(
-                h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a,
-                rstd_a, ma1, ma2, CFG, PRECISION)
+                    dy_ptr, h_ptr, r_ptr, consts, pw, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
+                    mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, CFG)
+            dan = tl.dot(dz_op, _w_down(wd_ptr, cols, col_mask, kk, k_mask, D).to(op), input_precision=PRECISION)
+            da, x1hat, _ahat, _an = _input_grad(
+                h_ptr, r_ptr, consts, dan, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a, ma1,
+                ma2, CFG)
             gda = da * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
             c1 += tl.sum(gda, axis=1)
             c2 += tl.sum(gda * x1hat, axis=1)
@@ -569,15 +590,13 @@ def adapter_bwd_rows_kernel(
 
 
 @triton.jit
-def _output_grad(dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
-                 mean1, rstd1, mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop,
-                 CFG: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of the output LayerNorm's backward, exact from the row scalars:
+def _output_grad(dy_ptr, h_ptr, r_ptr, consts, pw, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
+                 mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, CFG: tl.constexpr):
+    """One chunk of the output LayerNorm's backward, exact from the row scalars, given pw = p W_up^T:
     (do: gradient of o, dy, o_hat, v, the dropout mask)."""
     _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
                                                mean_a, rstd_a, CFG)
-    w, v, keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K, seed_ptr, p_drop,
-                           CFG, PRECISION)
+    w, v, keep = _up_from_product(pw, consts, rows, cols, col_mask, D, seed_ptr, p_drop, CFG)
     ohat = tl.where(col_mask[None, :], (w + res - mean_o[:, None]) * rstd_o[:, None], 0.0)
     dy = _chunk(dy_ptr, rows, row_mask, cols, col_mask, D)
     g = dy * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
@@ -586,14 +605,13 @@ def _output_grad(dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, col
 
 
 @triton.jit
-def _input_grad(h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a,
-                rstd_a, ma1, ma2, CFG: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of the gradient below the bottleneck, exact from the row scalars, given do:
-    (da: gradient of a, dan: of the adapter's input an, x1_hat, a_hat, an). h and r are read again
-    here (cache hits) rather than held through the output's backward."""
+def _input_grad(h_ptr, r_ptr, consts, dan, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a, ma1,
+                ma2, CFG: tl.constexpr):
+    """One chunk of the gradient below the bottleneck, exact from the row scalars, given do and
+    dan = dz W_down (the gradient of the adapter's input an): (da: gradient of a, x1_hat, a_hat, an). h
+    and r are read again here (cache hits) rather than held through the output's backward."""
     _x1, x1hat, _a, ahat, an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd1,
                                              mean_a, rstd_a, CFG)
-    dan = tl.dot(dz_op, wd_op, input_precision=PRECISION)
     if CFG.LN_BEFORE:
         ga = _vec(consts, VEC_GA, cols, col_mask, D)
         da = tl.where(col_mask[None, :], (dan * ga[None, :] - ma1[:, None] - ahat * ma2[:, None]) * rstd_a[:, None],
@@ -602,7 +620,23 @@ def _input_grad(h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, co
         da = dan
     if not CFG.RESIDUAL_BEFORE_LN:
         da += do
-    return da, dan, x1hat, ahat, an
+    return da, x1hat, ahat, an
+
+
+@triton.jit
+def _stepped_product(a_ptr, row_mask, w_ptr, stride_k, stride_d, cols, col_mask, K, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KC: tl.constexpr):
+    """a W at one chunk of columns, [BLOCK_M, BLOCK_D] fp32: a is a row tile's k-wide operand (row pointers
+    ``a_ptr``), W[j, c] is at w_ptr + j stride_k + c stride_d; reduced over k in steps of BLOCK_KC."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_KC):
+        kc = k0 + tl.arange(0, BLOCK_KC)
+        kc_mask = kc < K
+        a = tl.load(a_ptr + kc[None, :], mask=row_mask[:, None] & kc_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + kc[:, None] * stride_k + cols[None, :] * stride_d, mask=kc_mask[:, None] & col_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(a, w.to(a.dtype), acc=acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["saved_offset"])
@@ -619,6 +653,7 @@ def adapter_bwd_cols_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr,         # the bottleneck columns a program accumulates weight gradients for
+    BLOCK_KC: tl.constexpr,         # the bottleneck columns per step of the products p W_up^T and dz W_down
 ):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -638,8 +673,14 @@ def adapter_bwd_cols_kernel(
         op = h_ptr.dtype.element_ty
     gamma = _vec(consts, VEC_GAMMA, cols, col_mask, D)
     s = _vec(consts, VEC_S, cols, col_mask, D)
-    wd_op = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                    other=0.0).to(op)
+    # The products p W_up^T and dz W_down that the elementwise backward recomputes reduce over all of k.
+    # When one step of BLOCK_KC covers k, the tile's p and dz are loaded whole and W_down's chunk is held
+    # across tiles; a wider k (128, 256) steps through it: with whole [BLOCK_M, 256] operands the kernel
+    # spilled 16 to 192 bytes per thread in the variants with dropout or the adapter LayerNorm
+    # (benchmarks/compile_report --all-placements).
+    ONE_STEP: tl.constexpr = BLOCK_KC == BLOCK_K
+    if ONE_STEP:
+        wd_op = _w_down(wd_ptr, cols, col_mask, kk, k_mask, D).to(op)
     acc_wu = tl.zeros([BLOCK_KS, BLOCK_D], dtype=tl.float32)  # dW_up[cols, ks]^T = p[:, ks]^T dv
     acc_wd = tl.zeros([BLOCK_KS, BLOCK_D], dtype=tl.float32)  # dW_down[ks, cols] = dz[:, ks]^T an
     acc_bd = tl.zeros([BLOCK_KS], dtype=tl.float32)
@@ -649,29 +690,33 @@ def adapter_bwd_cols_kernel(
     acc_lnb = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_aw = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_ab = tl.zeros([BLOCK_D], dtype=tl.float32)
+    saved_rows = _saved_part(consts, saved_offset) + M * K  # the forward's row statistics
     first = split * tiles_per_split
     for tile in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(M, BLOCK_M))):
         rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile * BLOCK_M
         row_mask = rows < M
-        tile_mask = row_mask[:, None] & k_mask[None, :]
-        pd = pd_ptr + rows[:, None] * (2 * K) + kk[None, :]
-        p_op = tl.load(pd, mask=tile_mask, other=0.0)
-        dz_op = tl.load(pd + K, mask=tile_mask, other=0.0)
-        if BLOCK_KS == BLOCK_K:
+        pd = pd_ptr + rows[:, None] * (2 * K)
+        if ONE_STEP:
+            tile_mask = row_mask[:, None] & k_mask[None, :]
+            p_op = tl.load(pd + kk[None, :], mask=tile_mask, other=0.0)
+            dz_op = tl.load(pd + K + kk[None, :], mask=tile_mask, other=0.0)
+            pw = _up_product(p_op, wu_ptr, cols, col_mask, kk, k_mask, K, PRECISION)
+        else:
+            pw = _stepped_product(pd, row_mask, wu_ptr, 1, K, cols, col_mask, K, PRECISION, BLOCK_M, BLOCK_D, BLOCK_KC)
+        if ONE_STEP and BLOCK_KS == BLOCK_K:
             p_ks, dz_ks = p_op, dz_op
         else:  # the slice's columns, read again (cache hits)
-            pd_ks = pd_ptr + rows[:, None] * (2 * K) + ks[None, :]
-            p_ks = tl.load(pd_ks, mask=row_mask[:, None] & ks_mask[None, :], other=0.0)
-            dz_ks = tl.load(pd_ks + K, mask=row_mask[:, None] & ks_mask[None, :], other=0.0)
-        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(_saved_part(consts, saved_offset) + M * K, rows,
-                                                                  row_mask, M)
+            slice_mask = row_mask[:, None] & ks_mask[None, :]
+            p_ks = tl.load(pd + ks[None, :], mask=slice_mask, other=0.0)
+            dz_ks = tl.load(pd + K + ks[None, :], mask=slice_mask, other=0.0)
+        _mean, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_rows, rows, row_mask, M)
         mg, mgo, ma1, ma2, c1, c2 = _row_scalars(rowgrad_ptr, rows, row_mask, M)
         mean_o, rstd_o = _row_scalar(rowgrad_ptr, 6, rows, row_mask, M), _row_scalar(rowgrad_ptr, 7, rows, row_mask, M)
 
         # ---- the output LayerNorm and the up-projection ----
         do, dy, ohat, v, keep = _output_grad(
-            dy_ptr, h_ptr, r_ptr, consts, wu_ptr, p_op, rows, row_mask, cols, col_mask, kk, k_mask, D, K, mean1, rstd1,
-            mean_a, rstd_a, mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, CFG, PRECISION)
+            dy_ptr, h_ptr, r_ptr, consts, pw, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a, mean_o,
+            rstd_o, mg, mgo, seed_ptr, p_drop, CFG)
         if CFG.LN_GRAD:
             acc_lnw += tl.sum(dy * ohat, axis=0)
             acc_lnb += tl.sum(dy, axis=0)
@@ -685,9 +730,14 @@ def adapter_bwd_cols_kernel(
         acc_wu = tl.dot(tl.trans(p_ks), dv.to(op), acc=acc_wu, input_precision=PRECISION)
 
         # ---- the down-projection and the LayerNorms below it ----
-        da, dan, x1hat, ahat, an = _input_grad(
-            h_ptr, r_ptr, consts, dz_op, wd_op, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
-            ma1, ma2, CFG, PRECISION)
+        if ONE_STEP:
+            dan = tl.dot(dz_op, wd_op, input_precision=PRECISION)
+        else:
+            dan = _stepped_product(pd + K, row_mask, wd_ptr, D, 1, cols, col_mask, K, PRECISION, BLOCK_M, BLOCK_D,
+                                   BLOCK_KC)
+        da, x1hat, ahat, an = _input_grad(
+            h_ptr, r_ptr, consts, dan, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a, ma1, ma2,
+            CFG)
         acc_wd = tl.dot(tl.trans(dz_ks), an.to(op), acc=acc_wd, input_precision=PRECISION)
         acc_bd += tl.sum(dz_ks.to(tl.float32), axis=0)
         if CFG.LN_BEFORE:
@@ -837,7 +887,7 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
                    M, D, K, float(spec.ln_eps), CFG=_flags(spec),
                    LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **rows)
 
-    cols = runtime.column_tiles(D, K, operand_dtype(h, r))
+    cols = runtime.column_tiles(D, K, operand_dtype(h, r), heavy=spec.ln_before or spec.dropout_p > 0)
     tiles = cdiv(M, cols["BLOCK_M"])
     splits = runtime.token_splits(tiles, cdiv(D, cols["BLOCK_D"]))
     tiles_per_split = cdiv(tiles, splits)

@@ -1062,8 +1062,10 @@ def tiles(kind, K, S, dtype):
         return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, PRECISION=precision, num_warps=4)
     if kind == "cols":
         return dict(BLOCK_M=64, BLOCK_D=16, CHUNKS=2, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
-    # the row kernel holds the gate's S activation and S gradient tiles at once: 32-row tiles
-    return dict(BLOCK_M=32 if kind == "rows" else 64, BLOCK_D=32, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
+    # the row kernel holds the gate's S activation and S gradient tiles at once: 32-row tiles; the forward with
+    # more than two streams takes 16-column chunks (at 32, Triton 3.6 spills it in autocast's mix)
+    return dict(BLOCK_M=32 if kind == "rows" else 64, BLOCK_D=16 if kind == "fwd" and S > 2 else 32, BLOCK_K=block_k,
+                PRECISION=precision, num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)

@@ -196,20 +196,27 @@ def row_tiles(D, K, dtype, heavy=False):
 
 
 @functools.lru_cache(maxsize=None)
-def column_tiles(D, K, dtype):
+def column_tiles(D, K, dtype, heavy=False):
     """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
     of BLOCK_M rows, accumulating two [BLOCK_KS, BLOCK_D] fp32 weight-gradient tiles on chip for a slice
     of BLOCK_KS of the k bottleneck columns (a grid axis runs over the slices). 16 columns: at 32, the
     fp16 and mixed-dtype variants spill at k = 64 on sm_90 (benchmarks/compile_report). Slices of at most
-    128: at k = 256 two whole [256, 16] accumulators spill even at 16 rows. In the interpreter, slices
-    of 32, so the tests cross a slice boundary at their k = 48."""
+    128: at k = 256 two whole [256, 16] accumulators spill even at 16 rows. The products over all of k
+    that the elementwise backward recomputes step through k BLOCK_KC = 64 columns at a time (at k = 256
+    whole operands spill). ``heavy`` variants (the adapter's own LayerNorm or dropout recomputed per
+    element) take at most 32 rows: at 64, Triton 3.6 spills 8 to 48 bytes at k = 64 in the variants with
+    both (compile_report --all-placements). In the interpreter, slices of 32 and steps of 16, so the
+    tests cross a slice boundary at their k = 48 and take both the one-step path (k <= 16) and the
+    stepped one."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, BLOCK_KS=min(block_k, 32),
-                    PRECISION=_precision(dtype))
+                    BLOCK_KC=min(block_k, 16), PRECISION=_precision(dtype))
     rows = 64 if block_k <= 64 and dtype != torch.float32 else 16
-    return dict(BLOCK_M=rows, BLOCK_D=16, BLOCK_K=block_k, BLOCK_KS=min(block_k, 128), PRECISION=_precision(dtype),
-                num_warps=8)
+    if heavy:
+        rows = min(rows, 32)
+    return dict(BLOCK_M=rows, BLOCK_D=16, BLOCK_K=block_k, BLOCK_KS=min(block_k, 128), BLOCK_KC=min(block_k, 64),
+                PRECISION=_precision(dtype), num_warps=8)
 
 
 def _interpreter_chunk(D):
