@@ -41,6 +41,19 @@ def test_kernels_compile_for_hopper_within_shared_memory():
             "fusion_bwd_gate_kernel", "fusion_bwd_input_kernel", "fusion_bwd_weight_kernel"} <= kernels
 
 
+def test_compile_report_covers_every_corner_of_the_adapter_options_on_request():
+    # --all-placements adds the option corners CI's default run leaves out (they found spills at k = 256);
+    # each compiles, and the spill gate still holds for the one asked for here.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--all-placements", "--only",
+                           "adapter d=768 k=64 bf16 residual-after+ln+dropout"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines()[1:] if line.strip()]
+    assert rows and all(line.startswith("adapter d=768 k=64 bf16 residual-after+ln+dropout ") for line in rows)
+    assert "adapter_bwd_cols_kernel" in done.stdout and "COMPILE ERROR" not in done.stdout
+
+
 def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     # GPU leases end runs by a time limit: every measured row must already be in the report then.
     monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is not installed: import it from the checkout
