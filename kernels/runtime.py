@@ -184,15 +184,17 @@ def row_tiles(D, K, dtype, heavy=False):
     interpreter (fast, and many chunks per row in the tests). On a GPU 8 warps, and as many rows as fit
     the registers without spilling (benchmarks/compile_report checks it): 64 (tensor-core friendly) at
     k <= 64, fewer for a wider bottleneck or fp32 operands (full-precision dots hold more); ``heavy``
-    variants (an extra LayerNorm, dropout, mixed dtypes: more work per element) get narrower chunks."""
+    variants (an extra LayerNorm, dropout, mixed dtypes: more work per element) and fp32 get 16-column
+    chunks (fp32 at k = 256 with 32: the forward spilled 2.7 KB per thread, ptxas falling back to 32
+    registers, and the backward row kernel 1.5 KB; with 16, 136-176 and 0-192 bytes)."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
     rows = 64 if block_k <= 64 else 32 if block_k <= 128 else 16
     if dtype == torch.float32:
         rows = min(rows, 32)
-    return dict(BLOCK_M=rows, BLOCK_D=16 if heavy else 32, BLOCK_K=block_k, PRECISION=_precision(dtype),
-                num_warps=8)
+    narrow = heavy or dtype == torch.float32
+    return dict(BLOCK_M=rows, BLOCK_D=16 if narrow else 32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
