@@ -177,15 +177,17 @@ def _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1, rstd
 
 
 @triton.jit
-def _w_down(wd_ptr, cols, col_mask, kk, k_mask, D):
-    """W_down at bottleneck rows kk and hidden columns cols: [len(kk), BLOCK_D]."""
-    return tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+def _weight_tile(w_ptr, stride_k, stride_d, kk, k_mask, cols, col_mask):
+    """[len(kk), BLOCK_D] tile of a k x d view of a weight at bottleneck indices kk and hidden columns cols,
+    element (j, c) at w_ptr + j stride_k + c stride_d: W_down is (D, 1), W_up^T is (1, K); 0 outside."""
+    return tl.load(w_ptr + kk[:, None] * stride_k + cols[None, :] * stride_d, mask=k_mask[:, None] & col_mask[None, :],
+                   other=0.0)
 
 
 @triton.jit
 def _up_product(p_op, wu_ptr, cols, col_mask, kk, k_mask, K, PRECISION: tl.constexpr):
     """p W_up^T at one chunk of columns, for the bottleneck columns kk: [BLOCK_M, BLOCK_D] fp32."""
-    wut = tl.load(wu_ptr + cols[None, :] * K + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    wut = _weight_tile(wu_ptr, 1, K, kk, k_mask, cols, col_mask)
     return tl.dot(p_op, wut.to(p_op.dtype), input_precision=PRECISION)
 
 
@@ -404,8 +406,7 @@ def adapter_fwd_kernel(
         col_mask = cols < D
         x1, _x1hat, _a, _ahat, an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1,
                                                  rstd1, mean_a, rstd_a, CFG)
-        wd = tl.load(wd_ptr + kk[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                     other=0.0).to(tl.float32)
+        wd = _weight_tile(wd_ptr, D, 1, kk, k_mask, cols, col_mask).to(tl.float32)
         res_c = tl.where(col_mask[None, :], res - shift[:, None], 0.0)
         if FOLD:  # gamma joins the activation side: W_down stays exact when it is 16-bit already
             gx = res_c * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
@@ -575,7 +576,7 @@ def adapter_bwd_rows_kernel(
                 do, _dy, _ohat, _v, _keep = _output_grad(
                     dy_ptr, h_ptr, r_ptr, consts, pw, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
                     mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, CFG)
-            dan = tl.dot(dz_op, _w_down(wd_ptr, cols, col_mask, kk, k_mask, D).to(op), input_precision=PRECISION)
+            dan = tl.dot(dz_op, _weight_tile(wd_ptr, D, 1, kk, k_mask, cols, col_mask).to(op), input_precision=PRECISION)
             da, x1hat, _ahat, _an = _input_grad(
                 h_ptr, r_ptr, consts, dan, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a, ma1,
                 ma2, CFG)
@@ -633,8 +634,7 @@ def _stepped_product(a_ptr, row_mask, w_ptr, stride_k, stride_d, cols, col_mask,
         kc = k0 + tl.arange(0, BLOCK_KC)
         kc_mask = kc < K
         a = tl.load(a_ptr + kc[None, :], mask=row_mask[:, None] & kc_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + kc[:, None] * stride_k + cols[None, :] * stride_d, mask=kc_mask[:, None] & col_mask[None, :],
-                    other=0.0)
+        w = _weight_tile(w_ptr, stride_k, stride_d, kc, kc_mask, cols, col_mask)
         acc = tl.dot(a, w.to(a.dtype), acc=acc, input_precision=PRECISION)
     return acc
 
@@ -680,7 +680,7 @@ def adapter_bwd_cols_kernel(
     # (benchmarks/compile_report --all-placements).
     ONE_STEP: tl.constexpr = BLOCK_KC == BLOCK_K
     if ONE_STEP:
-        wd_op = _w_down(wd_ptr, cols, col_mask, kk, k_mask, D).to(op)
+        wd_op = _weight_tile(wd_ptr, D, 1, kk, k_mask, cols, col_mask).to(op)
     acc_wu = tl.zeros([BLOCK_KS, BLOCK_D], dtype=tl.float32)  # dW_up[cols, ks]^T = p[:, ks]^T dv
     acc_wd = tl.zeros([BLOCK_KS, BLOCK_D], dtype=tl.float32)  # dW_down[ks, cols] = dz[:, ks]^T an
     acc_bd = tl.zeros([BLOCK_KS], dtype=tl.float32)
