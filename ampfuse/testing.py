@@ -143,14 +143,19 @@ def device_switches():
         runtime.device_switch, runtime.launch = device_switch, launch
 
 
-def launches_switched_to(events, device):
-    """Whether ``events`` (device_switches) has launches and each is inside a switch to ``device``."""
+def assert_launches_on_device(call, device):
+    """Runs ``call()`` (an op on tensors of ``device``) without grad, then again with a backward through its
+    sum, and asserts that each of the three (no-grad forward, forward, backward) switched to ``device`` once
+    and that every Triton launch happened inside such a switch (kernels/runtime.on_tensors_device)."""
+    with device_switches() as events:
+        with torch.no_grad():
+            call()
+        call().sum().backward()
     inside = None
     for event in events:
-        if event == "launch" and inside != device:
-            return False
+        assert event != "launch" or inside == device, events
         inside = event[1] if event[0] == "enter" else None if event == "exit" else inside
-    return "launch" in events
+    assert "launch" in events and events.count("exit") == 3, events
 
 
 @contextlib.contextmanager
