@@ -166,7 +166,7 @@ def main(argv=None):
     p.add_argument("--only", action="append", default=[],
                    help="report only cases whose name contains this text (e.g. 'gmu'); repeat for several")
     p.add_argument("--no-spill-gate", action="store_true",
-                   help="report spills without failing (for a Triton other than the one CI gates on)")
+                   help="report spills without failing (to survey option corners or Tritons that CI does not gate)")
     p.add_argument("--all-placements", action="store_true",
                    help="compile every corner of the adapter block's options, not only CI's three placements")
     args = p.parse_args(argv)
