@@ -3,10 +3,14 @@
 import torch
 
 
-def tensor(name, value, *, shape=None, device=None, floating=True):
+def tensor(name, value, *, shape=None, device=None, floating=True, dtype=None):
+    """``value`` as a tensor of ``shape`` on ``device``: of ``dtype`` where given, else floating-point
+    unless ``floating`` is False."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if floating and not value.is_floating_point():
+    if dtype is not None and value.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {value.dtype}")
+    if dtype is None and floating and not value.is_floating_point():
         raise ValueError(f"{name} must have a floating-point dtype, got {value.dtype}")
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")

@@ -413,6 +413,9 @@ def test_bad_input_names_the_argument(name, bad, message):
     (dict(dropout_p=1.0), "dropout_p"),
     (dict(ln_eps=0.0), "ln_eps"),
     (dict(adapter_ln_weight=torch.ones(16)), "given together"),
+    (dict(training=True, dropout_p=0.1, seed=torch.tensor([7], dtype=torch.int32)), "seed must have dtype torch.int64"),
+    (dict(training=True, dropout_p=0.1, seed=torch.tensor([7.0])), "seed must have dtype torch.int64"),
+    (dict(training=True, dropout_p=0.1, seed=torch.tensor([7, 8])), r"seed must have shape \(1,\)"),
 ])
 def test_bad_options_are_rejected(kwargs, message):
     tensors, _ = testing.adapter_inputs(6, 16, 4)

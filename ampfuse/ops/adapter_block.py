@@ -278,7 +278,7 @@ def adapter_block(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_do
     if dropout_p > 0:
         if seed is None:
             seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
-        _checks.tensor("seed", seed, shape=(1,), device=h.device, floating=False)
+        _checks.tensor("seed", seed, shape=(1,), device=h.device, dtype=torch.int64)
     else:
         seed = None
     if isinstance(scaling, Tensor):
