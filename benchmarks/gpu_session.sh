@@ -21,6 +21,9 @@
 # Stage "bench": the benchmark suites, each SUITE[:TIMEOUT_S[:SIZES]] (default 400 s, --sizes
 # headline), into $OUT/bench.tar.gz; it builds the extension first when the check stage did not:
 #     STAGES=bench SUITES="adapter:400:headline e2e:120" bash benchmarks/gpu_session.sh
+# BENCH_ARGS goes to each suite: BENCH_ARGS="--impls eager,ampfuse-triton,torch.compile" leaves out
+# max-autotune (minutes of compiling per shape), the adapters library and the CUDA extension (not built
+# then), for a lease too short for them.
 # The adapters library (its baseline rows) pins transformers 4.57: carry it and its pins as wheels in
 # .whl (device README); only the benchmark processes see them.
 #
@@ -32,7 +35,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 # The command as run, for the record: the knobs set in the environment, then the script.
-KNOBS="STAGES SUITES BUDGET_S DRY_RUN WORKERS TESTS TESTS_CUDA TEST_TIMEOUT SANITIZE_CASES SANITIZE_JOBS COMMIT"
+KNOBS="STAGES SUITES BENCH_ARGS BUDGET_S DRY_RUN WORKERS TESTS TESTS_CUDA TEST_TIMEOUT SANITIZE_CASES SANITIZE_JOBS COMMIT"
 CMD=$(for v in $KNOBS; do [[ -n "${!v+x}" ]] && printf '%s=%q ' "$v" "${!v}"; done)"bash benchmarks/gpu_session.sh"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -162,7 +165,8 @@ print(int(bool(u.find_spec("xdist"))), int(bool(u.find_spec("pytest_timeout"))),
 fi
 
 if has bench; then
-  if ! ls ampfuse/_C*.so > /dev/null 2>&1; then
+  # the extension is built unless it is there or BENCH_ARGS' --impls leaves ampfuse-cuda out
+  if ! ls ampfuse/_C*.so > /dev/null 2>&1 && [[ "${BENCH_ARGS:-}" != *--impls* || "${BENCH_ARGS:-}" == *ampfuse-cuda* ]]; then
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} timeout 400 "$PY" setup.py -q build_ext --inplace \
       > "$W/build-bench.log" 2>&1
     echo "build rc=$?"; grep -E "error|warning: .*(spill|stack)" "$W/build-bench.log" | head

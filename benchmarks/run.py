@@ -166,11 +166,16 @@ def adapter_inputs(n, d, k, dtype, device, mix=False):
 
 
 def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, device, dtype, sizes, ceil, log, emit,
-                 mix=False):
-    """Times every implementation on every case; each row goes to emit as soon as it is measured. With
-    ``mix`` (16-bit dtypes on a GPU) every case runs a second time in autocast's dtype layout. Each row
-    also gives the call replayed as a CUDA graph (host time removed), where it can be captured."""
+                 mix=False, only=None):
+    """Times every implementation on every case (those named in ``only``, when given); each row goes to
+    emit as soon as it is measured. With ``mix`` (16-bit dtypes on a GPU) every case runs a second time in
+    autocast's dtype layout. Each row also gives the call replayed as a CUDA graph (host time removed),
+    where it can be captured."""
     impls = impls_for(device, dtype, sizes)
+    if only:
+        log(f"  {name}: only {', '.join(n for n in impls if n in only)} (not here: "
+            f"{', '.join(n for n in only if n not in impls) or 'none'})")
+        impls = {n: fn for n, fn in impls.items() if n in only}
     layouts = [False] + ([True] if mix and device.type == "cuda" and dtype != torch.float32 else [])
     for case in cases:
         for layout in layouts:
@@ -531,6 +536,9 @@ def main(argv=None):
                    help="quick: one small size per suite (the CI smoke); headline: docs/design.md's headline shapes "
                         "(fits a 10-minute GPU lease); full: the whole grid")
     p.add_argument("--quick", action="store_const", dest="sizes", const="quick", help="same as --sizes quick")
+    p.add_argument("--impls", default=None, type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                   help="time only these implementations, comma-separated (e.g. 'eager,ampfuse-triton,torch.compile' "
+                        "to leave max-autotune's minutes of compiling out of a short GPU lease); default: all")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<gpu>-<date> or a "
                                                 "cpu-smoke folder)")
@@ -566,13 +574,14 @@ def main(argv=None):
     suites = SUITES if args.suite == "all" else [args.suite]
     if "adapter" in suites:
         run_op_suite("adapter", adapter_cases(args.sizes, device), adapter_implementations, adapter_inputs,
-                     adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log, emit, mix=True)
+                     adapter_bytes, adapter_flops, device, dtype, args.sizes, ceil, log, emit, mix=True,
+                     only=args.impls)
     if "gmu" in suites:
         run_op_suite("gmu", gmu_cases(args.sizes, device), gmu_implementations, gmu_inputs, gmu_bytes, gmu_flops,
-                     device, dtype, args.sizes, ceil, log, emit, mix=True)
+                     device, dtype, args.sizes, ceil, log, emit, mix=True, only=args.impls)
     if "fusion" in suites:
         run_op_suite("fusion", fusion_cases(args.sizes, device), fusion_implementations, fusion_inputs, fusion_bytes,
-                     fusion_flops, device, dtype, args.sizes, ceil, log, emit, mix=True)
+                     fusion_flops, device, dtype, args.sizes, ceil, log, emit, mix=True, only=args.impls)
     if "e2e" in suites:
         run_e2e(device, args.sizes, log, emit)
     write_report(rows, header, out)

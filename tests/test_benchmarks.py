@@ -77,6 +77,18 @@ def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert "| e2e |" in (tmp_path / "results.md").read_text()
 
 
+def test_benchmark_times_only_the_implementations_asked_for(tmp_path, monkeypatch, capsys):
+    # --impls keeps a short GPU lease off max-autotune's compiles; a name a suite lacks is said, not fatal
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import run
+
+    monkeypatch.setattr(run, "bench", lambda fn, device, reps=None: 1.0)  # rows without running anything
+    run.main(["--suite", "adapter", "--quick", "--impls", "eager, torch.compile,no-such", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {row["backend"] for row in report["rows"]} == {"eager", "torch.compile"}
+    assert "not here: no-such" in capsys.readouterr().out
+
+
 def test_host_overhead_benchmark_runs():
     # CPU time of each op's host path with the launches stubbed, next to a torch.add (a benchmark, not a
     # timed test: only that it runs and reports every mode is checked)
