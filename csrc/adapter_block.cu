@@ -956,7 +956,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
       allow_shared(kernel, shared);
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
-      const int programs = grid_size((p.M + kBM - 1) / kBM, std::max(per_sm, 1));
+      const int programs = grid_size((p.M + kBM - 1) / kBM, std::min(std::max(per_sm, 1), 2));
       at::Tensor part = new_output({programs, sl.width}, h.options().dtype(at::kFloat));
       kernel<<<programs, kThreads, shared, stream>>>(
           p, DP, KP, off, sl, ln_grad, input_grad, reinterpret_cast<const T*>(dy.data_ptr<scalar_t>()),

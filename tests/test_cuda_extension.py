@@ -117,3 +117,50 @@ def test_cuda_backward_with_dropout_is_deterministic_and_matches_the_reference(d
     grads64 = torch.autograd.grad(y64, [ref64[n] for n in names], dy.cpu().double())
     for name, g, g64 in zip(names, runs[0], grads64):
         assert testing.rel_err(g, g64) < testing.TOLERANCE[dtype], (name, testing.rel_err(g, g64))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_backward_hands_back_gradients_in_the_dtype_its_fake_kernel_declares(monkeypatch, grad_dtype):
+    # The extension writes the parameter gradients in fp32; torch.compile traces the backward op with
+    # its fake kernel, which declares the parameters' own dtype: the launcher casts (no GPU needed).
+    from ampfuse.ops.adapter_block import AdapterBlockSpec, AdapterParams, gradient_layout
+
+    M, d, k = 5, 24, 4
+    tensors, _ = testing.adapter_inputs(M, d, k)
+    params = AdapterParams(*(tensors[n].detach() for n in ("ln_weight", "ln_bias", "w_down", "b_down", "w_up",
+                                                           "b_up")))
+    written = torch.randn(gradient_layout(d, k)[1])
+
+    class Extension:  # stands in for torch.ops.ampfuse_C
+        @staticmethod
+        def adapter_block_bwd(dy, h, r, *args):
+            return torch.randn(M, d), torch.randn(M, d), written.clone()
+
+    monkeypatch.setattr(cuda_ops, "_ops", lambda: Extension)
+    h = tensors["h"].detach()
+    _dh, _dr, flat = cuda_ops.backward(AdapterBlockSpec(), torch.randn(M, d), h, h.clone(), params, None,
+                                       h.new_empty(0), True, True, grad_dtype)
+    assert flat.dtype == grad_dtype
+    torch.testing.assert_close(flat, written.to(grad_dtype), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_cuda_backend_under_torch_compile_equals_eager_with_half_parameters():
+    # A half model: the backward's fake kernel declares fp16 gradients, which the CUDA launcher must hand back.
+    module = ampfuse.BottleneckAdapter(200, 24, activation="gelu", scaling="channel", init="bert").cuda().half()
+    ln = torch.nn.LayerNorm(200).cuda().half()
+    h = torch.randn(3, 37, 200, device="cuda", dtype=torch.float16, requires_grad=True)
+    r = torch.randn(3, 37, 200, device="cuda", dtype=torch.float16)
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def grads(fn):
+        y = fn(h, r)
+        return (y, *torch.autograd.grad(y.float().square().sum(), [h, *params]))
+
+    with ampfuse.use_backend("cuda"):  # read once, when the function is traced
+        eager = grads(lambda h, r: module(h, r, ln))
+        compiled = grads(torch.compile(lambda h, r: module(h, r, ln), fullgraph=True))
+    for a, b in zip(compiled, eager):
+        assert a.dtype == b.dtype == torch.float16
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -59,7 +59,8 @@ def forward(spec, h, r, params, seed, save):
 
 
 def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtype):
-    """(dh, dr, flat) as kernels.adapter_block.backward (flat in fp32 here, cast by the op)."""
+    """(dh, dr, flat) as kernels.adapter_block.backward: flat in ``grad_dtype``, as the op's fake kernel
+    says under torch.compile (the extension writes fp32: one cast where the parameters are 16-bit)."""
     from .adapter_block import gradient_layout
 
     dtype, d = torch.promote_types(h.dtype, r.dtype), h.shape[-1]
@@ -78,6 +79,7 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
         [offsets[name] if name in computed else -1 for name in GRADIENT_ORDER], int(total))
     if spec.scale_mode == "scalar":  # one value where the layout has d partials that sum to it
         flat[offsets["scale"] + 1:offsets["scale"] + d] = 0
+    flat = flat.to(grad_dtype)
     if not input_grad:
         return None, None, flat
     return dh.to(h.dtype).view(h.shape), dr.to(r.dtype).view(h.shape), flat
