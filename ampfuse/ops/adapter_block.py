@@ -8,6 +8,7 @@ LN is the frozen LayerNorm of the BERT sub-layer (ln_weight, ln_bias, ln_eps). D
 probability dropout_p is applied to u in training.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
-from . import _spec
+from . import _flat, _spec
 from .activations import ACTIVATIONS, canonical
 
 
@@ -116,28 +117,25 @@ def _implementation(backend):
 _IMPLEMENTATIONS = {}
 
 
-# Each parameter's slot in GRAD_SLOTS, in AdapterParams order.
-_SLOT_OF_PARAM = tuple(GRAD_SLOTS.index(name) for name in AdapterParams._fields)
-_SCALE_SLOT = GRAD_SLOTS.index("scale")
+@functools.lru_cache(maxsize=None)
+def _param_offsets(d, k):
+    """Each parameter's offset in the flat gradient buffer, in AdapterParams order."""
+    offsets, _ = gradient_layout(d, k)
+    return tuple(offsets[name] for name in AdapterParams._fields)
 
 
 def _gradients(spec, flat, params, needs):
     """Per-parameter gradients in parameter order: views of ``flat`` (cast only where it is not the
-    parameter's dtype), None where not needed. The host path of every backward: one split for all the
-    slices, then a view only where a parameter is a matrix (a view costs about a torch.add)."""
+    parameter's dtype), None where not needed. The host path of every backward: one view per gradient."""
     k, d = params.w_down.shape
-    slots = flat.split_with_sizes(_slot_sizes(d, k))
     grads = []
-    for param, need, slot in zip(params, needs, _SLOT_OF_PARAM):
+    for param, need, offset, name in zip(params, needs, _param_offsets(d, k), AdapterParams._fields):
         if not need or param is None:
             grads.append(None)
-            continue
-        grad = slots[slot]
-        if param.dim() == 2:
-            grad = grad.view(param.shape)
-        elif slot == _SCALE_SLOT and spec.scale_mode == "scalar":  # per-channel partials of one scalar
-            grad = grad.sum(dtype=torch.float32).view(param.shape)
-        grads.append(grad if grad.dtype == param.dtype else grad.to(param.dtype))
+        elif name == "scale" and spec.scale_mode == "scalar":  # per-channel partials of one scalar
+            grads.append(_flat.summed_partials(flat, offset, d, param))
+        else:
+            grads.append(_flat.gradient_view(flat, offset, param))
     return grads
 
 

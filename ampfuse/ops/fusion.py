@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
-from . import _spec
+from . import _flat, _spec
 
 
 def fusion_shift(x, modalities, gate_w, gate_b, proj_w, proj_b):
@@ -101,15 +101,13 @@ def _run_backward(spec, dy, x, seed, saved, mods, params, flags):
 def _parameter_grads(flat, params, need_weights, need_ln):
     """Views of the flat buffer per parameter (gradient_layout places them one after another, in
     params.weights() order then ln_weight, ln_bias), cast only where a parameter has another dtype; None
-    where not wanted. One split for all; a view only for a matrix (a view costs about a torch.add)."""
+    where not wanted."""
     tensors = params.weights() + [params.ln_weight, params.ln_bias]
     wanted = [need_weights] * (len(tensors) - 2) + [need_ln] * 2
-    pieces = flat.split_with_sizes([t.numel() for t in tensors])
-    grads = []
-    for grad, param, want in zip(pieces, tensors, wanted):
-        if want and param.dim() != 1:
-            grad = grad.view(param.shape)
-        grads.append((grad if grad.dtype == param.dtype else grad.to(param.dtype)) if want else None)
+    grads, offset = [], 0
+    for param, want in zip(tensors, wanted):
+        grads.append(_flat.gradient_view(flat, offset, param) if want else None)
+        offset += param.numel()
     return grads
 
 

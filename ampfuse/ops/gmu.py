@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backend as _backend
-from . import _spec
+from . import _flat, _spec
 from .activations import ACTIVATIONS, canonical
 
 GATES = ("sigmoid", "softmax")
@@ -151,38 +151,28 @@ def _grad_dtype(params):
 
 
 @functools.lru_cache(maxsize=None)
-def _split_plan(entries, total):
-    """(sizes, [(name, field, index, piece)]): ``flat.split_with_sizes(sizes)[piece]`` is the gradient ``name``
-    of the GMUParams field ``field`` (its element ``index`` for a per-stream tuple, else None); the gaps of
-    the layout are pieces of their own, so one split serves every gradient. Cached: names are parsed once."""
-    sizes, picks, at = [], [], 0
-    for name, offset, shape in sorted(entries, key=lambda e: e[1]):
-        if offset > at:
-            sizes.append(offset - at)
+def _gradient_places(entries):
+    """[(name, field, index, offset, numel)]: the gradient ``name`` of the GMUParams field ``field`` (its
+    element ``index`` for a per-stream tuple, else None) lies at ``offset`` of the flat buffer. Cached:
+    names are parsed once per layout."""
+    places = []
+    for name, offset, shape in entries:
         field, _, index = name.partition(".")
-        picks.append((name, field, int(index) if index else None, len(sizes)))
-        sizes.append(int(torch.Size(shape).numel()))
-        at = offset + sizes[-1]
-    if total > at:
-        sizes.append(total - at)
-    return sizes, picks
+        places.append((name, field, int(index) if index else None, offset, int(torch.Size(shape).numel())))
+    return tuple(places)
 
 
 def _named_gradients(spec, flat, params, widths, aligned, ln_grad):
     """{name: gradient}: views of ``flat`` (cast only where it is not the parameter's dtype); "stream_w.1"
     names element 1 of a per-stream tuple. A learned scalar's gradient is the sum of its d partials."""
-    entries, _, total = _kernels().gradient_layout(widths, aligned, params.w_up.shape[1], spec, ln_grad)
-    sizes, picks = _split_plan(entries, total)
-    pieces = flat.split_with_sizes(sizes)
+    entries, _, _ = _kernels().gradient_layout(widths, aligned, params.w_up.shape[1], spec, ln_grad)
     grads = {}
-    for name, field, index, piece in picks:
+    for name, field, index, offset, numel in _gradient_places(entries):
         param = getattr(params, field) if index is None else getattr(params, field)[index]
-        grad = pieces[piece]
         if name == "scale" and spec.scale_mode == "scalar":
-            grad = grad.sum(dtype=torch.float32)
-        if grad.shape != param.shape:
-            grad = grad.view(param.shape)
-        grads[name] = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+            grads[name] = _flat.summed_partials(flat, offset, numel, param)
+        else:
+            grads[name] = _flat.gradient_view(flat, offset, param)
     return grads
 
 
