@@ -145,8 +145,9 @@ def device_switches():
 
 def assert_launches_on_device(call, device):
     """Runs ``call()`` (an op on tensors of ``device``) without grad, then again with a backward through its
-    sum, and asserts that each of the three (no-grad forward, forward, backward) switched to ``device`` once
-    and that every Triton launch happened inside such a switch (kernels/runtime.on_tensors_device)."""
+    sum, and asserts that every Triton launch happened inside a switch to ``device``
+    (kernels/runtime.on_tensors_device) and that there were three switches in all (no-grad forward,
+    forward, backward)."""
     with device_switches() as events:
         with torch.no_grad():
             call()

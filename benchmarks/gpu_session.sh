@@ -23,7 +23,8 @@
 #     STAGES=bench SUITES="adapter:400:headline e2e:120" bash benchmarks/gpu_session.sh
 # BENCH_ARGS goes to each suite: BENCH_ARGS="--impls eager,ampfuse-triton,torch.compile" leaves out
 # max-autotune (minutes of compiling per shape), the adapters library and the CUDA extension (not built
-# then), for a lease too short for them.
+# then), for a lease too short for them. BENCH_ARGS is split at spaces, so the labels with a space
+# ("torch.compile max-autotune", "adapters library") cannot be named there; e2e ignores --impls.
 # The adapters library (its baseline rows) pins transformers 4.57: carry it and its pins as wheels in
 # .whl (device README); only the benchmark processes see them.
 #

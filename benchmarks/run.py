@@ -537,8 +537,9 @@ def main(argv=None):
                         "(fits a 10-minute GPU lease); full: the whole grid")
     p.add_argument("--quick", action="store_const", dest="sizes", const="quick", help="same as --sizes quick")
     p.add_argument("--impls", default=None, type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
-                   help="time only these implementations, comma-separated (e.g. 'eager,ampfuse-triton,torch.compile' "
-                        "to leave max-autotune's minutes of compiling out of a short GPU lease); default: all")
+                   help="time only these implementations of the op suites, comma-separated (e.g. "
+                        "'eager,ampfuse-triton,torch.compile' to leave max-autotune's minutes of compiling out of a "
+                        "short GPU lease; e2e runs whole); default: all")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<gpu>-<date> or a "
                                                 "cpu-smoke folder)")

@@ -576,7 +576,8 @@ def adapter_bwd_rows_kernel(
                 do, _dy, _ohat, _v, _keep = _output_grad(
                     dy_ptr, h_ptr, r_ptr, consts, pw, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a,
                     mean_o, rstd_o, mg, mgo, seed_ptr, p_drop, CFG)
-            dan = tl.dot(dz_op, _weight_tile(wd_ptr, D, 1, kk, k_mask, cols, col_mask).to(op), input_precision=PRECISION)
+            wd = _weight_tile(wd_ptr, D, 1, kk, k_mask, cols, col_mask)
+            dan = tl.dot(dz_op, wd.to(op), input_precision=PRECISION)
             da, x1hat, _ahat, _an = _input_grad(
                 h_ptr, r_ptr, consts, dan, do, rows, row_mask, cols, col_mask, D, mean1, rstd1, mean_a, rstd_a, ma1,
                 ma2, CFG)
