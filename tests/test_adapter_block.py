@@ -341,15 +341,18 @@ def test_torch_compile_fullgraph_equals_eager(device):
     def step(h, r):
         return module(h, r, ln)
 
+    wrt = [h] + [p for p in module.parameters() if p.requires_grad]  # their gradients come back as views
     with ampfuse.use_backend("triton"):  # read once, when the function is traced
         eager = step(h, r)
-        (g_eager,) = torch.autograd.grad(eager.square().sum(), h)
+        g_eager = torch.autograd.grad(eager.square().sum(), wrt)
         before = runtime.launch_count
         compiled = torch.compile(step, fullgraph=True)(h, r)
-        (g_compiled,) = torch.autograd.grad(compiled.square().sum(), h)
+        g_compiled = torch.autograd.grad(compiled.square().sum(), wrt)
     assert runtime.launch_count - before == 5  # the fused kernels ran inside the compiled graph
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-5)
+    assert len(wrt) == 8  # h, both weights and biases, the per-channel scaling, the adapter LayerNorm
+    for a, b in zip(g_compiled, g_eager):  # relative to each gradient's norm: some are small
+        assert testing.rel_err(a, b) < 1e-5, testing.rel_err(a, b)
 
 
 # ----------------------------------------------------------------------------- dispatch and bad input

@@ -289,8 +289,8 @@ def test_torch_compile_fullgraph_equals_eager(device):
     g_compiled = torch.autograd.grad(compiled.square().sum(), leaves_)
     assert runtime.launch_count - before == 8  # the fused kernels ran inside the compiled graph
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_compiled, g_eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_compiled, g_eager):  # relative to each gradient's norm: some are small
+        assert testing.rel_err(a, b) < 1e-5, testing.rel_err(a, b)
 
 
 @pytest.mark.gpu

@@ -263,14 +263,17 @@ def test_torch_compile_fullgraph_equals_eager(device):
     def step(x, r):
         return gmu_adapter(x, r=r, **tensors, **options, activation="gelu", backend="triton")
 
+    wrt = [x] + [t for t in leaves(tensors) if t.requires_grad]  # the parameters' gradients come back as views
     eager = step(x, r)
-    (g_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    g_eager = torch.autograd.grad(eager.square().sum(), wrt)
     before = runtime.launch_count
     compiled = torch.compile(step, fullgraph=True)(x, r)
-    (g_compiled,) = torch.autograd.grad(compiled.square().sum(), x)
+    g_compiled = torch.autograd.grad(compiled.square().sum(), wrt)
     assert runtime.launch_count - before == 5  # the fused kernels ran inside the compiled graph: 2 + 3
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-5)
+    assert len(g_compiled) > 5
+    for a, b in zip(g_compiled, g_eager):  # relative to each gradient's norm: some are small
+        assert testing.rel_err(a, b) < 1e-5, testing.rel_err(a, b)
 
 
 # ----------------------------------------------------------------------------- bad input
