@@ -161,6 +161,6 @@ def test_cuda_backend_under_torch_compile_equals_eager_with_half_parameters():
     with ampfuse.use_backend("cuda"):  # read once, when the function is traced
         eager = grads(lambda h, r: module(h, r, ln))
         compiled = grads(torch.compile(lambda h, r: module(h, r, ln), fullgraph=True))
-    for a, b in zip(compiled, eager):
+    for a, b in zip(compiled, eager):  # the same kernels: equal up to the graph's own fp16 rounding
         assert a.dtype == b.dtype == torch.float16
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        assert testing.rel_err(a, b) < 1e-3, testing.rel_err(a, b)
