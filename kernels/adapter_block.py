@@ -338,7 +338,8 @@ def _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE: tl.constexpr):
 
 @triton.jit
 def _a_rows(wu_ptr, s, rows_k, k_mask, cols, col_mask, K):
-    """Rows rows_k of A = (s o W_up)^T at ``cols``: [len(rows_k), BLOCK_D] fp32."""
+    """Rows rows_k of A = (s o W_up)^T at ``cols``: [len(rows_k), BLOCK_D] fp32. Its own load, as the constants
+    kernel's W_down load: through _weight_tile, triton 3.6 spilled 8 bytes in that kernel (mix and fp32)."""
     wu = tl.load(wu_ptr + cols[None, :] * K + rows_k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
     return wu.to(tl.float32) * s[None, :]
 
