@@ -878,9 +878,11 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
     M = h.numel() // D
     K = params.w_down.shape[0]
     saved_offset = saved_part_offset(D, K)
-    heavy = spec.ln_before or spec.dropout_p > 0 or h.dtype != r.dtype  # more work per element: narrower tiles
-    rows = runtime.row_tiles(D, K, operand_dtype(h, r), heavy)
-    pd = runtime.empty_output((M, 2 * K), operand_dtype(h, r), h.device)
+    op = operand_dtype(h, r)
+    per_element = spec.ln_before or spec.dropout_p > 0  # the adapter LayerNorm or dropout, recomputed per element
+    pipelined = op != torch.float32 and not per_element  # where two stages cost no spill (runtime.STREAM_STAGES)
+    rows = runtime.row_tiles(D, K, op, per_element or h.dtype != r.dtype, pipelined)  # heavy: narrower tiles
+    pd = runtime.empty_output((M, 2 * K), op, h.device)
     rowgrad = runtime.empty_output((ROWGRAD_ROWS, M), torch.float32, h.device)
     seed_arg = h if seed is None else seed
     runtime.launch(adapter_bwd_rows_kernel, (cdiv(M, rows["BLOCK_M"]),),
@@ -889,7 +891,7 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
                    M, D, K, float(spec.ln_eps), CFG=_flags(spec),
                    LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **rows)
 
-    cols = runtime.column_tiles(D, K, operand_dtype(h, r), heavy=spec.ln_before or spec.dropout_p > 0)
+    cols = runtime.column_tiles(D, K, op, per_element, pipelined)
     tiles = cdiv(M, cols["BLOCK_M"])
     splits = runtime.token_splits(tiles, cdiv(D, cols["BLOCK_D"]))
     tiles_per_split = cdiv(tiles, splits)

@@ -1060,12 +1060,15 @@ def tiles(kind, K, S, dtype):
                     **({"CHUNKS": 2} if kind == "cols" else {}))
     if kind == "prep":
         return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, PRECISION=precision, num_warps=4)
+    # two pipelining stages for the backward's kernels in 16-bit (runtime.STREAM_STAGES says why and why not more)
+    stages = runtime.STREAM_STAGES if kind != "fwd" and dtype != torch.float32 else 1
     if kind == "cols":
-        return dict(BLOCK_M=64, BLOCK_D=16, CHUNKS=2, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
+        return dict(BLOCK_M=64, BLOCK_D=16, CHUNKS=2, BLOCK_K=block_k, PRECISION=precision, num_warps=8,
+                    num_stages=stages)
     # the row kernel holds the gate's S activation and S gradient tiles at once: 32-row tiles; the forward with
     # more than two streams takes 16-column chunks (at 32, Triton 3.6 spills it in autocast's mix)
     return dict(BLOCK_M=32 if kind == "rows" else 64, BLOCK_D=16 if kind == "fwd" and S > 2 else 32, BLOCK_K=block_k,
-                PRECISION=precision, num_warps=8)
+                PRECISION=precision, num_warps=8, num_stages=stages)
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,10 +38,21 @@ def max_programs(device) -> int:
     return 3
 
 
-# One software-pipelining stage unless a launcher asks for more: the kernels hold whole rows, and
-# pipelined copies of their weight chunks overflow shared memory at BERT widths
-# (python -m benchmarks.compile_report shows each kernel's need).
+# One software-pipelining stage unless a launcher asks for more (row_tiles, column_tiles and gemm_tiles do).
 DEFAULT_META = {"num_stages": 1}
+
+# Software-pipelining stages of the backward's row and column kernels (the adapter block's ``pipelined``
+# launches, the GMU adapter's). Each holds one block of 8 warps per SM (178-255 registers a thread on
+# sm_90): with one stage a program's chunk loads wait out the whole memory latency before its dots, and
+# no other block on the SM hides it. With two, Triton copies the next chunk asynchronously (cp.async into
+# shared memory) while this one computes: 12-36 KiB more shared memory a block and a few registers, no
+# spill (compile_report, triton 3.6 and 3.8). Not pipelined, where two stages cost a spill or a block per
+# SM: the forwards (the adapter block's runs two blocks per SM, which hide each other's loads, and with
+# two stages triton 3.6 needs 130-138 registers in 16-bit; the GMU adapter's spills 8 bytes in the mix
+# with a per-sample stream), the adapter variants with its LayerNorm or dropout (8-16 bytes spilled in
+# autocast's mix) and fp32 operands (no tensor cores, not a speed target: spills, or the column kernel
+# drops to one block per SM).
+STREAM_STAGES = 2
 
 
 def cdiv(a: int, b: int) -> int:
@@ -178,7 +189,7 @@ def _precision(dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def row_tiles(D, K, dtype, heavy=False):
+def row_tiles(D, K, dtype, heavy=False, pipelined=False):
     """Launch settings of a row kernel: a program owns BLOCK_M rows and walks the D columns in chunks of
     BLOCK_D, keeping [BLOCK_M, BLOCK_K] tiles of the k-wide bottleneck on chip. Small tiles in the
     interpreter (fast, and many chunks per row in the tests). On a GPU 8 warps, and as many rows as fit
@@ -186,7 +197,8 @@ def row_tiles(D, K, dtype, heavy=False):
     k <= 64, fewer for a wider bottleneck or fp32 operands (full-precision dots hold more); ``heavy``
     variants (an extra LayerNorm, dropout, mixed dtypes: more work per element) and fp32 get 16-column
     chunks (fp32 at k = 256 with 32: the forward spilled 2.7 KB per thread, ptxas falling back to 32
-    registers, and the backward row kernel 1.5 KB; with 16, 136-176 and 0-192 bytes)."""
+    registers, and the backward row kernel 1.5 KB; with 16, 136-176 and 0-192 bytes). ``pipelined``:
+    STREAM_STAGES software-pipelining stages on a GPU, else one."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
@@ -194,11 +206,12 @@ def row_tiles(D, K, dtype, heavy=False):
     if dtype == torch.float32:
         rows = min(rows, 32)
     narrow = heavy or dtype == torch.float32
-    return dict(BLOCK_M=rows, BLOCK_D=16 if narrow else 32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8)
+    return dict(BLOCK_M=rows, BLOCK_D=16 if narrow else 32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8,
+                num_stages=STREAM_STAGES if pipelined else 1)
 
 
 @functools.lru_cache(maxsize=None)
-def column_tiles(D, K, dtype, heavy=False):
+def column_tiles(D, K, dtype, heavy=False, pipelined=False):
     """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
     of BLOCK_M rows, accumulating two [BLOCK_KS, BLOCK_D] fp32 weight-gradient tiles on chip for a slice
     of BLOCK_KS of the k bottleneck columns (a grid axis runs over the slices). 16 columns: at 32, the
@@ -209,7 +222,7 @@ def column_tiles(D, K, dtype, heavy=False):
     element) take at most 32 rows: at 64, Triton 3.6 spills 8 to 48 bytes at k = 64 in the variants with
     both (compile_report --all-placements). In the interpreter, slices of 32 and steps of 16, so the
     tests cross a slice boundary at their k = 48 and take both the one-step path (k <= 16) and the
-    stepped one."""
+    stepped one. ``pipelined``: STREAM_STAGES software-pipelining stages on a GPU, else one."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, BLOCK_KS=min(block_k, 32),
@@ -218,7 +231,8 @@ def column_tiles(D, K, dtype, heavy=False):
     if heavy:
         rows = min(rows, 32)
     return dict(BLOCK_M=rows, BLOCK_D=16, BLOCK_K=block_k, BLOCK_KS=min(block_k, 128), BLOCK_KC=min(block_k, 64),
-                PRECISION=_precision(dtype), num_warps=8)
+                PRECISION=_precision(dtype), num_warps=8,
+                num_stages=STREAM_STAGES if pipelined else 1)
 
 
 def _interpreter_chunk(D):
