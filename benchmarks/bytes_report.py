@@ -124,7 +124,7 @@ def adapter_block(tokens, d, k, dtype, r_dtype):
     r.register_hook(keep("r"))
     COUNTER.launches.clear()
     y.backward(dy)
-    backward = summarize(COUNTER.launches, [dy, h, r, grads["h"], grads["r"]], tokens)
+    backward = summarize(COUNTER.launches, [dy, h, r, y, grads["h"], grads["r"]], tokens)
     e_h, e_r, e_y = h.element_size(), r.element_size(), y.element_size()
     return forward, backward, d * (e_h + e_r + e_y), d * (e_y + e_h + e_r + e_h + e_r)
 

@@ -19,12 +19,17 @@ forward, 2 launches
                                   its product with s o W_up (the output moments, algebraically)
                             [exact output moments, with dropout]
                             out:  y = LN(dropout(s (f(z) W_up^T + b_up)) + residual)
-                            It saves z (tokens x k, fp32) and six row statistics for backward.
+                            It saves z (tokens x k, fp32), seven row statistics and, where the
+                            output moments are algebraic, the residual's product with s o W_up
+                            (tokens x k, fp32) for backward.
 backward, 3 launches
-  adapter_bwd_rows_kernel   one pass over dy, h, r per row block: o recomputed (and its exact
-                            moments), the output LayerNorm's row sums and dp = dv W_up, folded as
-                            rstd_o (g W' - mean(g) W' 1 - mean(g ohat) ohat W') with W' = s o W_up
-                            (dots that need no row sum first); dz = dp f'(z); the LayerNorm row
+  adapter_bwd_rows_kernel   one pass per row block over dy and y where the forward's output
+                            moments were algebraic (no dropout, k <= 64), else over dy, h, r with o
+                            recomputed (and its exact moments): the output LayerNorm's row sums
+                            and dp = dv W_up, folded as rstd_o (g W' - mean(g) W' 1 - mean(g ohat)
+                            ohat W') with W' = s o W_up (dots that need no row sum first; from y,
+                            g ohat = dy o (y - beta) and ohat W' comes from the Gram constants and
+                            the saved product); dz = dp f'(z); the LayerNorm row
                             scalars below the adapter (algebraic for Pfeiffer and Houlsby, one more
                             pass otherwise). Writes p = f(z) and dz in the operand dtype, and eight
                             row scalars.
@@ -53,13 +58,17 @@ VEC_GAMMA, VEC_BETA, VEC_GA, VEC_BA, VEC_S, VEC_BU = map(tl.constexpr, range(6))
 NUM_VEC = tl.constexpr(6)  # (host code below uses plain ints: constexpr arithmetic is slow in Python)
 KVEC_BD, KVEC_F1, KVEC_F2, KVEC_ASUM, KVEC_GBC = map(tl.constexpr, range(5))
 NUM_KVEC = tl.constexpr(5)
-# What the forward saves for backward, one fp32 buffer: z (M, K), then 6 rows of M statistics (mean
-# and rstd of o, of x1, of a). The backward's row kernel hands the column kernel p = f(z) and dz side
-# by side, (M, 2K) in the operand dtype (what the column kernel's dots take), and 8 rows of M fp32 row
-# scalars: mean(g), mean(g ohat), the adapter LayerNorm's two, the frozen one's two, and the exact mean
-# and rstd of o as backward recomputes it (with the same rounded operands as the forward's last pass:
-# the forward's own statistics come from fp32 algebra and differ at the rounding level).
-SAVED_ROWS, ROWGRAD_ROWS = 6, 8
+# What the forward saves for backward, one fp32 buffer: z (M, K), then 7 rows of M statistics (mean
+# and rstd of o, of x1, of a; and, where o's moments are algebraic, shift - mean of the residual), then,
+# where they are algebraic, sum_c (res_c - shift) W'[c, :] (M, K), from which backward gets T = res Ac^T.
+# The backward's row kernel hands the column kernel p = f(z) and dz side by side, (M, 2K) in the operand
+# dtype (what the column kernel's dots take), and 8 rows of M fp32 row scalars: mean(g), mean(g ohat), the adapter
+# LayerNorm's two, the frozen one's two, and the mean and rstd of o the output LayerNorm's backward
+# takes: the forward's where they were algebraic (those that wrote y, from which mean(g ohat) comes),
+# else exact ones that backward takes as it recomputes o (with dropout).
+SAVED_ROWS, ROWGRAD_ROWS = 7, 8
+_SAVED_ROWS = tl.constexpr(SAVED_ROWS)  # for the kernels, which cannot read a plain int global
+ROW_T_SHIFT = tl.constexpr(6)  # the saved row statistic shift - mean of the residual
 # Parameter gradients in the backward's flat buffer, in the order of ampfuse.ops.adapter_block.GRAD_SLOTS
 # (w_down, b_down, w_up, b_up, scale, ln_weight, ln_bias, adapter_ln_weight, adapter_ln_bias; see
 # _grad_offset); slots of gradients not computed stay unwritten.
@@ -140,6 +149,19 @@ def _saved_part(consts, saved_offset):
     (the kernels do not specialise saved_offset): that vectorises the store of z, and the forward in the
     autocast mix with the adapter LayerNorm and dropout at k = 256 then spills (benchmarks/compile_report)."""
     return consts + saved_offset // 2 * 2
+
+
+@triton.jit
+def _gram(consts, kk, k_mask, D, K):
+    """The centred Gram matrix Gc = Ac Ac^T of the constants, [BLOCK_K, BLOCK_K] fp32."""
+    return tl.load(consts + NUM_VEC * D + NUM_KVEC * K + kk[:, None] * K + kk[None, :],
+                   mask=k_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _saved_t(saved_ptr, rows, kk, M, K):
+    """Pointers to T's rows ``rows`` at columns ``kk`` in the saved part (after z and the row statistics)."""
+    return saved_ptr + (M * K + _SAVED_ROWS * M) + rows[:, None] * K + kk[None, :]
 
 
 @triton.jit
@@ -422,6 +444,10 @@ def adapter_fwd_kernel(
             b = _vec(consts, VEC_S, cols, col_mask, D) * _vec(consts, VEC_BU, cols, col_mask, D)
             acc_b += tl.sum(res_c * b[None, :], axis=1)
 
+    if SAVE and not OUT_PASS:  # for the backward's pass over dy and y; stored here, the forward keeps
+        # 2 blocks per SM (stored as T after the "t =" below, it took 140 registers on sm_90 and 56 KiB)
+        tl.store(_saved_t(saved_ptr, rows, kk, M, K), acc_t, mask=row_mask[:, None] & k_mask[None, :])
+        tl.store(saved_ptr + M * K + ROW_T_SHIFT * M + rows, shift - mean_r, mask=row_mask)
     f1 = _kvec(consts, KVEC_F1, kk, k_mask, D, K)
     f2 = _kvec(consts, KVEC_F2, kk, k_mask, D, K)
     if FOLD:
@@ -452,8 +478,7 @@ def adapter_fwd_kernel(
         #   sum_c (w_c - mean w)^2 = p Gc p^T + 2 p . (Ac bc) + |bc|^2
         #   sum_c (w_c - mean w)(res_c - mean_r) = p . T + sum_c (res_c - mean_r) b_c
         asum = _kvec(consts, KVEC_ASUM, kk, k_mask, D, K)
-        gram = tl.load(consts + NUM_VEC * D + NUM_KVEC * K + kk[:, None] * K + kk[None, :],
-                       mask=k_mask[:, None] & k_mask[None, :], other=0.0)
+        gram = _gram(consts, kk, k_mask, D, K)
         tail = consts + NUM_VEC * D + NUM_KVEC * K + K * K
         bsq, bsum = tl.load(tail), tl.load(tail + 1)
         t = acc_t + (shift - mean_r)[:, None] * asum[None, :]
@@ -481,40 +506,40 @@ def adapter_fwd_kernel(
 
 # ----------------------------------------------------------------------------- backward
 
-@triton.jit(do_not_specialize=["saved_offset"])
-def adapter_bwd_rows_kernel(
-    dy_ptr, h_ptr, r_ptr,           # (M, D)
-    pd_ptr,                         # out: p and dz, (M, 2K) in the operand dtype
-    rowgrad_ptr,                    # out: ROWGRAD_ROWS rows of M row scalars, fp32
-    consts, saved_offset,           # the forward's state: its constants, and where its saved part starts
-    wd_ptr, wu_ptr,
-    seed_ptr, p_drop,
-    M, D, K, eps,
-    CFG: tl.constexpr,              # Flags (the static options)
-    LN_SWEEP: tl.constexpr,         # the LayerNorm below the adapter needs an exact pass (see below)
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    kk = tl.arange(0, BLOCK_K)
-    k_mask = kk < K
-    # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
-    if h_ptr.dtype.element_ty == tl.float32:
-        op = r_ptr.dtype.element_ty
-    else:
-        op = h_ptr.dtype.element_ty
-    tile_mask = row_mask[:, None] & k_mask[None, :]
-    saved_ptr = _saved_part(consts, saved_offset)
-    z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
-    p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), CFG.ACT).to(op)
-    shift, _rstd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
+@triton.jit
+def _output_sums_from_y(dy_ptr, y_ptr, wu_ptr, consts, p, t, rstd_o, rows, row_mask, kk, k_mask, D, K, op,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The output LayerNorm's sums over one pass of dy and y, without dropout, given p = f(z) (fp32) and the
+    forward's T = res Ac^T: g ohat = dy o (y - beta) needs no o (y = gamma o ohat + beta, with the moments
+    of o the forward took), and xo = ohat W' = rstd_o o Ac^T (Ac: W'^T with centred rows, so o's mean drops
+    out) = rstd_o (p Gc + Ac bc + T) from the Gram constants. (mean(g), mean(g ohat), xg, xk, xo)."""
+    sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sum_go = tl.zeros([BLOCK_M], dtype=tl.float32)
+    xg = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        dy = _chunk(dy_ptr, rows, row_mask, cols, col_mask, D)
+        y = _chunk(y_ptr, rows, row_mask, cols, col_mask, D)
+        g = dy * _vec(consts, VEC_GAMMA, cols, col_mask, D)[None, :]
+        sum_g += tl.sum(g, axis=1)
+        sum_go += tl.sum(dy * (y - _vec(consts, VEC_BETA, cols, col_mask, D)[None, :]), axis=1)
+        wp = _scaled_w_up(wu_ptr, consts, cols, col_mask, kk, k_mask, D, K).to(op)
+        xg = tl.dot(g.to(op), wp, acc=xg, input_precision=PRECISION)
+    xo = tl.dot(p, _gram(consts, kk, k_mask, D, K), input_precision=PRECISION) + t \
+        + _kvec(consts, KVEC_GBC, kk, k_mask, D, K)[None, :]
+    xk = _kvec(consts, KVEC_ASUM, kk, k_mask, D, K)[None, :]  # the same for every row: [1, BLOCK_K]
+    return sum_g / D, sum_go / D, xg, xk, rstd_o[:, None] * xo
 
-    # ---- output LayerNorm: g = dy o gamma, do = rstd_o (g - mean(g) - ohat mean(g ohat)); with
-    # kappa the dropout scale and W' = s o W_up, dp = dv W_up = sum_c kappa_c do_c W'[c, :]
-    #   = rstd_o (xg - mean(g) xk - mean(g ohat) xo),  xg = (kappa g) W', xk = kappa W', xo = (kappa ohat) W'.
-    # o's statistics are taken exactly in this same pass, so ohat = rstd_o ((o - shift) - (mean_o - shift))
-    # with shift the forward's mean of o: sums over o - shift now, the correction after.
+
+@triton.jit
+def _output_sums(dy_ptr, h_ptr, r_ptr, wu_ptr, consts, p_op, shift, rows, row_mask, kk, k_mask, D, K, eps, mean1,
+                 rstd1, mean_a, rstd_a, seed_ptr, p_drop, op, CFG: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The output LayerNorm's sums over one pass of dy, h, r, with o recomputed (dropout, or a bottleneck too
+    wide for the forward's Gram algebra). o's statistics are taken exactly in this same pass, so ohat =
+    rstd_o ((o - shift) - (mean_o - shift)) with shift the forward's mean of o: sums over o - shift now, the
+    correction after. (mean_o, rstd_o, mean(g), mean(g ohat), xg, xk, xo)."""
     mean_o = tl.zeros([BLOCK_M], dtype=tl.float32)
     m2_o = tl.zeros([BLOCK_M], dtype=tl.float32)
     sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -546,9 +571,59 @@ def adapter_bwd_rows_kernel(
         xk = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + _kvec(consts, KVEC_ASUM, kk, k_mask, D, K)[None, :]
     rstd_o = 1.0 / tl.sqrt(m2_o / D + eps)
     delta = mean_o - shift
-    mg = sum_g / D
     mgo = rstd_o * (sum_go - delta * sum_g) / D
     xo = rstd_o[:, None] * (xo - delta[:, None] * xk)
+    return mean_o, rstd_o, sum_g / D, mgo, xg, xk, xo
+
+
+@triton.jit(do_not_specialize=["saved_offset"])
+def adapter_bwd_rows_kernel(
+    dy_ptr, h_ptr, r_ptr,           # (M, D)
+    y_ptr,                          # (M, D) the forward's output (read when FROM_Y)
+    pd_ptr,                         # out: p and dz, (M, 2K) in the operand dtype
+    rowgrad_ptr,                    # out: ROWGRAD_ROWS rows of M row scalars, fp32
+    consts, saved_offset,           # the forward's state: its constants, and where its saved part starts
+    wd_ptr, wu_ptr,
+    seed_ptr, p_drop,
+    M, D, K, eps,
+    CFG: tl.constexpr,              # Flags (the static options)
+    LN_SWEEP: tl.constexpr,         # the LayerNorm below the adapter needs an exact pass (see below)
+    FROM_Y: tl.constexpr,           # the forward took o's moments algebraically and saved T: read dy and y
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    kk = tl.arange(0, BLOCK_K)
+    k_mask = kk < K
+    # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
+    if h_ptr.dtype.element_ty == tl.float32:
+        op = r_ptr.dtype.element_ty
+    else:
+        op = h_ptr.dtype.element_ty
+    tile_mask = row_mask[:, None] & k_mask[None, :]
+    saved_ptr = _saved_part(consts, saved_offset)
+    z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
+    p_op = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), CFG.ACT).to(op)
+    mean_fwd, rstd_fwd, mean1, rstd1, mean_a, rstd_a = _row_scalars(saved_ptr + M * K, rows, row_mask, M)
+
+    # ---- output LayerNorm: g = dy o gamma, do = rstd_o (g - mean(g) - ohat mean(g ohat)); with
+    # kappa the dropout scale and W' = s o W_up, dp = dv W_up = sum_c kappa_c do_c W'[c, :]
+    #   = rstd_o (xg - mean(g) xk - mean(g ohat) xo),  xg = (kappa g) W', xk = kappa W', xo = (kappa ohat) W'.
+    if FROM_Y:
+        mean_o, rstd_o = mean_fwd, rstd_fwd  # the moments of o with which the forward wrote y
+        p = activation(tl.load(z_ptrs, mask=tile_mask, other=0.0), CFG.ACT)
+        # T = res Ac^T = sum_c (res_c - mean_r) W'[c, :], saved as sum_c (res_c - shift) W'[c, :] and shift - mean_r
+        t_shift = _row_scalar(saved_ptr + M * K, ROW_T_SHIFT, rows, row_mask, M)
+        t = tl.load(_saved_t(saved_ptr, rows, kk, M, K), mask=tile_mask, other=0.0) \
+            + t_shift[:, None] * _kvec(consts, KVEC_ASUM, kk, k_mask, D, K)[None, :]
+        mg, mgo, xg, xk, xo = _output_sums_from_y(dy_ptr, y_ptr, wu_ptr, consts, p, t, rstd_o, rows, row_mask, kk,
+                                                  k_mask, D, K, op, PRECISION, BLOCK_M, BLOCK_D, BLOCK_K)
+    else:
+        mean_o, rstd_o, mg, mgo, xg, xk, xo = _output_sums(dy_ptr, h_ptr, r_ptr, wu_ptr, consts, p_op, mean_fwd, rows,
+                                                           row_mask, kk, k_mask, D, K, eps, mean1, rstd1, mean_a,
+                                                           rstd_a, seed_ptr, p_drop, op, CFG, PRECISION, BLOCK_M,
+                                                           BLOCK_D, BLOCK_K)
     dp = rstd_o[:, None] * (xg - mg[:, None] * xk - mgo[:, None] * xo)
     z = tl.load(z_ptrs, mask=tile_mask, other=0.0)  # again (a cache hit) rather than held through the sweep
     dz = dp * activation_grad(z, CFG.ACT)
@@ -827,9 +902,24 @@ def saved_part_offset(D, K):
     return cdiv(6 * D + 5 * K + K * K + 2, 2) * 2
 
 
-def state_size(M, D, K, save):
-    """Length of the forward's fp32 state: the constants, then (for backward) z and the row statistics."""
-    return saved_part_offset(D, K) + (M * K + SAVED_ROWS * M if save else 0)
+def algebraic(spec, K):
+    """Whether the forward takes the output LayerNorm's moments algebraically (from the Gram constants) rather
+    than by an exact pass: not with dropout (its mask breaks the algebra), nor for k > 64 (a [k, k] fp32 Gram
+    operand beyond 16 KiB). The backward's row kernel then reads dy and y (FROM_Y), not dy, h and r."""
+    return spec.dropout_p == 0 and runtime.block_width(K) <= 64
+
+
+def reads_output(spec, K):
+    """Whether backward reads the forward's output y (autograd then saves it)."""
+    return algebraic(spec, K)
+
+
+def state_size(M, D, K, spec, save):
+    """Length of the forward's fp32 state: the constants, then (for backward) z, the row statistics and, when
+    the moments are algebraic, T (M, K)."""
+    if not save:
+        return saved_part_offset(D, K)
+    return saved_part_offset(D, K) + M * K + SAVED_ROWS * M + (M * K if algebraic(spec, K) else 0)
 
 
 def constants(spec, params, consts, D, K, gram):
@@ -857,8 +947,8 @@ def forward(spec, h, r, params, seed, save):
     M = h.numel() // D
     K = params.w_down.shape[0]
     cfg = runtime.row_tiles(D, K, operand_dtype(h, r))
-    out_pass = spec.dropout_p > 0 or cfg["BLOCK_K"] > 64  # a [k, k] fp32 Gram operand beyond 16 KiB: no
-    state = runtime.empty_output((state_size(M, D, K, save),), torch.float32, h.device)
+    out_pass = not algebraic(spec, K)
+    state = runtime.empty_output((state_size(M, D, K, spec, save),), torch.float32, h.device)
     constants(spec, params, state, D, K, gram=not out_pass)
     y = runtime.empty_output(h.shape, torch.promote_types(h.dtype, r.dtype), h.device)
     runtime.launch(adapter_fwd_kernel, (cdiv(M, cfg["BLOCK_M"]),),
@@ -870,8 +960,9 @@ def forward(spec, h, r, params, seed, save):
 
 
 @runtime.on_tensors_device
-def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtype):
-    """(dh, dr, flat) for contiguous inputs of shape (..., D) and the forward's state: flat holds the
+def backward(spec, dy, h, r, y, params, seed, state, input_grad, ln_grad, grad_dtype):
+    """(dh, dr, flat) for contiguous inputs of shape (..., D), the forward's output y (needed where
+    ``reads_output``, else may be None) and the forward's state: flat holds the
     parameter gradients in ``grad_dtype``, placed by GRAD_SLOTS (2 K D + K + 6 D elements); dh, dr are
     None unless ``input_grad`` (dr is dh itself in the Pfeiffer placement, where the two are equal)."""
     D = h.shape[-1]
@@ -885,11 +976,15 @@ def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtyp
     pd = runtime.empty_output((M, 2 * K), op, h.device)
     rowgrad = runtime.empty_output((ROWGRAD_ROWS, M), torch.float32, h.device)
     seed_arg = h if seed is None else seed
+    from_y = algebraic(spec, K)
+    if from_y and y is None:
+        raise ValueError("adapter block backward: this spec reads the forward's output y, got None")
     runtime.launch(adapter_bwd_rows_kernel, (cdiv(M, rows["BLOCK_M"]),),
-                   dy, h, r, pd, rowgrad, state, saved_offset, params.w_down, params.w_up, seed_arg,
-                   float(spec.dropout_p),
+                   dy, h, r, y if from_y else h, pd, rowgrad, state, saved_offset, params.w_down, params.w_up,
+                   seed_arg, float(spec.dropout_p),
                    M, D, K, float(spec.ln_eps), CFG=_flags(spec),
-                   LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln), **rows)
+                   LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln),
+                   FROM_Y=from_y, **rows)
 
     cols = runtime.column_tiles(D, K, op, per_element, pipelined)
     tiles = cdiv(M, cols["BLOCK_M"])

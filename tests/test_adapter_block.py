@@ -211,13 +211,39 @@ def test_host_path_runs_no_aten_kernel_but_allocations_and_views(device, monkeyp
     with testing.aten_ops() as calls:
         y.backward(dy)
     backward = collections.Counter(name for name, _ in calls)
-    assert set(forward) <= {"empty", "promote_types"} and forward["empty"] == 2, forward
+    # "detach": autograd's own, as it saves the output y, which this placement's backward reads
+    assert set(forward) <= {"empty", "promote_types", "detach"} and forward["empty"] == 2, forward
+    assert forward["detach"] <= 1, forward
     # "detach": autograd's own, as it takes each gradient
     assert set(backward) <= {"empty", "as_strided", "detach"}, backward
     assert backward["as_strided"] == 6, backward  # a view per parameter gradient
     storages = {tensors[name].grad.untyped_storage().data_ptr()
                 for name in ("ln_weight", "ln_bias", "w_down", "b_down", "w_up", "b_up")}
     assert len(storages) == 1
+
+
+def test_output_is_saved_where_backward_reads_it(device):
+    """Without dropout and for k <= 64 the forward takes o's moments algebraically, and the backward's row
+    kernel then reads dy and y rather than dy, h and r: autograd saves y, so changing y in place before
+    backward is an error autograd names. With dropout backward does not read y, and autograd keeps no
+    reference to it."""
+    from ampfuse.kernels.adapter_block import reads_output
+    from ampfuse.ops.adapter_block import AdapterBlockSpec
+
+    assert reads_output(AdapterBlockSpec(), 64) and not reads_output(AdapterBlockSpec(), 65)
+    assert not reads_output(AdapterBlockSpec(dropout_p=0.1), 8)
+    tensors, kwargs = testing.adapter_inputs(12, 40, 8, device=device)
+    y = testing.call(adapter_block, tensors, backend="triton", **kwargs)
+    y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    seed = torch.tensor([5], dtype=torch.int64, device=device)
+    dropped = lambda: testing.call(adapter_block, tensors, backend="triton", training=True,  # noqa: E731
+                                   dropout_p=0.2, seed=seed, **kwargs)
+    expected = torch.autograd.grad(dropped().sum(), tensors["h"])[0]
+    y = dropped()
+    y.add_(1.0)
+    assert torch.equal(torch.autograd.grad(y.sum(), tensors["h"])[0], expected)
 
 
 def test_pfeiffer_gradient_of_h_and_r_computed_once_stays_safe(device):

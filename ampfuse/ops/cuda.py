@@ -58,9 +58,14 @@ def forward(spec, h, r, params, seed, save):
     return y.view(h.shape), h.new_empty(0, dtype=torch.float32)
 
 
-def backward(spec, dy, h, r, params, seed, state, input_grad, ln_grad, grad_dtype):
-    """(dh, dr, flat) as kernels.adapter_block.backward: flat in ``grad_dtype``, as the op's fake kernel
-    says under torch.compile (the extension writes fp32: one cast where the parameters are 16-bit)."""
+def reads_output(spec, k):
+    """The CUDA backward recomputes from h and r: it never reads the forward's output."""
+    return False
+
+
+def backward(spec, dy, h, r, y, params, seed, state, input_grad, ln_grad, grad_dtype):
+    """(dh, dr, flat) as kernels.adapter_block.backward (y unused): flat in ``grad_dtype``, as the op's fake
+    kernel says under torch.compile (the extension writes fp32: one cast where the parameters are 16-bit)."""
     from .adapter_block import gradient_layout
 
     dtype, d = torch.promote_types(h.dtype, r.dtype), h.shape[-1]
