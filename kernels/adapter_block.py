@@ -144,7 +144,7 @@ def _grad_offset(slot, D, K):
 def _saved_part(consts, saved_offset):
     """The saved part of the forward's state: z (M, K), then SAVED_ROWS rows of M statistics. saved_offset is
     even, and "// 2 * 2" tells the compiler so: the saved part is 8-byte aligned, which it cannot know from an
-    int argument (sm_90, d = 768, k = 64, bf16: the forward takes 120 registers and 2 blocks per SM with it,
+    int argument (sm_90, d = 768, k = 64, bf16: the forward took 120 registers and 2 blocks per SM with it,
     164 without; the previous head's 8-byte aligned view gave 144). It must never learn 16-byte alignment
     (the kernels do not specialise saved_offset): that vectorises the store of z, and the forward in the
     autocast mix with the adapter LayerNorm and dropout at k = 256 then spills (benchmarks/compile_report)."""
