@@ -444,10 +444,9 @@ def adapter_fwd_kernel(
             b = _vec(consts, VEC_S, cols, col_mask, D) * _vec(consts, VEC_BU, cols, col_mask, D)
             acc_b += tl.sum(res_c * b[None, :], axis=1)
 
-    if SAVE and not OUT_PASS:  # for the backward's pass over dy and y; stored here, the forward keeps
-        # 2 blocks per SM (stored as T after the "t =" below, it took 140 registers on sm_90 and 56 KiB)
+    if SAVE and not OUT_PASS:  # for the backward's pass over dy and y. Stored here, as the raw sum (T after
+        # the "t =" below took 140 registers on sm_90 and 56 KiB), and shift - mean_r with the row statistics
         tl.store(_saved_t(saved_ptr, rows, kk, M, K), acc_t, mask=row_mask[:, None] & k_mask[None, :])
-        tl.store(saved_ptr + M * K + ROW_T_SHIFT * M + rows, shift - mean_r, mask=row_mask)
     f1 = _kvec(consts, KVEC_F1, kk, k_mask, D, K)
     f2 = _kvec(consts, KVEC_F2, kk, k_mask, D, K)
     if FOLD:
@@ -502,6 +501,8 @@ def adapter_fwd_kernel(
                  mask=row_mask[:, None] & col_mask[None, :])
     if SAVE:
         _store_row_scalars(saved_ptr + M * K, rows, row_mask, M, mean_o, rstd_o, mean1, rstd1, mean_a, rstd_a)
+        if not OUT_PASS:  # T = acc_t + (shift - mean_r) asum in backward
+            tl.store(saved_ptr + M * K + ROW_T_SHIFT * M + rows, shift - mean_r, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -946,7 +947,7 @@ def forward(spec, h, r, params, seed, save):
     D = h.shape[-1]
     M = h.numel() // D
     K = params.w_down.shape[0]
-    cfg = runtime.row_tiles(D, K, operand_dtype(h, r))
+    cfg = runtime.row_tiles(D, K, operand_dtype(h, r), two_blocks=True)
     out_pass = not algebraic(spec, K)
     state = runtime.empty_output((state_size(M, D, K, spec, save),), torch.float32, h.device)
     constants(spec, params, state, D, K, gram=not out_pass)

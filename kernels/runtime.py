@@ -189,7 +189,7 @@ def _precision(dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def row_tiles(D, K, dtype, heavy=False, pipelined=False):
+def row_tiles(D, K, dtype, heavy=False, pipelined=False, two_blocks=False):
     """Launch settings of a row kernel: a program owns BLOCK_M rows and walks the D columns in chunks of
     BLOCK_D, keeping [BLOCK_M, BLOCK_K] tiles of the k-wide bottleneck on chip. Small tiles in the
     interpreter (fast, and many chunks per row in the tests). On a GPU 8 warps, and as many rows as fit
@@ -198,7 +198,10 @@ def row_tiles(D, K, dtype, heavy=False, pipelined=False):
     variants (an extra LayerNorm, dropout, mixed dtypes: more work per element) and fp32 get 16-column
     chunks (fp32 at k = 256 with 32: the forward spilled 2.7 KB per thread, ptxas falling back to 32
     registers, and the backward row kernel 1.5 KB; with 16, 136-176 and 0-192 bytes). ``pipelined``:
-    STREAM_STAGES software-pipelining stages on a GPU, else one."""
+    STREAM_STAGES software-pipelining stages on a GPU, else one. ``two_blocks`` (the forward): 16-bit
+    operands cap a thread at 128 registers (maxnreg), so that two blocks of 8 warps share an SM and hide
+    each other's loads; compiled for sm_90 no 16-bit variant spills under the cap (fp32 would: 176-200
+    bytes), and uncapped the forward took 122-161 registers, one block per SM above 128."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
@@ -206,8 +209,9 @@ def row_tiles(D, K, dtype, heavy=False, pipelined=False):
     if dtype == torch.float32:
         rows = min(rows, 32)
     narrow = heavy or dtype == torch.float32
+    capped = {"maxnreg": 128} if two_blocks and dtype != torch.float32 else {}
     return dict(BLOCK_M=rows, BLOCK_D=16 if narrow else 32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8,
-                num_stages=STREAM_STAGES if pipelined else 1)
+                num_stages=STREAM_STAGES if pipelined else 1, **capped)
 
 
 @functools.lru_cache(maxsize=None)
