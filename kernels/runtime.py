@@ -200,8 +200,9 @@ def row_tiles(D, K, dtype, heavy=False, pipelined=False, two_blocks=False):
     registers, and the backward row kernel 1.5 KB; with 16, 136-176 and 0-192 bytes). ``pipelined``:
     STREAM_STAGES software-pipelining stages on a GPU, else one. ``two_blocks`` (the forward): 16-bit
     operands cap a thread at 128 registers (maxnreg), so that two blocks of 8 warps share an SM and hide
-    each other's loads; compiled for sm_90 no 16-bit variant spills under the cap (fp32 would: 176-200
-    bytes), and uncapped the forward took 122-161 registers, one block per SM above 128."""
+    each other's loads; compiled for sm_90 under the cap no 16-bit variant spills but one option corner
+    under triton 3.8 (8 bytes, k = 256: README), fp32 would (176-200 bytes), and uncapped the forward
+    took 122-161 registers, one block per SM above 128."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))
