@@ -167,9 +167,10 @@ class _AdapterBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, backend, h, r, seed, *params):
-        y, state = _implementation(backend).forward(spec, h, r, AdapterParams(*params), seed, save=True)
+        params = AdapterParams(*params)
+        y, state = _implementation(backend).forward(spec, h, r, params, seed, save=True)
         ctx.spec, ctx.backend = spec, backend
-        ctx.save_for_backward(h, r, _saved_output(spec, backend, y, params[2].shape[0]), seed, state, *params)
+        ctx.save_for_backward(h, r, _saved_output(spec, backend, y, params.w_down.shape[0]), seed, state, *params)
         return y
 
     @staticmethod
@@ -227,7 +228,7 @@ def _(dy, h, r, y, seed, state, ln_weight, ln_bias, w_down, b_down, w_up, b_up, 
 def _op_setup_context(ctx, inputs, output):
     h, r, seed, *params = inputs[:12]
     ctx.spec, ctx.backend = inputs[12], inputs[13]
-    y = _saved_output(_decode(ctx.spec), ctx.backend, output[0], params[2].shape[0])
+    y = _saved_output(_decode(ctx.spec), ctx.backend, output[0], AdapterParams(*params).w_down.shape[0])
     ctx.save_for_backward(h, r, y, seed, output[1], *params)
 
 
