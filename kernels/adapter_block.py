@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .common import (SCALE_FLOAT, SCALE_SCALAR, activation, activation_grad, dropout_keep, merge_moments,
-                     sum_partials)
+                     sum_partials, walk_chunk)
 
 # Rows of the constants buffer's vector blocks (offsets: row * D for VEC_*, 6 * D + row * K for KVEC_*,
 # then the K x K Gram matrix, then two scalars).
@@ -398,23 +398,26 @@ def adapter_fwd_kernel(
     mean1, rstd1, mean_a, rstd_a = zero, zero, zero, zero
 
     # ---- exact statistics a needs: of x1 (when a = LN(x1) is used as is), then of a (adapter LN) ----
+    # The passes over h and r alternate directions (walk_chunk) and the down pass walks from column 0.
     if CFG.ORIG_LN_BEFORE and not FOLD:
         mean1, m2 = zero, zero
-        for c0 in range(0, D, BLOCK_D):
+        for i in range(0, tl.cdiv(D, BLOCK_D)):
+            c0, before = walk_chunk(i, D, not CFG.LN_BEFORE, BLOCK_D)
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             x1, _x1hat, _a, _ahat, _an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, zero,
                                                        zero, zero, zero, CFG)
-            mean1, m2 = merge_moments(mean1, m2, x1, col_mask, c0, D)
+            mean1, m2 = merge_moments(mean1, m2, x1, col_mask, before, D)
         rstd1 = 1.0 / tl.sqrt(m2 / D + eps)
     if CFG.LN_BEFORE:
         mean_a, m2 = zero, zero
-        for c0 in range(0, D, BLOCK_D):
+        for i in range(0, tl.cdiv(D, BLOCK_D)):
+            c0, before = walk_chunk(i, D, True, BLOCK_D)
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             _x1, _x1hat, a, _ahat, _an, _res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D,
                                                        mean1, rstd1, zero, zero, CFG)
-            mean_a, m2 = merge_moments(mean_a, m2, a, col_mask, c0, D)
+            mean_a, m2 = merge_moments(mean_a, m2, a, col_mask, before, D)
         rstd_a = 1.0 / tl.sqrt(m2 / D + eps_a)
 
     # ---- down: z, and (without dropout) the residual's moments and its product with W' = s o W_up ----
@@ -463,14 +466,15 @@ def adapter_fwd_kernel(
     # ---- the output LayerNorm's statistics: o = w + res with w = s o v (and dropout) ----
     if OUT_PASS:  # dropout's mask breaks the algebra (and a wide k's Gram tile would not fit): an exact pass
         mean_o, m2 = zero, zero
-        for c0 in range(0, D, BLOCK_D):
+        for i in range(0, tl.cdiv(D, BLOCK_D)):
+            c0, before = walk_chunk(i, D, True, BLOCK_D)
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D,
                                                        mean1, rstd1, mean_a, rstd_a, CFG)
             w, _v, _keep = _up_chunk(p_op, wu_ptr, consts, rows, row_mask, cols, col_mask, kk, k_mask, D, K,
                                      seed_ptr, p_drop, CFG, PRECISION)
-            mean_o, m2 = merge_moments(mean_o, m2, w + res, col_mask, c0, D)
+            mean_o, m2 = merge_moments(mean_o, m2, w + res, col_mask, before, D)
         rstd_o = 1.0 / tl.sqrt(m2 / D + eps)
     else:
         # with Ac = centred rows of W'^T, bc = centred s o b_up, T = sum_c (res_c - mean_r) W'[c, :]:
@@ -487,8 +491,9 @@ def adapter_fwd_kernel(
         mean_o = mean_r + (tl.sum(p * asum[None, :], axis=1) + bsum) / D
         rstd_o = 1.0 / tl.sqrt(tl.maximum(quad + 2.0 * cross + m2_r, 0.0) / D + eps)
 
-    # ---- out ----
-    for c0 in range(0, D, BLOCK_D):
+    # ---- out: starting on the chunk where the pass before ended ----
+    for i in range(0, tl.cdiv(D, BLOCK_D)):
+        c0, _before = walk_chunk(i, D, not OUT_PASS, BLOCK_D)
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         _x1, _x1hat, _a, _ahat, _an, res = _inputs(h_ptr, r_ptr, consts, rows, row_mask, cols, col_mask, D, mean1,
@@ -644,7 +649,8 @@ def adapter_bwd_rows_kernel(
         c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dz_op = dz.to(op)
-        for c0 in range(0, D, BLOCK_D):
+        for i in range(0, tl.cdiv(D, BLOCK_D)):  # from the last chunk, which the output's pass read last
+            c0, _before = walk_chunk(i, D, True, BLOCK_D)
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             do = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -947,7 +953,9 @@ def forward(spec, h, r, params, seed, save):
     D = h.shape[-1]
     M = h.numel() // D
     K = params.w_down.shape[0]
-    cfg = runtime.row_tiles(D, K, operand_dtype(h, r), two_blocks=True)
+    op = operand_dtype(h, r)
+    # pipelined in 16-bit but with the adapter LayerNorm (two stages spill there under triton 3.6)
+    cfg = runtime.row_tiles(D, K, op, pipelined=op != torch.float32 and not spec.ln_before, two_blocks=True)
     out_pass = not algebraic(spec, K)
     state = runtime.empty_output((state_size(M, D, K, spec, save),), torch.float32, h.device)
     constants(spec, params, state, D, K, gram=not out_pass)

@@ -70,17 +70,32 @@ def activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def merge_moments(mean, m2, x, col_mask, c0, D):
-    """Per-row (mean, M2) of the columns before c0, merged with those of the chunk x ([BLOCK_M,
-    BLOCK_D] fp32, columns c0.. of which col_mask marks the real ones): Chan's pairwise update, so a
-    row's large mean does not cancel its variance away the way sum(x^2) - n mean^2 would."""
-    n_a = c0 * 1.0
+def merge_moments(mean, m2, x, col_mask, before, D):
+    """Per-row (mean, M2) of the ``before`` columns a walk has passed, merged with those of the chunk x
+    ([BLOCK_M, BLOCK_D] fp32, of which col_mask marks the real columns): Chan's pairwise update, so a
+    row's large mean does not cancel its variance away the way sum(x^2) - n mean^2 would. In a walk
+    from column 0, ``before`` is the chunk's first column (walk_chunk gives it for either direction)."""
+    n_a = before * 1.0
     n_b = tl.sum(col_mask.to(tl.float32), axis=0)
     chunk_mean = tl.sum(tl.where(col_mask[None, :], x, 0.0), axis=1) / n_b
     centred = tl.where(col_mask[None, :], x - chunk_mean[:, None], 0.0)
     delta = chunk_mean - mean
     n = n_a + n_b
     return mean + delta * (n_b / n), m2 + tl.sum(centred * centred, axis=1) + delta * delta * (n_a * n_b / n)
+
+
+@triton.jit
+def walk_chunk(i, D, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Step i of a walk over D columns in chunks of BLOCK_D, from column 0 or (REVERSE) from the last
+    chunk: (the chunk's first column, how many columns the walk passed before it). Passes over the same
+    rows alternate directions, so each starts on the chunks the one before read last, while they are
+    still in L2 (docs/design.md, rule 7)."""
+    c0 = i * BLOCK_D
+    before = c0
+    if REVERSE:
+        c0 = (tl.cdiv(D, BLOCK_D) - 1 - i) * BLOCK_D
+        before = D - tl.minimum(c0 + BLOCK_D, D)
+    return c0, before
 
 
 @triton.jit

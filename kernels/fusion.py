@@ -64,7 +64,7 @@ backward, 5 launches (fewer when x, the modalities or the parameters need no gra
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, sum_partials
+from .common import dropout_keep, sum_partials, walk_chunk
 
 # Row scalars the forward saves, (NUM_STATS, M) fp32: alpha, mean and rstd of o = x + alpha shift,
 # ||x||, ||shift||. The backward's row pass hands on (NUM_ROWGRAD, M): mean(g), mean(g o_hat) (g =
@@ -258,8 +258,9 @@ def fusion_norm_kernel(
         tl.store(stats_ptr + 2 * M + rows, rstd, mask=row_mask)
         tl.store(stats_ptr + 3 * M + rows, x_norm, mask=row_mask)
         tl.store(stats_ptr + 4 * M + rows, s_norm, mask=row_mask)
-    # sweep 2 (x and the shift again, from L2): y
-    for c0 in range(0, D, BLOCK_D):
+    # sweep 2 (x and the shift again, from L2, from the chunk sweep 1 read last): y
+    for i in range(0, tl.cdiv(D, BLOCK_D)):
+        c0, _before = walk_chunk(i, D, True, BLOCK_D)
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]

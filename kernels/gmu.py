@@ -50,7 +50,8 @@ from typing import NamedTuple, Optional
 import triton
 import triton.language as tl
 
-from .common import SCALE_FLOAT, SCALE_SCALAR, activation, activation_grad, merge_moments, reduce_partials_kernel
+from .common import (SCALE_FLOAT, SCALE_SCALAR, activation, activation_grad, merge_moments, reduce_partials_kernel,
+                     walk_chunk)
 
 
 class Streams(NamedTuple):
@@ -592,19 +593,22 @@ def gmu_fwd_kernel(
     rstd_o = mean_o
     if CFG.FUSE_LN:
         m2 = mean_o
-        for c0 in range(0, D, BLOCK_D):
+        for i in range(0, tl.cdiv(D, BLOCK_D)):  # from the last chunk, which the text stream's pass read last
+            c0, before = walk_chunk(i, D, True, BLOCK_D)
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             o = _output_chunk(x_ptr, r_ptr, shared, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask,
                                   D, K, CFG.FUSE_LN, PRECISION)
-            mean_o, m2 = merge_moments(mean_o, m2, o, col_mask, c0, D)
+            mean_o, m2 = merge_moments(mean_o, m2, o, col_mask, before, D)
         rstd_o = 1.0 / tl.sqrt(m2 / D + ln_eps)
         if SAVE:
             tl.store(_row_scalar(saved, NP, 2 * CFG.N_TOK, rows, N, K), mean_o, mask=row_mask)
             tl.store(_row_scalar(saved, NP, 2 * CFG.N_TOK + 1, rows, N, K), rstd_o, mask=row_mask)
 
-    # ---- out: y = x + s (fused W_up^T + b_up), LayerNormed with r under FUSE_LN ----
-    for c0 in range(0, D, BLOCK_D):
+    # ---- out: y = x + s (fused W_up^T + b_up), LayerNormed with r under FUSE_LN; the walk starts on the
+    # chunk where the pass before ended (walk_chunk) ----
+    for i in range(0, tl.cdiv(D, BLOCK_D)):
+        c0, _before = walk_chunk(i, D, not CFG.FUSE_LN, BLOCK_D)
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         o = _output_chunk(x_ptr, r_ptr, shared, consts, fused_op, rows, row_mask, cols, col_mask, kk, k_mask, D,

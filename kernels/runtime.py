@@ -41,17 +41,19 @@ def max_programs(device) -> int:
 # One software-pipelining stage unless a launcher asks for more (row_tiles, column_tiles and gemm_tiles do).
 DEFAULT_META = {"num_stages": 1}
 
-# Software-pipelining stages of the backward's row and column kernels (the adapter block's ``pipelined``
-# launches, the GMU adapter's). Each holds one block of 8 warps per SM (178-255 registers a thread on
-# sm_90): with one stage a program's chunk loads wait out the whole memory latency before its dots, and
-# no other block on the SM hides it. With two, Triton copies the next chunk asynchronously (cp.async into
-# shared memory) while this one computes: 12-36 KiB more shared memory a block and a few registers, no
-# spill (compile_report, triton 3.6 and 3.8). Not pipelined, where two stages cost a spill or a block per
-# SM: the forwards (the adapter block's runs two blocks per SM, which hide each other's loads, and with
-# two stages triton 3.6 needs 130-138 registers in 16-bit; the GMU adapter's spills 8 bytes in the mix
-# with a per-sample stream), the adapter variants with its LayerNorm or dropout (8-16 bytes spilled in
-# autocast's mix) and fp32 operands (no tensor cores, not a speed target: spills, or the column kernel
-# drops to one block per SM).
+# Software-pipelining stages of the streaming kernels' chunk loops (the adapter block's ``pipelined``
+# launches, the GMU adapter's backward). The backward's row and column kernels hold one block of 8 warps
+# per SM (178-255 registers a thread on sm_90): with one stage a program's chunk loads wait out the whole
+# memory latency before its dots, and no other block on the SM hides it. With two, Triton copies the next
+# chunk asynchronously (cp.async into shared memory) while this one computes: 12-36 KiB more shared memory
+# a block and a few registers, no spill (compile_report, triton 3.6 and 3.8). The adapter forward's two
+# blocks per SM each keep one [64, 32] chunk of h and r in flight, 16 KiB an SM in bf16, below what covers
+# an H100's memory latency at full bandwidth (docs/design.md, rule 6); with its down pass pipelined too it
+# keeps two blocks per SM under its 128-register cap, without a spill. Not pipelined, where two stages cost a spill or a block per
+# SM: the GMU forward (8 bytes spilled in the mix with a per-sample stream), the adapter forward with its
+# LayerNorm (8 bytes under triton 3.6), the adapter backward's variants with its LayerNorm or dropout
+# (8-16 bytes in autocast's mix) and fp32 operands (no tensor cores, not a speed target: spills, or the
+# column kernel drops to one block per SM).
 STREAM_STAGES = 2
 
 
@@ -201,8 +203,8 @@ def row_tiles(D, K, dtype, heavy=False, pipelined=False, two_blocks=False):
     STREAM_STAGES software-pipelining stages on a GPU, else one. ``two_blocks`` (the forward): 16-bit
     operands cap a thread at 128 registers (maxnreg), so that two blocks of 8 warps share an SM and hide
     each other's loads; compiled for sm_90 under the cap no 16-bit variant spills but one option corner
-    under triton 3.8 (8 bytes, k = 256: README), fp32 would (176-200 bytes), and uncapped the forward
-    took 122-161 registers, one block per SM above 128."""
+    (24-32 bytes, k = 256: README), fp32 would (176-200 bytes), and uncapped the forward took 122-161
+    registers, one block per SM above 128."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, PRECISION=_precision(dtype))

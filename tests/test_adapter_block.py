@@ -5,6 +5,8 @@ import itertools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +14,7 @@ import ampfuse
 from ampfuse import BackendUnavailableError
 from ampfuse import testing
 from ampfuse.kernels import runtime
+from ampfuse.kernels.common import walk_chunk
 from ampfuse.ops.activations import ACTIVATIONS
 from ampfuse.ops.adapter_block import adapter_block, adapter_block_reference
 
@@ -276,6 +279,30 @@ def test_triton_backward_is_deterministic(device):
         runs.append(torch.autograd.grad(y, list(tensors.values()), dy))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@triton.jit
+def _walk_kernel(out_ptr, D, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stores walk_chunk's (first column, columns before) at each step."""
+    for i in range(0, tl.cdiv(D, BLOCK_D)):
+        c0, before = walk_chunk(i, D, REVERSE, BLOCK_D)
+        tl.store(out_ptr + 2 * i, c0)
+        tl.store(out_ptr + 2 * i + 1, before)
+
+
+@pytest.mark.parametrize("D", [16, 72, 80, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_walk_chunk_visits_each_chunk_once_and_counts_the_columns_before(D, reverse, device):
+    # the passes over a row block walk in alternate directions (docs/design.md section 6, rule 7); the
+    # moments merged in a walk from the end need the columns passed before a chunk, not its first column
+    block = 16
+    steps = -(-D // block)
+    out = torch.full((steps, 2), -1, dtype=torch.int32, device=device)
+    _walk_kernel[(1,)](out, D, REVERSE=reverse, BLOCK_D=block)
+    starts = list(range(0, D, block))[::-1 if reverse else 1]
+    widths = [min(block, D - c0) for c0 in starts]
+    assert out[:, 0].tolist() == starts
+    assert out[:, 1].tolist() == [sum(widths[:i]) for i in range(steps)]
 
 
 def test_launches_run_on_the_tensors_device(device):
