@@ -90,6 +90,13 @@ class Flags(NamedTuple):
 
 # ----------------------------------------------------------------------------- shared pieces
 
+@triton.constexpr_function
+def _operand_type(h_type, r_type):
+    """The tensor-core operands' type: the 16-bit one of h's and r's (autocast hands the op a 16-bit h and an
+    fp32 r), else fp32; operand_dtype below is the host's copy."""
+    return r_type if h_type == tl.float32 else h_type
+
+
 @triton.jit
 def _vec(consts, row, cols, col_mask, D):
     """Row ``row`` of the constants' d-vector block, at ``cols``."""
@@ -389,11 +396,7 @@ def adapter_fwd_kernel(
     row_mask = rows < M
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
-    # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
-    if h_ptr.dtype.element_ty == tl.float32:
-        op = r_ptr.dtype.element_ty
-    else:
-        op = h_ptr.dtype.element_ty
+    op = _operand_type(h_ptr.dtype.element_ty, r_ptr.dtype.element_ty)
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
     mean1, rstd1, mean_a, rstd_a = zero, zero, zero, zero
 
@@ -602,11 +605,7 @@ def adapter_bwd_rows_kernel(
     row_mask = rows < M
     kk = tl.arange(0, BLOCK_K)
     k_mask = kk < K
-    # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
-    if h_ptr.dtype.element_ty == tl.float32:
-        op = r_ptr.dtype.element_ty
-    else:
-        op = h_ptr.dtype.element_ty
+    op = _operand_type(h_ptr.dtype.element_ty, r_ptr.dtype.element_ty)
     tile_mask = row_mask[:, None] & k_mask[None, :]
     saved_ptr = _saved_part(consts, saved_offset)
     z_ptrs = saved_ptr + rows[:, None] * K + kk[None, :]
@@ -750,11 +749,7 @@ def adapter_bwd_cols_kernel(
     ks = tl.program_id(2) * BLOCK_KS + tl.arange(0, BLOCK_KS)
     ks_mask = ks < K
     first_slice = tl.program_id(2) == 0
-    # tensor-core operands: the 16-bit one of h and r (autocast hands the op a 16-bit h, fp32 r), else fp32
-    if h_ptr.dtype.element_ty == tl.float32:
-        op = r_ptr.dtype.element_ty
-    else:
-        op = h_ptr.dtype.element_ty
+    op = _operand_type(h_ptr.dtype.element_ty, r_ptr.dtype.element_ty)
     gamma = _vec(consts, VEC_GAMMA, cols, col_mask, D)
     s = _vec(consts, VEC_S, cols, col_mask, D)
     # The products p W_up^T and dz W_down that the elementwise backward recomputes reduce over all of k.
