@@ -950,7 +950,8 @@ def forward(spec, h, r, params, seed, save):
     K = params.w_down.shape[0]
     op = operand_dtype(h, r)
     # pipelined in 16-bit but with the adapter LayerNorm (two stages spill there under triton 3.6)
-    cfg = runtime.row_tiles(D, K, op, pipelined=op != torch.float32 and not spec.ln_before, two_blocks=True)
+    pipelined = op != torch.float32 and not spec.ln_before
+    cfg = runtime.row_tiles(D, K, op, stages=runtime.STREAM_STAGES if pipelined else 1, two_blocks=True)
     out_pass = not algebraic(spec, K)
     state = runtime.empty_output((state_size(M, D, K, spec, save),), torch.float32, h.device)
     constants(spec, params, state, D, K, gram=not out_pass)
@@ -975,8 +976,9 @@ def backward(spec, dy, h, r, y, params, seed, state, input_grad, ln_grad, grad_d
     saved_offset = saved_part_offset(D, K)
     op = operand_dtype(h, r)
     per_element = spec.ln_before or spec.dropout_p > 0  # the adapter LayerNorm or dropout, recomputed per element
-    pipelined = op != torch.float32 and not per_element  # where two stages cost no spill (runtime.STREAM_STAGES)
-    rows = runtime.row_tiles(D, K, op, per_element or h.dtype != r.dtype, pipelined)  # heavy: narrower tiles
+    pipelined = op != torch.float32 and not per_element  # where the stages cost no spill (runtime.STREAM_STAGES)
+    rows = runtime.row_tiles(D, K, op, per_element or h.dtype != r.dtype,  # heavy: narrower tiles
+                             stages=runtime.ROW_PASS_STAGES if pipelined else 1)
     pd = runtime.empty_output((M, 2 * K), op, h.device)
     rowgrad = runtime.empty_output((ROWGRAD_ROWS, M), torch.float32, h.device)
     seed_arg = h if seed is None else seed

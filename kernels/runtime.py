@@ -10,10 +10,6 @@ from triton.runtime.jit import JITFunction
 
 from . import codes
 
-# Block sizes: defaults that are right in the interpreter; to be tuned on a GPU.
-CONFIG = {"adapter_block_m": 16, "adapter_block_k": 32, "gmu_block_m": 16, "gmu_block_kc": 64, "fusion_block_m": 16,
-          "fusion_block_n": 32, "fusion_block_t": 32}
-
 # Tests set this to fill every output with NaN before a kernel runs, so unwritten elements fail.
 POISON_OUTPUTS = False
 
@@ -55,6 +51,14 @@ DEFAULT_META = {"num_stages": 1}
 # (8-16 bytes in autocast's mix) and fp32 operands (no tensor cores, not a speed target: spills, or the
 # column kernel drops to one block per SM).
 STREAM_STAGES = 2
+
+# The adapter backward's row kernel, pipelined, takes one more stage: one block per SM and [64, 32] chunks
+# of dy and y (8 KiB in bf16), so two stages keep 8 KiB ahead of the chunk being computed and three keep
+# 16 KiB, closer to the 18-25 KiB an H100's latency asks for (docs/design.md, rule 6). Compiled for sm_90
+# at three stages instead of two it takes -3 to +11 registers and 2-5 KiB more shared memory at k = 64
+# (77-96 KiB at k = 256, 43-60 at two), no spill at any width or k under triton 3.6 and 3.8. The column
+# kernel's tiles carry 16 KiB of p and dz besides their dy, h and r: two stages keep about 23 KiB ahead.
+ROW_PASS_STAGES = 3
 
 
 def cdiv(a: int, b: int) -> int:
@@ -191,7 +195,7 @@ def _precision(dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def row_tiles(D, K, dtype, heavy=False, pipelined=False, two_blocks=False):
+def row_tiles(D, K, dtype, heavy=False, stages=1, two_blocks=False):
     """Launch settings of a row kernel: a program owns BLOCK_M rows and walks the D columns in chunks of
     BLOCK_D, keeping [BLOCK_M, BLOCK_K] tiles of the k-wide bottleneck on chip. Small tiles in the
     interpreter (fast, and many chunks per row in the tests). On a GPU 8 warps, and as many rows as fit
@@ -199,8 +203,8 @@ def row_tiles(D, K, dtype, heavy=False, pipelined=False, two_blocks=False):
     k <= 64, fewer for a wider bottleneck or fp32 operands (full-precision dots hold more); ``heavy``
     variants (an extra LayerNorm, dropout, mixed dtypes: more work per element) and fp32 get 16-column
     chunks (fp32 at k = 256 with 32: the forward spilled 2.7 KB per thread, ptxas falling back to 32
-    registers, and the backward row kernel 1.5 KB; with 16, 136-176 and 0-192 bytes). ``pipelined``:
-    STREAM_STAGES software-pipelining stages on a GPU, else one. ``two_blocks`` (the forward): 16-bit
+    registers, and the backward row kernel 1.5 KB; with 16, 136-176 and 0-192 bytes). ``stages``:
+    software-pipelining stages on a GPU (one in the interpreter). ``two_blocks`` (the forward): 16-bit
     operands cap a thread at 128 registers (maxnreg), so that two blocks of 8 warps share an SM and hide
     each other's loads; compiled for sm_90 under the cap no 16-bit variant spills but one option corner
     (24-32 bytes, k = 256: README), fp32 would (176-200 bytes), and uncapped the forward took 122-161
@@ -214,7 +218,7 @@ def row_tiles(D, K, dtype, heavy=False, pipelined=False, two_blocks=False):
     narrow = heavy or dtype == torch.float32
     capped = {"maxnreg": 128} if two_blocks and dtype != torch.float32 else {}
     return dict(BLOCK_M=rows, BLOCK_D=16 if narrow else 32, BLOCK_K=block_k, PRECISION=_precision(dtype), num_warps=8,
-                num_stages=STREAM_STAGES if pipelined else 1, **capped)
+                num_stages=stages, **capped)
 
 
 @functools.lru_cache(maxsize=None)
