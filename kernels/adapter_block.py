@@ -648,7 +648,7 @@ def adapter_bwd_rows_kernel(
         c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dz_op = dz.to(op)
-        for i in range(0, tl.cdiv(D, BLOCK_D)):  # from the last chunk, which the output's pass read last
+        for i in range(0, tl.cdiv(D, BLOCK_D)):  # from the last chunk, where the output's pass ended
             c0, _before = walk_chunk(i, D, True, BLOCK_D)
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D

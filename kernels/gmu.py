@@ -1064,7 +1064,7 @@ def tiles(kind, K, S, dtype):
                     **({"CHUNKS": 2} if kind == "cols" else {}))
     if kind == "prep":
         return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, PRECISION=precision, num_warps=4)
-    # two pipelining stages for the backward's kernels in 16-bit (runtime.STREAM_STAGES says why and why not more)
+    # two pipelining stages for the backward's kernels in 16-bit (runtime.STREAM_STAGES says why)
     stages = runtime.STREAM_STAGES if kind != "fwd" and dtype != torch.float32 else 1
     if kind == "cols":
         return dict(BLOCK_M=64, BLOCK_D=16, CHUNKS=2, BLOCK_K=block_k, PRECISION=precision, num_warps=8,

@@ -39,22 +39,22 @@ DEFAULT_META = {"num_stages": 1}
 
 # Software-pipelining stages of the streaming kernels' chunk loops (the adapter block's ``pipelined``
 # launches, the GMU adapter's backward). The backward's row and column kernels hold one block of 8 warps
-# per SM (178-255 registers a thread on sm_90): with one stage a program's chunk loads wait out the whole
+# per SM (164-255 registers a thread on sm_90): with one stage a program's chunk loads wait out the whole
 # memory latency before its dots, and no other block on the SM hides it. With two, Triton copies the next
 # chunk asynchronously (cp.async into shared memory) while this one computes: 12-36 KiB more shared memory
 # a block and a few registers, no spill (compile_report, triton 3.6 and 3.8). The adapter forward's two
 # blocks per SM each keep one [64, 32] chunk of h and r in flight, 16 KiB an SM in bf16, below what covers
-# an H100's memory latency at full bandwidth (docs/design.md, rule 6); with its down pass pipelined too it
-# keeps two blocks per SM under its 128-register cap, without a spill. Not pipelined, where two stages cost a spill or a block per
-# SM: the GMU forward (8 bytes spilled in the mix with a per-sample stream), the adapter forward with its
-# LayerNorm (8 bytes under triton 3.6), the adapter backward's variants with its LayerNorm or dropout
-# (8-16 bytes in autocast's mix) and fp32 operands (no tensor cores, not a speed target: spills, or the
-# column kernel drops to one block per SM).
+# an H100's memory latency at full bandwidth (docs/design.md, rule 6); pipelined too (its down pass's loads
+# become cp.async copies) it keeps two blocks per SM under its 128-register cap, without a spill. Not
+# pipelined, where two stages cost a spill or a block per SM: the GMU forward (8 bytes spilled in the mix
+# with a per-sample stream), the adapter forward with its LayerNorm (8 bytes under triton 3.6), the adapter
+# backward's variants with its LayerNorm or dropout (8-16 bytes in autocast's mix) and fp32 operands (no
+# tensor cores, not a speed target: spills, or the column kernel drops to one block per SM).
 STREAM_STAGES = 2
 
 # The adapter backward's row kernel, pipelined, takes one more stage: one block per SM and [64, 32] chunks
 # of dy and y (8 KiB in bf16), so two stages keep 8 KiB ahead of the chunk being computed and three keep
-# 16 KiB, closer to the 18-25 KiB an H100's latency asks for (docs/design.md, rule 6). Compiled for sm_90
+# 16 KiB, closer to the 17-25 KiB an H100's latency asks for (docs/design.md, rule 6). Compiled for sm_90
 # at three stages instead of two it takes -3 to +11 registers and 2-5 KiB more shared memory at k = 64
 # (77-96 KiB at k = 256, 43-60 at two), no spill at any width or k under triton 3.6 and 3.8. The column
 # kernel's tiles carry 16 KiB of p and dz besides their dy, h and r: two stages keep about 23 KiB ahead.
