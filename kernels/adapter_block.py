@@ -9,7 +9,8 @@ forward, 2 launches
                             below): the vector parameters (a float scaling becomes a vector), the
                             LayerNorm fold vectors W_down gamma and W_down beta + b_down, and the
                             centred Gram matrix of s o W_up that gives the output LayerNorm's
-                            variance without another pass.
+                            variance without another pass. Latency-bound: one pass over d in
+                            256-column chunks, the centred sums taken about a shift.
   adapter_fwd_kernel        [moments of x1 = h + r] [moments of a]  (only when a must be exact)
                             down: z = an W_down^T + b_down on tensor cores; for the Pfeiffer
                                   placement LN(x1) is folded into the product,
@@ -272,85 +273,102 @@ def adapter_constants_kernel(
     D, K,
     LN_BEFORE: tl.constexpr,
     SCALE_MODE: tl.constexpr,
-    GRAM: tl.constexpr,             # the Gram block (the forward's algebraic output moments)
     PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_G: tl.constexpr,          # Gram tile; program (i, j) owns rows i, columns j of it
+    BLOCK_G: tl.constexpr,          # rows of k a program owns
 ):
+    """Grid (k / BLOCK_G, 1 + k / BLOCK_G with the Gram block, else 1). Program (i, 0) writes the k-vectors of
+    rows i (and program (0, 0) the d-vectors); program (i, 1 + j) tile (i, j) of the Gram block. A
+    latency-bound kernel (a few programs over about a hundred KB of weights): its time is its dependent round
+    trips to memory, so each program makes one pass over d in a few wide chunks (docs/design.md, rule 8)."""
     pi = tl.program_id(0)
     pj = tl.program_id(1)
     gi = pi * BLOCK_G + tl.arange(0, BLOCK_G)
-    gj = pj * BLOCK_G + tl.arange(0, BLOCK_G)
-    i_mask, j_mask = gi < K, gj < K
+    i_mask = gi < K
     kvec = consts + NUM_VEC * D
-    # W' = s o W_up as rows of A = W'^T: A[i, c] = s_c W_up[c, i]; centred rows Ac = A - mean_c(A)
-    sum_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    sum_j = tl.zeros([BLOCK_G], dtype=tl.float32)
-    f1 = tl.zeros([BLOCK_G], dtype=tl.float32)
-    f2 = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for c0 in range(0, D, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        s = _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE)
-        a_i = _a_rows(wu_ptr, s, gi, i_mask, cols, col_mask, K)
-        sum_i += tl.sum(a_i, axis=1)
-        sum_j += tl.sum(_a_rows(wu_ptr, s, gj, j_mask, cols, col_mask, K), axis=1)
-        if LN_BEFORE:  # fold vectors of the LayerNorm right before W_down
-            lam = tl.load(ga_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            mu = tl.load(ba_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        else:
-            lam = tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            mu = tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        wd = tl.load(wd_ptr + gi[:, None] * D + cols[None, :], mask=i_mask[:, None] & col_mask[None, :],
-                     other=0.0).to(tl.float32)
-        f1 += tl.sum(wd * lam[None, :], axis=1)
-        f2 += tl.sum(wd * mu[None, :], axis=1)
-    mean_i, mean_j = sum_i / D, sum_j / D
-
-    gram = tl.zeros([BLOCK_G, BLOCK_G], dtype=tl.float32)
-    gbc = tl.zeros([BLOCK_G], dtype=tl.float32)
-    bsum = tl.sum(tl.zeros([BLOCK_G], dtype=tl.float32), axis=0)
-    bsq = bsum
-    if GRAM:
-        for c0 in range(0, D, BLOCK_D):  # b = s o b_up; its mean, for the centred b
-            cols = c0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < D
-            s = _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE)
-            bsum += tl.sum(s * tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32), axis=0)
-        bmean = bsum / D
+    # Each step issues all its loads before any arithmetic: a reduction or layout change between two loads
+    # puts a barrier between them, and then a second round trip into the step.
+    if pj == 0:
+        # W_down's fold vectors, and the row sums of A = W'^T (W' = s o W_up: A[i, c] = s_c W_up[c, i])
+        sum_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        f1 = tl.zeros([BLOCK_G], dtype=tl.float32)
+        f2 = tl.zeros([BLOCK_G], dtype=tl.float32)
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             s = _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE)
-            ac_i = tl.where(col_mask[None, :], _a_rows(wu_ptr, s, gi, i_mask, cols, col_mask, K) - mean_i[:, None], 0.0)
-            ac_j = tl.where(col_mask[None, :], _a_rows(wu_ptr, s, gj, j_mask, cols, col_mask, K) - mean_j[:, None], 0.0)
-            gram = tl.dot(ac_i, tl.trans(ac_j), acc=gram, input_precision=PRECISION)
-            bc = tl.where(col_mask, s * tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) - bmean, 0.0)
-            gbc += tl.sum(ac_i * bc[None, :], axis=1)
-            bsq += tl.sum(bc * bc, axis=0)
-        tl.store(kvec + NUM_KVEC * K + gi[:, None] * K + gj[None, :], gram, mask=i_mask[:, None] & j_mask[None, :])
-
-    if pj == 0:  # the k-vectors of rows gi
-        tl.store(kvec + KVEC_BD * K + gi, tl.load(bd_ptr + gi, mask=i_mask, other=0.0).to(tl.float32), mask=i_mask)
+            wu = _up_rows(wu_ptr, gi, i_mask, cols, col_mask, K)
+            wd = tl.load(wd_ptr + gi[:, None] * D + cols[None, :], mask=i_mask[:, None] & col_mask[None, :], other=0.0)
+            if LN_BEFORE:  # fold vectors of the LayerNorm right before W_down
+                lam = tl.load(ga_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                mu = tl.load(ba_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            else:
+                lam = tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                mu = tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if pi == 0:  # the d-vectors of this chunk (loads first: a store may alias a later load)
+                gamma = tl.load(gamma_ptr + cols, mask=col_mask)
+                beta = tl.load(beta_ptr + cols, mask=col_mask)
+                b_up = tl.load(bu_ptr + cols, mask=col_mask)
+                tl.store(consts + VEC_GAMMA * D + cols, gamma, mask=col_mask)
+                tl.store(consts + VEC_BETA * D + cols, beta, mask=col_mask)
+                tl.store(consts + VEC_BU * D + cols, b_up, mask=col_mask)
+                tl.store(consts + VEC_S * D + cols, s, mask=col_mask)
+                if LN_BEFORE:
+                    tl.store(consts + VEC_GA * D + cols, lam, mask=col_mask)
+                    tl.store(consts + VEC_BA * D + cols, mu, mask=col_mask)
+            sum_i += tl.sum(wu * s[None, :], axis=1)
+            wd = wd.to(tl.float32)
+            f1 += tl.sum(wd * lam[None, :], axis=1)
+            f2 += tl.sum(wd * mu[None, :], axis=1)
+        b_down = tl.load(bd_ptr + gi, mask=i_mask, other=0.0).to(tl.float32)
+        tl.store(kvec + KVEC_BD * K + gi, b_down, mask=i_mask)
         tl.store(kvec + KVEC_F1 * K + gi, f1, mask=i_mask)
-        tl.store(kvec + KVEC_F2 * K + gi, f2 + tl.load(bd_ptr + gi, mask=i_mask, other=0.0).to(tl.float32),
-                 mask=i_mask)
+        tl.store(kvec + KVEC_F2 * K + gi, f2 + b_down, mask=i_mask)
         tl.store(kvec + KVEC_ASUM * K + gi, sum_i, mask=i_mask)
-        tl.store(kvec + KVEC_GBC * K + gi, gbc, mask=i_mask)
-    if (pi == 0) & (pj == 0):  # the d-vectors, and the scalars |b - mean b|^2, sum b
-        tail = kvec + NUM_KVEC * K + K * K
-        tl.store(tail, bsq)
-        tl.store(tail + 1, bsum)
+    else:
+        # the centred Gram tile Gc[i, j] = sum_c (A[i, c] - m_i)(A[j, c] - m_j), (Ac bc)[i] with b = s o b_up,
+        # and |bc|^2, from one pass of sums about a shift (each row's mean over the first chunk, sa):
+        #   sum_c (a_c - m)(b_c - n) = sum_c (a_c - sa)(b_c - sb) - D (m - sa)(n - sb)
+        # m - sa is small, so a large mean does not cancel the spread away (as in a one-pass sum of squares)
+        gj = (pj - 1) * BLOCK_G + tl.arange(0, BLOCK_G)
+        j_mask = gj < K
+        zero = tl.zeros([BLOCK_G], dtype=tl.float32)
+        shift_i, shift_j, sum_i, sum_j, gb = zero, zero, zero, zero, zero  # gb: sum_c (A[i, c] - sa_i)(b_c - sb)
+        gram = tl.zeros([BLOCK_G, BLOCK_G], dtype=tl.float32)
+        shift_b = tl.sum(zero, axis=0)
+        sum_b, sq_b = shift_b, shift_b  # sum_c (b_c - sb), sum_c (b_c - sb)^2
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            tl.store(consts + VEC_GAMMA * D + cols, tl.load(gamma_ptr + cols, mask=col_mask), mask=col_mask)
-            tl.store(consts + VEC_BETA * D + cols, tl.load(beta_ptr + cols, mask=col_mask), mask=col_mask)
-            if LN_BEFORE:
-                tl.store(consts + VEC_GA * D + cols, tl.load(ga_ptr + cols, mask=col_mask), mask=col_mask)
-                tl.store(consts + VEC_BA * D + cols, tl.load(ba_ptr + cols, mask=col_mask), mask=col_mask)
-            tl.store(consts + VEC_S * D + cols, _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE), mask=col_mask)
-            tl.store(consts + VEC_BU * D + cols, tl.load(bu_ptr + cols, mask=col_mask), mask=col_mask)
+            s = _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE)
+            wu_i = _up_rows(wu_ptr, gi, i_mask, cols, col_mask, K)
+            wu_j = _up_rows(wu_ptr, gj, j_mask, cols, col_mask, K)
+            b = s * tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            a_i = wu_i * s[None, :]
+            a_j = wu_j * s[None, :]
+            if c0 == 0:  # the shifts, from the first chunk's own loads
+                first = tl.sum(col_mask.to(tl.float32), axis=0)
+                shift_i = tl.sum(a_i, axis=1) / first
+                shift_j = tl.sum(a_j, axis=1) / first
+                shift_b = tl.sum(b, axis=0) / first
+            a_i = tl.where(col_mask[None, :], a_i - shift_i[:, None], 0.0)
+            a_j = tl.where(col_mask[None, :], a_j - shift_j[:, None], 0.0)
+            b = tl.where(col_mask, b - shift_b, 0.0)
+            sum_i += tl.sum(a_i, axis=1)
+            sum_j += tl.sum(a_j, axis=1)
+            gram = tl.dot(a_i, tl.trans(a_j), acc=gram, input_precision=PRECISION)
+            gb += tl.sum(a_i * b[None, :], axis=1)
+            sum_b += tl.sum(b, axis=0)
+            sq_b += tl.sum(b * b, axis=0)
+        dm_i, dm_j, dm_b = sum_i / D, sum_j / D, sum_b / D  # the means' distances from the shifts
+        tl.store(kvec + NUM_KVEC * K + gi[:, None] * K + gj[None, :], gram - D * dm_i[:, None] * dm_j[None, :],
+                 mask=i_mask[:, None] & j_mask[None, :])
+        if pj == 1:
+            tl.store(kvec + KVEC_GBC * K + gi, gb - D * dm_i * dm_b, mask=i_mask)
+            if pi == 0:  # the scalars |bc|^2 and sum_c b_c
+                tail = kvec + NUM_KVEC * K + K * K
+                tl.store(tail, sq_b - D * dm_b * dm_b)
+                tl.store(tail + 1, sum_b + D * shift_b)
 
 
 @triton.jit
@@ -366,11 +384,11 @@ def _scale_chunk(s_ptr, s_value, cols, col_mask, SCALE_MODE: tl.constexpr):
 
 
 @triton.jit
-def _a_rows(wu_ptr, s, rows_k, k_mask, cols, col_mask, K):
-    """Rows rows_k of A = (s o W_up)^T at ``cols``: [len(rows_k), BLOCK_D] fp32. Its own load, as the constants
+def _up_rows(wu_ptr, rows_k, k_mask, cols, col_mask, K):
+    """Rows rows_k of W_up^T at ``cols``: [len(rows_k), BLOCK_D] fp32. Its own load, as the constants
     kernel's W_down load: through _weight_tile, triton 3.6 spilled 8 bytes in that kernel (mix and fp32)."""
     wu = tl.load(wu_ptr + cols[None, :] * K + rows_k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-    return wu.to(tl.float32) * s[None, :]
+    return wu.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["saved_offset"])
@@ -925,20 +943,20 @@ def state_size(M, D, K, spec, save):
 
 
 def constants(spec, params, consts, D, K, gram):
-    """Fills ``consts`` (the head of the forward's state) with adapter_constants_kernel. On a GPU the Gram
-    tiles are small (16 x 16, full fp32 precision: a handful of programs, each a few microseconds); the
-    interpreter, whose cost is per operation, takes one large tile."""
+    """Fills ``consts`` (the head of the forward's state) with adapter_constants_kernel; ``gram``: with the
+    Gram block, for the forward's algebraic output moments."""
     scale = params.scale
-    block_g, block_d = (min(64, runtime.block_width(K)), 256) if runtime.interpreting() else (16, 64)
+    tiles = runtime.constants_tiles(D, K)
+    rows = cdiv(K, tiles["BLOCK_G"])
     any_tensor = params.ln_weight  # stands in for absent pointers (never read)
-    runtime.launch(adapter_constants_kernel, (cdiv(K, block_g), cdiv(K, block_g)),
+    runtime.launch(adapter_constants_kernel, (rows, 1 + rows if gram else 1),
                    params.ln_weight, params.ln_bias,
                    params.adapter_ln_weight if spec.ln_before else any_tensor,
                    params.adapter_ln_bias if spec.ln_before else any_tensor,
                    params.w_down, params.b_down, params.w_up, params.b_up,
                    any_tensor if scale is None else scale, float(spec.scale_value), consts, D, K,
-                   LN_BEFORE=spec.ln_before, SCALE_MODE=SCALE_MODES.index(spec.scale_mode),
-                   GRAM=gram, PRECISION="ieee", BLOCK_D=block_d, BLOCK_G=block_g)
+                   LN_BEFORE=spec.ln_before, SCALE_MODE=SCALE_MODES.index(spec.scale_mode), PRECISION="ieee",
+                   **tiles)
 
 
 @runtime.on_tensors_device

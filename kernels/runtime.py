@@ -222,6 +222,20 @@ def row_tiles(D, K, dtype, heavy=False, stages=1, two_blocks=False):
 
 
 @functools.lru_cache(maxsize=None)
+def constants_tiles(D, K):
+    """Launch settings of a kernel that turns parameters into per-call constants (the adapter block's): a
+    program owns BLOCK_G rows of a k-wide block and walks d once, in chunks of BLOCK_D. Such a kernel is
+    latency-bound (a few programs over about a hundred KB of weights): its time is its dependent round trips
+    to memory, about one a chunk, so on a GPU wide chunks, 256 columns: three at d = 768, where 64-column
+    chunks in three passes took 36 (docs/design.md, rule 8). 8 warps: about 100 registers on sm_90, no spill
+    (4 warps take 128). In the interpreter, chunks narrower than the test widths, so the tests cross chunk
+    boundaries and a ragged last chunk."""
+    if interpreting():
+        return dict(BLOCK_G=min(64, block_width(K)), BLOCK_D=_interpreter_chunk(D))
+    return dict(BLOCK_G=16, BLOCK_D=256, num_warps=8)
+
+
+@functools.lru_cache(maxsize=None)
 def column_tiles(D, K, dtype, heavy=False, pipelined=False):
     """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
     of BLOCK_M rows, accumulating two [BLOCK_KS, BLOCK_D] fp32 weight-gradient tiles on chip for a slice

@@ -146,6 +146,20 @@ def test_triton_rows_with_large_means(dtype, placement, device):
     check_against_reference(tensors, kwargs, original_ln_before=olnb, residual_before_ln=rbln, activation="silu")
 
 
+def test_triton_up_projection_with_large_means(device):
+    """An up-projection whose every column (and bias) carries a common offset 40 times its spread: the
+    constants kernel's centred Gram matrix, from which the forward takes the output LayerNorm's variance,
+    comes from one pass of sums about a shift and must not cancel (a one-pass sum of products does: this
+    test then fails). Widths of several chunks, a ragged last one. fp32: in fp16 the 16-bit dz of such an
+    adapter puts W_down's gradient 1.1e-2 off, with either way of taking the constants."""
+    tensors, kwargs = testing.adapter_inputs(26, 200, 24, device=device)
+    offset = 40.0 * 24 ** -0.5
+    with torch.no_grad():
+        tensors["w_up"].add_(offset)
+        tensors["b_up"].add_(offset)
+    check_against_reference(tensors, kwargs, activation="relu")
+
+
 def test_triton_leading_dims_and_bottleneck_wider_than_a_chunk(device):
     tensors, kwargs = testing.adapter_inputs(0, 80, 200, device=device, lead=(3, 11), scale_kind="scalar")
     check_against_reference(tensors, kwargs, activation="tanh")
