@@ -49,6 +49,14 @@ def bench(fn, device, reps=None):
 
 def count_launches(fn, device):
     """CUDA kernels one call of fn launches (profiler), None on the CPU."""
+    profiled = kernel_profile(fn, device)
+    return None if profiled is None else profiled[0]
+
+
+def kernel_profile(fn, device, calls=5):
+    """(kernels one call of fn launches, [[kernel name, median us of its time per call], ...] in launch order)
+    from the profiler's CUDA events over ``calls`` calls; None on the CPU. The per-kernel split shows where a
+    fused op's time goes: a small latency-bound kernel (docs/design.md, rule 8) next to the streaming ones."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -56,9 +64,22 @@ def count_launches(fn, device):
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(events) // calls, per_kernel_us(events, calls)
+
+
+def per_kernel_us(events, calls):
+    """[[name, median us per call]] in first-launch order, from (name, us) events of ``calls`` calls; a kernel
+    launched several times a call counts the sum of its launches in that call."""
+    per_call = len(events) // calls
+    totals = {}
+    for index, (name, us) in enumerate(events[:per_call * calls]):
+        totals.setdefault(name, [0.0] * calls)[index // per_call] += us
+    return [[name, statistics.median(times)] for name, times in totals.items()]
 
 
 def ceilings(device):
@@ -185,7 +206,7 @@ def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, devic
                     call = _call(fn, rot, mode)
                     try:
                         ms = bench(call, device)
-                        launches = count_launches(call, device)
+                        launches, kernels = kernel_profile(call, device) or (None, None)
                     except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size
                         log(f"  {name} {impl} {mode} {case}: skipped ({type(exc).__name__}: {exc})")
                         continue
@@ -196,7 +217,7 @@ def run_op_suite(name, cases, impls_for, inputs_for, bytes_for, flops_for, devic
                     label = str(dtype).replace("torch.", "") + (" mix" if layout else "")
                     emit(dict(suite=name, op=name, mode=mode, backend=impl, dtype=label, shape=list(case),
                               median_ms=ms, graph_ms=graph, GBps=nbytes / ms / 1e6, roofline_pct=100 * roof_ms / ms,
-                              launches=launches))
+                              launches=launches, kernel_us=kernels))
                     log(f"  {name:8} {mode:17} {label:10} {str(case):22} {impl:28} {ms:9.4f} ms "
                         f"{'' if graph is None else f'(graph {graph:.4f})'} {100 * roof_ms / ms:6.1f}% roof")
 
@@ -497,6 +518,12 @@ def write_report(rows, header, out, with_plot=True):
                      f"{r.get('GBps', float('nan')):.0f} | "
                      f"{r.get('roofline_pct', float('nan')):.1f} | {r.get('launches')} | "
                      f"{'' if vs is None else f'{1 / vs:.2f}x time'} |")
+    split = [r for r in rows if r.get("kernel_us") and r["backend"].startswith("ampfuse")]
+    if split:
+        lines += ["", "Each ampfuse row's kernels (profiler, median us per call of 5 calls):", "",
+                  "| suite | mode | backend | dtype | shape | kernels (us) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['suite']} | {r['mode']} | {r['backend']} | {r['dtype']} | {r['shape']} | "
+                  + "; ".join(f"{name} {us:.1f}" for name, us in r["kernel_us"]) + " |" for r in split]
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if with_plot:

@@ -145,3 +145,23 @@ def test_no_kernel_argument_shadows_the_launchers_own_names():
                 clashes = reserved & set(fn.arg_names)
                 assert not clashes, f"{module.__name__}.{name} takes {sorted(clashes)}"
     assert found >= 15
+
+
+def test_kernel_split_sums_each_kernel_per_call_and_takes_the_median(tmp_path, monkeypatch):
+    # The profiler's per-kernel times (GPU rows only): a kernel launched twice a call counts both launches,
+    # the median over calls drops one slow call, launch order is kept; the report lists the ampfuse rows' split
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import run
+
+    one_call = [("constants", 3.0), ("rows", 20.0), ("rows", 2.0)]
+    events = one_call * 2 + [("constants", 30.0), ("rows", 20.0), ("rows", 2.0)]
+    assert run.per_kernel_us(events, 3) == [["constants", 3.0], ["rows", 22.0]]
+    rows = [dict(suite="adapter", mode="forward", backend=backend, dtype="bfloat16", shape=[4096, 768, 64],
+                 median_ms=0.03, graph_ms=None, GBps=1.0, roofline_pct=50.0, launches=2, kernel_us=split)
+            for backend, split in (("eager", [["layer_norm", 4.0]]), ("ampfuse-triton", [["constants", 3.0]]))]
+    header = dict(device_name="test", date="today", torch="t", triton="t", transformers="t", copy_GBps=1.0,
+                  matmul_TFLOPs=1.0, command="c", device="cuda")
+    run.write_report(rows, header, str(tmp_path), with_plot=False)
+    table = (tmp_path / "results.md").read_text()
+    assert "| adapter | forward | ampfuse-triton | bfloat16 | [4096, 768, 64] | constants 3.0 |" in table
+    assert "layer_norm" not in table
