@@ -163,6 +163,8 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     p.add_argument("--limit-kib", type=float, default=227.0, help="shared memory per block of the target")
     p.add_argument("--warps", type=int, default=0, help="compile every kernel with this many warps (tuning)")
+    p.add_argument("--stages", type=int, default=0,
+                   help="set runtime.STREAM_STAGES and ROW_PASS_STAGES to this (what benchmarks.tune times)")
     p.add_argument("--only", action="append", default=[],
                    help="report only cases whose name contains this text (e.g. 'gmu'); repeat for several")
     p.add_argument("--no-spill-gate", action="store_true",
@@ -172,6 +174,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     rows, seen, compiled_by_key = [], set(), {}
+    if args.stages:
+        runtime.STREAM_STAGES = runtime.ROW_PASS_STAGES = args.stages
 
     def report(kernel, grid, *a, **meta):
         meta = runtime.DEFAULT_META | meta

@@ -28,6 +28,10 @@
 # The adapters library (its baseline rows) pins transformers 4.57: carry it and its pins as wheels in
 # .whl (device README); only the benchmark processes see them.
 #
+# Stage "tune": benchmarks/tune.py, the pipelining-stage A/B of the adapter block (TUNE_ARGS goes to it, e.g.
+# TUNE_ARGS="--sizes 4096,16384 --settings 2/3,3/3,4/3"), limited to TUNE_LIMIT_S (default 300 s), its rows
+# (tune.jsonl) packed into $OUT/tune.tar.gz:
+#     STAGES=tune TUNE_ARGS="--sizes 4096,16384" bash benchmarks/gpu_session.sh
 # DRY_RUN=1 (the default where no GPU is visible): the same steps on a CPU in about half a minute
 # of CPU time, as CI's smoke test of this script (tests/test_gpu_session.py): no build, a few tests,
 # tiny sanitizer cases in Triton's interpreter; a missing tool (nvidia-smi, compute-sanitizer) is
@@ -36,7 +40,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 # The command as run, for the record: the knobs set in the environment, then the script.
-KNOBS="STAGES SUITES BENCH_ARGS BUDGET_S DRY_RUN WORKERS TESTS TESTS_CUDA TEST_TIMEOUT SANITIZE_CASES SANITIZE_JOBS COMMIT"
+KNOBS="STAGES SUITES BENCH_ARGS TUNE_ARGS TUNE_LIMIT_S BUDGET_S DRY_RUN WORKERS TESTS TESTS_CUDA TEST_TIMEOUT SANITIZE_CASES SANITIZE_JOBS COMMIT"
 CMD=$(for v in $KNOBS; do [[ -n "${!v+x}" ]] && printf '%s=%q ' "$v" "${!v}"; done)"bash benchmarks/gpu_session.sh"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -187,6 +191,14 @@ if has bench; then
     echo "bench $suite rc=$?"; grep -E "^  " "$W/bench-$suite.log" | grep -v skipped | cut -c1-120
   done
   tar -czf "$OUT/bench.tar.gz" -C "$W" --exclude=./ext --exclude=./ext-tmp . && echo "packed $OUT/bench.tar.gz"
+fi
+
+if has tune; then
+  mkdir -p "$W/tune"
+  # shellcheck disable=SC2086  # TUNE_ARGS is a word list
+  timeout "${TUNE_LIMIT_S:-300}" "$PY" -m benchmarks.tune --out "$W/tune" ${TUNE_ARGS:-} > "$W/tune.log" 2>&1
+  echo "tune rc=$?"; grep -E "^  " "$W/tune.log" | cut -c1-120
+  tar -czf "$OUT/tune.tar.gz" -C "$W" tune tune.log && echo "packed $OUT/tune.tar.gz"
 fi
 
 # Last, so that the device tool's output tail (its last 12,000 characters) holds the whole record.

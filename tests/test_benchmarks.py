@@ -165,3 +165,17 @@ def test_kernel_split_sums_each_kernel_per_call_and_takes_the_median(tmp_path, m
     table = (tmp_path / "results.md").read_text()
     assert "| adapter | forward | ampfuse-triton | bfloat16 | [4096, 768, 64] | constants 3.0 |" in table
     assert "layer_norm" not in table
+
+
+def test_tune_times_each_setting_and_keeps_every_row(tmp_path):
+    # The GPU session's A/B runs of the stage settings (in the interpreter a smoke test: stages are ignored
+    # there). Every row is appended as measured; each setting, layout and mode has one.
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--quick", "--label", "smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "tune.jsonl").read_text().splitlines()]
+    assert sorted((r["stream_stages"], r["row_pass_stages"], r["dtype"], r["mode"]) for r in rows) == sorted(
+        (s, 3, dtype, mode) for s in (1, 2) for dtype in ("float16", "float16 mix")
+        for mode in ("forward", "forward+backward"))
+    assert all(r["label"] == "smoke" and r["median_ms"] > 0 for r in rows)
