@@ -12,8 +12,9 @@ forward, 2 launches
   gmu_prep_kernel      per-call constants (CONSTS below): the scaling as a d-vector, each stream's
                        LayerNorm fold vectors f1 = W_j gamma_j and f2 = W_j beta_j + c_j, the column
                        sums of s o W_up; the gate and GMU weights in the operand dtype (WEIGHTS); and
-                       the per-sample streams' pre-activations, computed once per sample (B rows, exact
-                       two-pass LayerNorm), never per token.
+                       the per-sample streams' pre-activations, computed once per sample (B rows, one
+                       pass over each row as the token streams', the fold vectors in the same pass),
+                       never per token. A latency-bound kernel: each step loads before it computes.
   gmu_fwd_kernel       one pass over each token-aligned input: LN_j is folded into the projection,
                        LN(x) W^T = rstd ((x - c) o gamma) W^T - rstd (mean - c) W gamma + W beta, with c
                        the row's first-chunk mean, so that 16-bit dot operands do not carry the row's
@@ -376,35 +377,14 @@ def _fold_vectors(streams, j: tl.constexpr, consts, D, K, kk, k_mask, STREAM_LN:
 def _sample_projections(streams, consts, tile, B, D, K, kk, k_mask, eps, op, CFG: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pre-activations z_j = LN_j(m_j) W_j^T + c_j of every per-sample stream for BLOCK_M samples, with the
-    LayerNorm's statistics: exact, two passes over the row (B rows in all, once per call)."""
+    LayerNorm's statistics (B rows in all, once per call): one pass over each row, as the token streams',
+    the fold vectors taken in the same pass (the prep kernel's fold programs write them in this launch)."""
     samples = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     smask = samples < B
-    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j in tl.static_range(tl.constexpr(CFG.S)):
         if not CFG.ALIGNED[j]:
-            width = streams.widths[j]
-            mean, rstd = zero, zero
-            if CFG.STREAM_LN:
-                m2 = zero
-                for c0 in range(0, width, BLOCK_D):
-                    cols = c0 + tl.arange(0, BLOCK_D)
-                    col_mask = cols < width
-                    m = _load_tile(streams.inputs[j], samples, smask, cols, col_mask, width)
-                    mean, m2 = merge_moments(mean, m2, m, col_mask, c0, width)
-                rstd = 1.0 / tl.sqrt(m2 / width + eps)
-            acc = tl.zeros([BLOCK_M, kk.shape[0]], dtype=tl.float32)
-            for c0 in range(0, width, BLOCK_D):
-                cols = c0 + tl.arange(0, BLOCK_D)
-                col_mask = cols < width
-                m = _load_tile(streams.inputs[j], samples, smask, cols, col_mask, width)
-                if CFG.STREAM_LN:
-                    m = tl.where(col_mask[None, :], (m - mean[:, None]) * rstd[:, None], 0.0)
-                    m = m * _vec(streams.ln_w[j], cols, col_mask)[None, :] + _vec(streams.ln_b[j], cols,
-                                                                                  col_mask)[None, :]
-                w = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :],
-                            mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-                acc = tl.dot(m.to(op.dtype), tl.trans(w.to(op.dtype)), acc=acc, input_precision=PRECISION)
-            z = acc + _vec(streams.b[j], kk, k_mask)[None, :]
+            z, mean, rstd = _stream_pass(streams, j, consts, samples, smask, kk, k_mask, K, eps, op, CFG, PRECISION,
+                                         BLOCK_D, OWN_FOLD=True)
             slot = samples[:, None] * CFG.N_PS + CFG.PS[j]
             tl.store(_sample_z(consts, D, K, B, CFG.S) + slot * K + kk[None, :], z,
                      mask=smask[:, None] & k_mask[None, :])
@@ -454,8 +434,9 @@ def gmu_prep_kernel(
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             sc = _scale_chunk(shared, cols, col_mask, CFG.SCALE_MODE)
+            w_up = _load_tile(shared.w_up, cols, col_mask, kk, k_mask, K)  # before the store: a round trip a step
             tl.store(consts + cols, sc, mask=col_mask)
-            asum += tl.sum(_load_tile(shared.w_up, cols, col_mask, kk, k_mask, K) * sc[:, None], axis=0)
+            asum += tl.sum(w_up * sc[:, None], axis=0)
         tl.store(_asum(consts, D, K, CFG.S) + kk, asum, mask=k_mask)
     if CFG.N_PS > 0:
         if (pid >= CFG.S) & (pid < CFG.S + tl.cdiv(B, BLOCK_M)):
@@ -465,10 +446,12 @@ def gmu_prep_kernel(
 
 @triton.jit
 def _stream_pass(streams, j: tl.constexpr, consts, rows, row_mask, kk, k_mask, K, eps, op, CFG: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One pass over token stream j's input: (z_j, mean_j, rstd_j). The moments are sums of x - shift and its
+                 PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, OWN_FOLD: tl.constexpr = False):
+    """One pass over stream j's input rows: (z_j, mean_j, rstd_j). The moments are sums of x - shift and its
     square, with the shift the row's first-chunk mean: a row's large common offset is gone before anything is
-    squared, and the same shift keeps it out of the 16-bit dot operand."""
+    squared, and the same shift keeps it out of the 16-bit dot operand. The fold vectors W_j gamma_j and
+    W_j beta_j + c_j come from the constants, or (OWN_FOLD: the prep kernel's per-sample streams) from the
+    same pass. Each step loads before it computes (docs/design.md, rule 8)."""
     width = streams.widths[j]
     x_ptr = streams.inputs[j]
     zero = tl.where(row_mask, 0.0, 0.0)
@@ -478,28 +461,40 @@ def _stream_pass(streams, j: tl.constexpr, consts, rows, row_mask, kk, k_mask, K
         shift = tl.sum(_load_tile(x_ptr, rows, row_mask, cols, cols < width, width), axis=1) / tl.minimum(width,
                                                                                                          BLOCK_D)
     acc = tl.zeros([rows.shape[0], kk.shape[0]], dtype=tl.float32)
+    f1 = tl.zeros([kk.shape[0]], dtype=tl.float32)
+    f2 = f1
     s1, s2 = zero, zero
     for c0 in range(0, width, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_mask = cols < width
+        if CFG.STREAM_LN:
+            ln_w = _vec(streams.ln_w[j], cols, col_mask)
+            ln_b = _vec(streams.ln_b[j], cols, col_mask) if OWN_FOLD else ln_w
         x = _load_tile(x_ptr, rows, row_mask, cols, col_mask, width)
         w = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                     other=0.0)
         if CFG.STREAM_LN:  # the LayerNorm's weight joins the activation side: W_j stays exact in 16 bits
+            if OWN_FOLD:
+                f1 += tl.sum(w.to(tl.float32) * ln_w[None, :], axis=1)
+                f2 += tl.sum(w.to(tl.float32) * ln_b[None, :], axis=1)
             xc = tl.where(col_mask[None, :], x - shift[:, None], 0.0)
             s1 += tl.sum(xc, axis=1)
             s2 += tl.sum(xc * xc, axis=1)
-            xs = xc * _vec(streams.ln_w[j], cols, col_mask)[None, :]
+            xs = xc * ln_w[None, :]
         else:
             xs = x
         acc = tl.dot(xs.to(op.dtype), tl.trans(w.to(op.dtype)), acc=acc, input_precision=PRECISION)
-    fold = _fold(consts, streams.widths[0], K, j)
-    f2 = _vec(fold + K, kk, k_mask)
+    if OWN_FOLD:
+        f2 += _vec(streams.b[j], kk, k_mask)
+    else:
+        fold = _fold(consts, streams.widths[0], K, j)
+        f1 = _vec(fold, kk, k_mask)
+        f2 = _vec(fold + K, kk, k_mask)
     mean = shift + s1 / width
     rstd = zero
     if CFG.STREAM_LN:
         rstd = 1.0 / tl.sqrt(tl.maximum(s2 - s1 * s1 / width, 0.0) / width + eps)
-        z = rstd[:, None] * (acc + (shift - mean)[:, None] * _vec(fold, kk, k_mask)[None, :]) + f2[None, :]
+        z = rstd[:, None] * (acc + (shift - mean)[:, None] * f1[None, :]) + f2[None, :]
     else:
         z = acc + f2[None, :]
     return z, mean, rstd
@@ -1063,7 +1058,9 @@ def tiles(kind, K, S, dtype):
         return dict(BLOCK_M=16, BLOCK_D=32 if kind != "cols" else 16, BLOCK_K=block_k, PRECISION=precision,
                     **({"CHUNKS": 2} if kind == "cols" else {}))
     if kind == "prep":
-        return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, PRECISION=precision, num_warps=4)
+        # 8 warps: the one-pass per-sample projections took 121-151 registers at 4 (no spill); 128-column
+        # chunks (half the steps) spill in the mix under triton 3.6 at 8 warps and take 230-255 at 4
+        return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
     # two pipelining stages for the backward's kernels in 16-bit (runtime.STREAM_STAGES says why)
     stages = runtime.STREAM_STAGES if kind != "fwd" and dtype != torch.float32 else 1
     if kind == "cols":

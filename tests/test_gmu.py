@@ -14,8 +14,8 @@ def gmu_inputs(B=2, T=13, d=48, k=8, widths=(20,), aligned=(True,), gate="sigmoi
     """(tensors, options): tensors maps argument names to tensors or lists of tensors, all requiring grad.
     ``dtype`` is x's and the modalities'; ``r_dtype`` and ``param_dtype`` default to it (autocast hands the op
     a 16-bit x and an fp32 r and parameters). ``row_offset`` gives every row of x and of the token-aligned
-    modalities a common offset of that standard deviation and a few outlier channels, as BERT's hidden states
-    have: large means that must not cancel a row's variance."""
+    modalities (token-aligned and per sample) a common offset of that standard deviation and a few outlier
+    channels, as BERT's hidden states have: large means that must not cancel a row's variance."""
     g = torch.Generator().manual_seed(seed)
     param_dtype = param_dtype or dtype
 
@@ -25,7 +25,7 @@ def gmu_inputs(B=2, T=13, d=48, k=8, widths=(20,), aligned=(True,), gate="sigmoi
 
     def activations(*shape):
         t = torch.randn(*shape, generator=g, dtype=torch.float64)
-        if row_offset and len(shape) == 3:
+        if row_offset:
             t += row_offset * (torch.randn(*shape[:-1], 1, generator=g, dtype=torch.float64)
                                + (torch.arange(shape[-1]) % 29 == 3).double() * 0.05)
         return t.to(device=device, dtype=dtype).requires_grad_()
@@ -127,12 +127,22 @@ def test_triton_autocast_mix_runs_natively(dtype, form, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_rows_with_large_means(dtype, device):
-    """x and the token-aligned modality with a common offset per row about 50 times their spread (outlier
-    channels included): the stream LayerNorms folded into the projections and the output LayerNorm must not
-    cancel (in fp16, folding without the per-row shift fails this test)."""
-    tensors, options = gmu_inputs(B=2, T=9, d=72, k=8, widths=(40, 12), aligned=(True, False), gate="softmax",
+    """x and both modalities with a common offset per row about 50 times their spread (outlier channels
+    included): the stream LayerNorms folded into the projections, each stream's moments in one pass (the
+    per-sample one too, over two chunks) and the output LayerNorm must not cancel (in fp16, folding without
+    the per-row shift fails this test)."""
+    tensors, options = gmu_inputs(B=2, T=9, d=72, k=8, widths=(40, 45), aligned=(True, False), gate="softmax",
                                   form="gmu", dtype=dtype, row_offset=200.0, device=device)
     check(tensors, options, activation="silu")
+
+
+def test_triton_per_sample_rows_with_large_means(device):
+    """A per-sample modality (two column chunks) whose rows carry an offset 10^4 times their spread, in fp32:
+    the prep kernel takes its LayerNorm moments in the same pass as its projection, as sums about the row's
+    first-chunk mean; without that shift fp32 cancels the variance away and this test fails."""
+    tensors, options = gmu_inputs(B=3, T=5, d=40, k=8, widths=(45,), aligned=(False,), row_offset=1e4,
+                                  device=device)
+    check(tensors, options, activation="gelu")
 
 
 @pytest.mark.parametrize("form", ["direct", "gmu"])
