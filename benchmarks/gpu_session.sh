@@ -195,8 +195,10 @@ fi
 
 if has tune; then
   mkdir -p "$W/tune"
+  tune=("$PY" -m benchmarks.tune)
+  (( DRY_RUN )) && tune=(env TRITON_INTERPRET=1 "${tune[@]}" --quick)  # a smoke test in the interpreter
   # shellcheck disable=SC2086  # TUNE_ARGS is a word list
-  timeout "${TUNE_LIMIT_S:-300}" "$PY" -m benchmarks.tune --out "$W/tune" ${TUNE_ARGS:-} > "$W/tune.log" 2>&1
+  timeout "${TUNE_LIMIT_S:-300}" "${tune[@]}" --out "$W/tune" ${TUNE_ARGS:-} > "$W/tune.log" 2>&1
   echo "tune rc=$?"; grep -E "^  " "$W/tune.log" | cut -c1-120
   tar -czf "$OUT/tune.tar.gz" -C "$W" tune tune.log && echo "packed $OUT/tune.tar.gz"
 fi

@@ -277,8 +277,9 @@ def adapter_constants_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr,          # rows of k a program owns
 ):
-    """Grid (k / BLOCK_G, 1 + k / BLOCK_G with the Gram block, else 1). Program (i, 0) writes the k-vectors of
-    rows i (and program (0, 0) the d-vectors); program (i, 1 + j) tile (i, j) of the Gram block. A
+    """Grid (k / BLOCK_G, 1 + k / BLOCK_G with the Gram block, else 1). Program (i, 0) writes the fold vectors,
+    b_down and the row sums of A for rows i (and program (0, 0) the d-vectors); program (i, 1 + j) tile (i, j)
+    of the Gram block, programs (i, 1) also Ac bc for rows i, and program (0, 1) the two scalars. A
     latency-bound kernel (a few programs over about a hundred KB of weights): its time is its dependent round
     trips to memory, so each program makes one pass over d in a few wide chunks (docs/design.md, rule 8)."""
     pi = tl.program_id(0)
@@ -306,8 +307,10 @@ def adapter_constants_kernel(
                 lam = tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
                 mu = tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             if pi == 0:  # the d-vectors of this chunk (loads first: a store may alias a later load)
-                gamma = tl.load(gamma_ptr + cols, mask=col_mask)
-                beta = tl.load(beta_ptr + cols, mask=col_mask)
+                gamma, beta = lam, mu
+                if LN_BEFORE:
+                    gamma = tl.load(gamma_ptr + cols, mask=col_mask)
+                    beta = tl.load(beta_ptr + cols, mask=col_mask)
                 b_up = tl.load(bu_ptr + cols, mask=col_mask)
                 tl.store(consts + VEC_GAMMA * D + cols, gamma, mask=col_mask)
                 tl.store(consts + VEC_BETA * D + cols, beta, mask=col_mask)
@@ -1010,7 +1013,7 @@ def backward(spec, dy, h, r, y, params, seed, state, input_grad, ln_grad, grad_d
                    LN_SWEEP=spec.original_ln_before and (spec.ln_before or not spec.residual_before_ln),
                    FROM_Y=from_y, **rows)
 
-    cols = runtime.column_tiles(D, K, op, per_element, pipelined)
+    cols = runtime.column_tiles(D, K, op, per_element, stages=runtime.STREAM_STAGES if pipelined else 1)
     tiles = cdiv(M, cols["BLOCK_M"])
     splits = runtime.token_splits(tiles, cdiv(D, cols["BLOCK_D"]))
     tiles_per_split = cdiv(tiles, splits)

@@ -474,7 +474,7 @@ def _stream_pass(streams, j: tl.constexpr, consts, rows, row_mask, kk, k_mask, K
         w = tl.load(streams.w[j] + kk[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                     other=0.0)
         if CFG.STREAM_LN:  # the LayerNorm's weight joins the activation side: W_j stays exact in 16 bits
-            if OWN_FOLD:
+            if OWN_FOLD:  # _fold_vectors' sums, here in the same pass (a latency-bound kernel)
                 f1 += tl.sum(w.to(tl.float32) * ln_w[None, :], axis=1)
                 f2 += tl.sum(w.to(tl.float32) * ln_b[None, :], axis=1)
             xc = tl.where(col_mask[None, :], x - shift[:, None], 0.0)
@@ -1047,11 +1047,17 @@ def operand_dtype(x, r):
     return r.dtype if x.dtype == torch.float32 and r is not None else x.dtype
 
 
-@functools.lru_cache(maxsize=None)
 def tiles(kind, K, S, dtype):
-    """Launch settings of one kernel: ``kind`` is prep, fwd, rows or cols. Small tiles in the interpreter (fast,
-    and several chunks per row in the tests); on a GPU, tiles for tensor-core dots sized so that each kernel
-    compiles for sm_90 without spills (python -m benchmarks.compile_report --only gmu)."""
+    """Launch settings of one kernel: ``kind`` is prep, fwd, rows or cols (runtime.STREAM_STAGES read at each
+    call: the cached settings are keyed on it)."""
+    return _tiles(kind, K, S, dtype, runtime.STREAM_STAGES)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiles(kind, K, S, dtype, stream_stages):
+    """Small tiles in the interpreter (fast, and several chunks per row in the tests); on a GPU, tiles for
+    tensor-core dots sized so that each kernel compiles for sm_90 without spills (python -m
+    benchmarks.compile_report --only gmu)."""
     block_k = runtime.block_width(K)
     precision = "ieee" if dtype == torch.float32 else "tf32"  # 16-bit operands ignore it
     if runtime.interpreting():
@@ -1062,7 +1068,7 @@ def tiles(kind, K, S, dtype):
         # chunks (half the steps) spill in the mix under triton 3.6 at 8 warps and take 230-255 at 4
         return dict(BLOCK_M=16, BLOCK_D=64, BLOCK_K=block_k, PRECISION=precision, num_warps=8)
     # two pipelining stages for the backward's kernels in 16-bit (runtime.STREAM_STAGES says why)
-    stages = runtime.STREAM_STAGES if kind != "fwd" and dtype != torch.float32 else 1
+    stages = stream_stages if kind != "fwd" and dtype != torch.float32 else 1
     if kind == "cols":
         return dict(BLOCK_M=64, BLOCK_D=16, CHUNKS=2, BLOCK_K=block_k, PRECISION=precision, num_warps=8,
                     num_stages=stages)

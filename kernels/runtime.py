@@ -228,15 +228,16 @@ def constants_tiles(D, K):
     latency-bound (a few programs over about a hundred KB of weights): its time is its dependent round trips
     to memory, about one a chunk, so on a GPU wide chunks, 256 columns: three at d = 768, where 64-column
     chunks in three passes took 36 (docs/design.md, rule 8). 8 warps: about 100 registers on sm_90, no spill
-    (4 warps take 128). In the interpreter, chunks narrower than the test widths, so the tests cross chunk
-    boundaries and a ragged last chunk."""
+    (4 warps take 128). In the interpreter the same 16 rows, so the tests' k > 16 cross row blocks of the
+    Gram matrix, and chunks narrower than the test widths, so they cross chunk boundaries and a ragged last
+    chunk."""
     if interpreting():
-        return dict(BLOCK_G=min(64, block_width(K)), BLOCK_D=_interpreter_chunk(D))
+        return dict(BLOCK_G=16, BLOCK_D=_interpreter_chunk(D))
     return dict(BLOCK_G=16, BLOCK_D=256, num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
-def column_tiles(D, K, dtype, heavy=False, pipelined=False):
+def column_tiles(D, K, dtype, heavy=False, stages=1):
     """Launch settings of a column kernel: a program owns BLOCK_D columns and walks its tokens in tiles
     of BLOCK_M rows, accumulating two [BLOCK_KS, BLOCK_D] fp32 weight-gradient tiles on chip for a slice
     of BLOCK_KS of the k bottleneck columns (a grid axis runs over the slices). 16 columns: at 32, the
@@ -247,7 +248,9 @@ def column_tiles(D, K, dtype, heavy=False, pipelined=False):
     element) take at most 32 rows: at 64, Triton 3.6 spills 8 to 48 bytes at k = 64 in the variants with
     both (compile_report --all-placements). In the interpreter, slices of 32 and steps of 16, so the
     tests cross a slice boundary at their k = 48 and take both the one-step path (k <= 16) and the
-    stepped one. ``pipelined``: STREAM_STAGES software-pipelining stages on a GPU, else one."""
+    stepped one. ``stages``: software-pipelining stages on a GPU (one in the interpreter); an argument, not
+    a read of STREAM_STAGES here, since the settings are cached per argument and STREAM_STAGES may change
+    between calls (benchmarks.tune)."""
     block_k = block_width(K)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_D=_interpreter_chunk(D), BLOCK_K=block_k, BLOCK_KS=min(block_k, 32),
@@ -256,8 +259,7 @@ def column_tiles(D, K, dtype, heavy=False, pipelined=False):
     if heavy:
         rows = min(rows, 32)
     return dict(BLOCK_M=rows, BLOCK_D=16, BLOCK_K=block_k, BLOCK_KS=min(block_k, 128), BLOCK_KC=min(block_k, 64),
-                PRECISION=_precision(dtype), num_warps=8,
-                num_stages=STREAM_STAGES if pipelined else 1)
+                PRECISION=_precision(dtype), num_warps=8, num_stages=stages)
 
 
 def _interpreter_chunk(D):

@@ -14,7 +14,7 @@ import ampfuse
 from ampfuse import BackendUnavailableError
 from ampfuse import testing
 from ampfuse.kernels import runtime
-from ampfuse.kernels.common import walk_chunk
+from ampfuse.kernels.common import sum_partials, walk_chunk
 from ampfuse.ops.activations import ACTIVATIONS
 from ampfuse.ops.adapter_block import adapter_block, adapter_block_reference
 
@@ -147,7 +147,8 @@ def test_triton_rows_with_large_means(dtype, placement, device):
 
 
 def test_triton_up_projection_with_large_means(device):
-    """An up-projection whose every column (and bias) carries a common offset 40 times its spread: the
+    """An up-projection whose every column carries a common offset 40 times its spread (the bias the same
+    offset, 16 times its spread): the
     constants kernel's centred Gram matrix, from which the forward takes the output LayerNorm's variance,
     comes from one pass of sums about a shift and must not cancel (a one-pass sum of products does: this
     test then fails). Widths of several chunks, a ragged last one. fp32: in fp16 the 16-bit dz of such an
@@ -293,6 +294,19 @@ def test_triton_backward_is_deterministic(device):
         runs.append(torch.autograd.grad(y, list(tensors.values()), dy))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("splits", range(1, 10))
+def test_sum_of_partials_adds_the_splits_in_order(splits, device):
+    """reduce_partials_kernel loads four splits a step (SPLITS_AT_ONCE): across that boundary it still adds
+    exactly the given splits, in order, so its fp32 sum is bitwise the sequential one (and the cast to the
+    output dtype that of it)."""
+    part = torch.randn(splits, 1500, device=device) * torch.logspace(-3, 3, splits, device=device)[:, None]
+    expected = torch.zeros(1500, device=device)
+    for p in range(splits):
+        expected += part[p]
+    assert torch.equal(sum_partials(part), expected)
+    assert torch.equal(sum_partials(part, torch.float16), expected.half())
 
 
 @triton.jit
