@@ -155,8 +155,8 @@ def gmu_adapter(tokens, d, k, dtype, r_dtype):
 
     def gpu_tiles(kind, K, S, op_dtype):
         runtime._INTERPRETING = False
-        try:
-            settings = dict(interpreter_tiles.__wrapped__(kind, K, S, op_dtype))
+        try:  # the uncached settings (the cache holds the interpreter's under the same arguments)
+            settings = dict(kernels._tiles.__wrapped__(kind, K, S, op_dtype, runtime.STREAM_STAGES))
         finally:
             runtime._INTERPRETING = True
         settings.pop("num_warps", None)
