@@ -1,11 +1,11 @@
 """Shared memory, registers and spills of each Triton kernel at the benchmark shapes, compiled for a
 GPU target without a GPU (Triton compiles ahead of time for any target; nothing runs).
 
-    python -m benchmarks.compile_report [--arch 90] [--only gmu] [--warps 16]
+    python -m benchmarks.compile_report [--arch 90] [--only gmu] [--warps 16] [--jobs N]
 
 Every launch the ops make is intercepted (kernels.runtime.launch), its arguments turned into a
-signature, and the kernel compiled for the target; the launch itself is skipped, so outputs are
-garbage and only the report counts. A kernel needing more shared memory than the target has
+signature, and the launch skipped, so outputs are garbage and only the report counts. Once every
+case is traced, each distinct binary is compiled for the target, one process per core. A kernel needing more shared memory than the target has
 (about 227 KiB on Hopper) would fail at its first GPU launch with OutOfResources. Registers and
 the stack frame come from the cubin (cuobjdump): a stack frame in these kernels is spilled
 registers, read and written through local memory.
@@ -13,6 +13,7 @@ registers, read and written through local memory.
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import re
 import subprocess
@@ -51,6 +52,38 @@ def signature(kernel, args, meta, target):
 
 def compile_launch(kernel, sig, consts, attrs, options, target):
     return triton.compile(ASTSource(kernel, sig, consts, attrs), target=target, options=options)
+
+
+def compile_and_measure(kernel, sig, consts, attrs, options, target):
+    """(shared memory KiB, registers, stack bytes) of one launch's binary, or (error text, None, None)."""
+    try:
+        compiled = compile_launch(kernel, sig, consts, attrs, options, target)
+        return (compiled.metadata.shared / 1024, *resources(compiled.asm["cubin"]))
+    except Exception as error:  # noqa: BLE001 - a kernel that does not compile is the worst finding
+        root = error
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        return f"{type(root).__name__}: {str(root).splitlines()[-1][:200] if str(root) else ''}", None, None
+
+
+_PENDING = []  # the launches compile_all hands its forked workers (a JITFunction does not pickle)
+
+
+def _compile_pending(index):
+    return compile_and_measure(*_PENDING[index])
+
+
+def compile_all(launches, jobs):
+    """compile_and_measure over a list of launches' arguments, in `jobs` forked processes: compiling (LLVM,
+    ptxas) is single-threaded and holds the GIL, and the report's 150-odd binaries take minutes per core."""
+    if jobs <= 1 or len(launches) <= 1:
+        return [compile_and_measure(*launch) for launch in launches]
+    _PENDING[:] = launches
+    try:  # fork: the workers inherit the traced launches; they run no torch op, only Triton's compiler
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(launches))) as pool:
+            return pool.map(_compile_pending, range(len(launches)), chunksize=1)
+    finally:
+        _PENDING.clear()
 
 
 def resources(cubin):
@@ -169,15 +202,17 @@ def main(argv=None):
                    help="report only cases whose name contains this text (e.g. 'gmu'); repeat for several")
     p.add_argument("--no-spill-gate", action="store_true",
                    help="report spills without failing (to survey option corners or Tritons that CI does not gate)")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                   help="compile in this many processes (default: one per core this process may use)")
     p.add_argument("--all-placements", action="store_true",
                    help="compile every corner of the adapter block's options, not only CI's three placements")
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
-    rows, seen, compiled_by_key = [], set(), {}
+    traced, seen, launches = [], set(), {}
     if args.stages:
         runtime.STREAM_STAGES = runtime.ROW_PASS_STAGES = args.stages
 
-    def report(kernel, grid, *a, **meta):
+    def trace(kernel, grid, *a, **meta):
         meta = runtime.DEFAULT_META | meta
         if args.warps:
             meta["num_warps"] = args.warps
@@ -186,22 +221,11 @@ def main(argv=None):
         if (case, key) in seen:
             return
         seen.add((case, key))
-        if key not in compiled_by_key:  # one binary serves every width: d is a runtime argument
-            regs = stack = None
-            try:
-                compiled = compile_launch(kernel, sig, consts, attrs, options, target)
-                kib = compiled.metadata.shared / 1024
-                regs, stack = resources(compiled.asm["cubin"])
-            except Exception as error:  # noqa: BLE001 - a kernel that does not compile is the worst finding
-                root = error
-                while root.__cause__ or root.__context__:
-                    root = root.__cause__ or root.__context__
-                kib = f"{type(root).__name__}: {str(root).splitlines()[-1][:200] if str(root) else ''}"
-            compiled_by_key[key] = (kib, regs, stack)
-        rows.append((case, kernel.fn.__name__, meta.get("num_warps", 4), meta.get("num_stages", 3),
-                     *compiled_by_key[key]))
+        # one binary serves every width where d is only a runtime argument: compiled once
+        launches.setdefault(key, (kernel, sig, consts, attrs, options, target))
+        traced.append((case, kernel.fn.__name__, meta.get("num_warps", 4), meta.get("num_stages", 3), key))
 
-    runtime.launch = report
+    runtime.launch = trace
     backend.why_unavailable = lambda *a, **k: None  # the triton backend on CPU tensors: nothing runs
     for case, fn in cases(ADAPTER_PLACEMENTS | MORE_ADAPTER_PLACEMENTS if args.all_placements else ADAPTER_PLACEMENTS):
         if args.only and not any(text in case for text in args.only):
@@ -210,6 +234,8 @@ def main(argv=None):
             fn()
         except Exception:  # noqa: BLE001 - outputs are garbage once launches are skipped
             pass
+    measured = dict(zip(launches, compile_all(list(launches.values()), args.jobs)))
+    rows = [(case, name, warps, stages, *measured[key]) for case, name, warps, stages, key in traced]
     print(f"{'case':40} {'kernel':29} {'warps':>5} {'stages':>6} {'smem KiB':>9} {'regs':>5} {'stack B':>8} "
           f"{'blocks/SM':>9}")
     failed = 0

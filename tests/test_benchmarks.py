@@ -56,6 +56,21 @@ def test_compile_report_covers_every_corner_of_the_adapter_options_on_request():
     assert "adapter_bwd_cols_kernel" in done.stdout and "COMPILE ERROR" not in done.stdout
 
 
+def test_compile_report_in_parallel_reports_what_one_process_does(tmp_path):
+    # The report compiles each distinct binary in a pool of forked processes: rows must come back
+    # matched to their launches, as a serial run lists them (own Triton cache: nothing reused).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    outputs = []
+    for jobs in ("3", "1"):  # the pool compiles; the serial run then reads the same binaries from the cache
+        done = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--jobs", jobs, "--only",
+                               "fusion d=384 fp16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1]
+    kernels = [line.split()[3] for line in outputs[0].splitlines()[1:]]
+    assert len(set(kernels)) >= 6, outputs[0]
+
+
 def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     # GPU leases end runs by a time limit: every measured row must already be in the report then.
     monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is not installed: import it from the checkout
