@@ -81,7 +81,7 @@ if has check; then
     BUILD_LIMIT=$(left 110)  # its products are needed by tests-cuda and sanitize-cuda only
     echo "== build (background, limit ${BUILD_LIMIT} s): the CUDA extension for sm_90 only"
     ( start=$SECONDS
-      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=2 timeout "$BUILD_LIMIT" \
+      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=3 timeout "$BUILD_LIMIT" \
         "$PY" setup.py build_ext --build-lib "$W/ext" --build-temp "$W/ext-tmp" > "$W/build.log" 2>&1
       record build $? $((SECONDS - start)) "$BUILD_LIMIT" "sm_90 only, beside the tests" ) &
     BUILD_PID=$!
@@ -110,10 +110,10 @@ print(int(bool(u.find_spec("xdist"))), int(bool(u.find_spec("pytest_timeout"))),
     # tests must expect none.
     ls ampfuse/_C*.so > /dev/null 2>&1 || export AMPFUSE_NO_CUDA=1
   else
-    # -2: the build runs beside the tests. Per-test timeout 150 s: a test's first calls compile its
+    # -3: the build (three kernel translation units at once) runs beside the tests. Per-test timeout 150 s: a test's first calls compile its
     # Triton kernels (BERT widths take tens of seconds); the thread method also ends a test hung in
     # a kernel (the worker exits and xdist names the test as crashed).
-    WORKERS=${WORKERS:-$(( $(nproc) - 2 ))}; TEST_TIMEOUT=${TEST_TIMEOUT:-150}; TINY=
+    WORKERS=${WORKERS:-$(( $(nproc) - 3 ))}; TEST_TIMEOUT=${TEST_TIMEOUT:-150}; TINY=
     # What a GPU has nothing to add to: the benchmark smoke test and the sm_90 compile report
     # (test_benchmarks.py: the bench stage measures at real sizes; CI compiles), README/CI
     # consistency (test_docs.py), and this script's own tests (test_gpu_session.py).

@@ -69,7 +69,7 @@ def test_cuda_benchmark_and_awkward_shapes(dtype, M, d, k, scale_kind):
     tensors, kwargs = testing.adapter_inputs(M, d, k, dtype=dtype, param_dtype=torch.float32, device="cuda",
                                              scale_kind=scale_kind, ln_before=True)
     if dtype == torch.float32 and (d, k) == (1024, 256):
-        # the backward would need 248 KiB of shared memory (csrc/adapter_block.cu): a clear error
+        # the backward would need 248 KiB of shared memory (csrc/adapter_block.cpp): a clear error
         y = testing.call(adapter_block, tensors, backend="cuda", activation="gelu", **kwargs)
         with pytest.raises(RuntimeError, match="use the triton backend"):
             y.sum().backward()

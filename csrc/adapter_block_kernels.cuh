@@ -1,4 +1,6 @@
-// Adapter block (docs/design.md section 2) in CUDA C++.
+#pragma once
+// Adapter block (docs/design.md section 2) in CUDA C++: the kernels, and the launchers that
+// adapter_block_kernels.h declares. Included once per dtype (adapter_block_{fp32,fp16,bf16}.cu).
 //
 // Forward: row tiles per block of 8 warps, LayerNorms a warp per row with the row in registers,
 // the two bottleneck GEMMs on tensor cores (WMMA) for fp16/bf16 (see adapter_block_fwd_kernel).
@@ -12,35 +14,14 @@
 // Vector parameters arrive as fp32 and the two weight matrices padded and in the activation
 // dtype (ampfuse/ops/cuda.py prepares both); hidden states are fp32/fp16/bf16.
 
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/full_like.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <mma.h>
 
-#include <limits>
 #include <type_traits>
-#include <utility>
 
-#include "adapter_block.h"
+#include "adapter_block_kernels.h"
 
-namespace ampfuse {
+namespace ampfuse::adapter_cuda {
 namespace {
-
-constexpr int kWarp = 32;
-
-// fp32, fp16 and bf16 activations (the Python side rejects other dtypes before calling in).
-#define AMPFUSE_DISPATCH(TYPE, NAME, ...)                                                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -65,14 +46,6 @@ __device__ __forceinline__ float philox_uniform(uint64_t seed, uint64_t offset) 
   x = x < 0 ? ~x : x;
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
-
-// The activation and scale-mode codes are kernels/codes.py's, passed by setup.py as -D macros
-// (AMPFUSE_ACT_*, AMPFUSE_SCALE_*), so the CUDA, Triton and Python sides switch on one table.
-#if !defined(AMPFUSE_ACT_IDENTITY) || !defined(AMPFUSE_ACT_RELU) || !defined(AMPFUSE_ACT_GELU) || \
-    !defined(AMPFUSE_ACT_GELU_TANH) || !defined(AMPFUSE_ACT_SILU) || !defined(AMPFUSE_ACT_TANH) ||    \
-    !defined(AMPFUSE_SCALE_FLOAT) || !defined(AMPFUSE_SCALE_SCALAR) || !defined(AMPFUSE_SCALE_CHANNEL)
-#error "build through setup.py: it passes the codes of kernels/codes.py as -D macros (AMPFUSE_ACT_*, AMPFUSE_SCALE_*)"
-#endif
 
 __device__ __forceinline__ float act(float z, int code) {
   switch (code) {
@@ -100,15 +73,6 @@ __device__ __forceinline__ float act_grad(float z, int code) {
   }
 }
 
-struct Params {
-  const float *gamma, *beta, *ga, *ba, *bd, *bu, *scale;
-  const int64_t* seed;
-  float scale_value, eps, eps_a, p_drop;
-  int64_t M;
-  int D, K, act, scale_mode;  // codes.py's: AMPFUSE_ACT_*, AMPFUSE_SCALE_* (float, learned scalar, per channel)
-  bool orig_ln_before, ln_before, residual_before_ln, dropout;
-};
-
 __device__ __forceinline__ float scale_at(const Params& p, int i) {
   return p.scale_mode == AMPFUSE_SCALE_CHANNEL ? p.scale[i]
                                                : (p.scale_mode == AMPFUSE_SCALE_SCALAR ? p.scale[0] : p.scale_value);
@@ -133,13 +97,6 @@ __device__ __forceinline__ float keep_factor(const Params& p, int64_t index) {
 // The weights come padded to DP, KP (multiples of 16) and in the activation dtype, so every
 // WMMA fragment load is aligned; padded weight rows/columns are 0 and f(0) = 0 for every
 // activation, so padding never changes a result.
-
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * kWarp;
-
-template <typename T> struct Native { using type = T; };
-template <> struct Native<c10::Half> { using type = __half; };
-template <> struct Native<c10::BFloat16> { using type = __nv_bfloat16; };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -213,12 +170,6 @@ __device__ __forceinline__ void row_layer_norm(float (&v)[VPL], const float* w, 
   }
 }
 
-struct TileShape {
-  int BM, DP, KP;
-};
-
-__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
-
 // Hands out consecutive 128-byte-aligned buffers of a kernel's dynamic shared memory, in the order
 // (and with the sizes) the kernel's *_shared_bytes function adds up.
 struct SharedCarver {
@@ -230,13 +181,6 @@ struct SharedCarver {
     return q;
   }
 };
-
-template <typename T>
-__host__ __device__ inline size_t fwd_shared_bytes(TileShape t) {
-  return align128(sizeof(float) * t.BM * t.DP) + align128(sizeof(T) * t.BM * t.DP) +
-         align128(sizeof(float) * t.BM * t.KP) + align128(sizeof(T) * t.BM * t.KP) +
-         align128(sizeof(float) * kWarps * 256);
-}
 
 template <typename T, int VPL>
 __global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p, TileShape t, const T* __restrict__ h,
@@ -335,10 +279,6 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_block_fwd_kernel(Params p
   }
 }
 
-struct Offsets {  // into a program's slice of the partial buffer; -1 when not computed
-  int64_t w_up, w_down, b_up, b_down, scale, gamma, beta, ga, ba;
-};
-
 // ---------------------------------------------------------------------------------------------
 // Backward: tiles of kBM = 16 rows per block of 8 warps, persistent over tiles; it recomputes the
 // forward of its rows (nothing but the inputs is saved). Row phases run column-owner: thread t
@@ -356,36 +296,6 @@ struct Offsets {  // into a program's slice of the partial buffer; -1 when not c
 // Each block's slice of the [P, W] partial buffer holds the flat gradient layout (vectors at their
 // offsets), then dW_up as [DP][KP] and dW_down as [KP][DP] (padded: every WMMA access is aligned);
 // reduce_partials_kernel sums the slices and unpads.
-
-constexpr int kBM = 16;
-
-template <typename T>
-__host__ __device__ constexpr size_t bwd_shared_bytes(int DP, int KP) {
-  return 2 * align128(sizeof(float) * kBM * DP) + align128(sizeof(T) * kBM * DP) +
-         align128(sizeof(float) * kBM * KP) + 2 * align128(sizeof(T) * kBM * KP) +
-         align128(sizeof(float) * kWarps * 256) + align128(sizeof(float) * kWarps * kBM) +
-         align128(sizeof(float) * 4 * kBM);
-}
-
-// The most columns per thread (CPT) a backward can need: its shared memory grows with DP, and no
-// GPU gives a block more than 227 KiB (Hopper, Blackwell), so the widest DP that can launch is the
-// widest that fits there at the smallest KP: 1376 (fp16/bf16) and 1136 (fp32), i.e. CPT 6 and 5.
-// The widest kernel is compiled for that CPT instead of 8 (2048 columns, never usable past 1376):
-// it was the costliest instantiation to compile (README, "The CUDA extension").
-constexpr size_t kMaxSharedPerBlock = 227 * 1024;
-
-template <typename T>
-constexpr int top_cpt() {
-  int dp = 16;
-  while (bwd_shared_bytes<T>(dp + 16, 16) <= kMaxSharedPerBlock) dp += 16;
-  return (dp + kThreads - 1) / kThreads;
-}
-static_assert(top_cpt<float>() == 5 && top_cpt<__half>() == 6 && top_cpt<__nv_bfloat16>() == 6,
-              "the shared-memory bound changed: check the backward's dispatch");
-
-struct Slice {  // where a block's partial gradients live in its slice (floats)
-  int64_t width, wu, wd;
-};
 
 // out[m] = sum over the block's threads of in[m], for the 16 rows at once (fixed order).
 __device__ __forceinline__ void block_row_sums(float (&v)[kBM], float* red) {
@@ -782,205 +692,73 @@ __global__ void reduce_partials_kernel(const float* __restrict__ part, float* __
   flat[t] = acc;
 }
 
-const float* fp32_ptr(const c10::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 
-Params make_params(const at::Tensor& h, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                   const at::Tensor& w_down, const at::Tensor& b_down, const at::Tensor& w_up,
-                   const at::Tensor& b_up, const c10::optional<at::Tensor>& scale,
-                   const c10::optional<at::Tensor>& adapter_ln_weight, const c10::optional<at::Tensor>& adapter_ln_bias,
-                   double scale_value, double ln_eps, double adapter_ln_eps, int64_t activation,
-                   bool original_ln_before, bool residual_before_ln, double dropout_p,
-                   const c10::optional<at::Tensor>& seed) {
-  Params p{};
-  p.gamma = ln_weight.data_ptr<float>();
-  p.beta = ln_bias.data_ptr<float>();
-  p.ga = fp32_ptr(adapter_ln_weight);
-  p.ba = fp32_ptr(adapter_ln_bias);
-  p.bd = b_down.data_ptr<float>();
-  p.bu = b_up.data_ptr<float>();
-  p.scale = fp32_ptr(scale);
-  p.scale_mode = !scale ? AMPFUSE_SCALE_FLOAT : (scale->numel() > 1 ? AMPFUSE_SCALE_CHANNEL : AMPFUSE_SCALE_SCALAR);
-  p.seed = seed ? seed->data_ptr<int64_t>() : nullptr;
-  p.scale_value = static_cast<float>(scale_value);
-  p.eps = static_cast<float>(ln_eps);
-  p.eps_a = static_cast<float>(adapter_ln_eps);
-  p.p_drop = static_cast<float>(dropout_p);
-  p.M = h.size(0);
-  p.D = static_cast<int>(h.size(1));
-  p.K = static_cast<int>(b_down.size(0));
-  p.act = static_cast<int>(activation);
-  p.orig_ln_before = original_ln_before;
-  p.ln_before = adapter_ln_weight.has_value();
-  p.residual_before_ln = residual_before_ln;
-  p.dropout = dropout_p > 0 && seed.has_value();
-  return p;
+// The forward for a row width (values per lane), the backward for a column count (per thread).
+template <typename T>
+auto* fwd_kernel_for(int D) {
+  if (D <= 128) return adapter_block_fwd_kernel<T, 4>;
+  if (D <= 512) return adapter_block_fwd_kernel<T, 16>;
+  if (D <= 1024) return adapter_block_fwd_kernel<T, 32>;
+  return adapter_block_fwd_kernel<T, 64>;
 }
 
-// A persistent grid: `per_sm` blocks per multiprocessor, never more than there are work items (rows
-// or row tiles). The backward keeps it at 2, since each block owns a full partial-gradient slice.
-int grid_size(int64_t rows, int per_sm) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return static_cast<int>(std::min<int64_t>(rows, static_cast<int64_t>(per_sm) * sms));
+// Two tile widths per dtype, not one per power of two: each is a straight-line kernel that dominates
+// the build (README, "The CUDA extension"). Below d = 1024 part of a thread's 4-column tile is padding,
+// masked work on registers; the bytes moved are the same. The host checks DP <= top_cpt<T>() * kThreads.
+template <typename T>
+auto* bwd_kernel_for(int DP) {
+  return DP <= 4 * kThreads ? adapter_block_bwd_kernel<T, 4> : adapter_block_bwd_kernel<T, top_cpt<T>()>;
 }
 
 template <typename Kernel>
-void allow_shared(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
-// Set by the tests (through set_poison_outputs): every output starts as NaN, so an element a kernel
-// forgets to write fails the comparison instead of passing on whatever the allocator left there.
-bool poison_outputs = false;
-
-at::Tensor new_output(const at::Tensor& like) {
-  return poison_outputs ? at::full_like(like, std::numeric_limits<float>::quiet_NaN()) : at::empty_like(like);
-}
-
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return poison_outputs ? at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options) : at::empty(sizes, options);
-}
-
-// Checks the arguments both entry points share; returns the padded widths (DP, KP) of the weights.
-std::pair<int, int> check_inputs(const char* op, const at::Tensor& h, const at::Tensor& r, const at::Tensor& w_down,
-                                 const at::Tensor& w_up, const Params& p) {
-  TORCH_CHECK(h.is_cuda() && h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous 2-D CUDA tensor");
-  TORCH_CHECK(r.sizes() == h.sizes() && r.scalar_type() == h.scalar_type() && r.is_contiguous(), op,
-              ": r must match h in shape and dtype and be contiguous");
-  const int DP = static_cast<int>(w_down.size(1)), KP = static_cast<int>(w_down.size(0));
-  TORCH_CHECK(w_down.scalar_type() == h.scalar_type() && w_up.scalar_type() == h.scalar_type() && DP % 16 == 0 &&
-                  KP % 16 == 0 && DP >= p.D && KP >= p.K && w_up.size(0) == DP && w_up.size(1) == KP &&
-                  w_down.is_contiguous() && w_up.is_contiguous(),
-              op, ": w_down/w_up must be padded to multiples of 16 and in h's dtype");
-  TORCH_CHECK(p.D <= 2048, "the cuda backend supports hidden sizes up to 2048, got ", p.D);
-  return {DP, KP};
-}
-
-int max_shared_per_block() {
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return optin;
+cudaError_t allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 }  // namespace
 
-void set_poison_outputs(bool on) { poison_outputs = on; }
-
-// w_down, w_up: padded to (KP, DP) and (DP, KP), in h's dtype (ampfuse/ops/cuda.py prepares them).
-at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at::Tensor& ln_weight,
-                             const at::Tensor& ln_bias, const at::Tensor& w_down, const at::Tensor& b_down,
-                             const at::Tensor& w_up, const at::Tensor& b_up, const c10::optional<at::Tensor>& scale,
-                             const c10::optional<at::Tensor>& adapter_ln_weight,
-                             const c10::optional<at::Tensor>& adapter_ln_bias, double scale_value, double ln_eps,
-                             double adapter_ln_eps, int64_t activation, bool original_ln_before,
-                             bool residual_before_ln, double dropout_p, const c10::optional<at::Tensor>& seed) {
-  const c10::cuda::CUDAGuard guard(h.device());
-  Params p = make_params(h, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
-                         adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
-                         residual_before_ln, dropout_p, seed);
-  const auto [DP, KP] = check_inputs("adapter_block_fwd", h, r, w_down, w_up, p);
-  const TileShape shape{16, DP, KP};
-  at::Tensor y = new_output(h);
-  if (p.M == 0) return y;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int optin = max_shared_per_block();
-  AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_fwd", [&] {
-    using T = typename Native<scalar_t>::type;
-    // 32-row tiles while two blocks still fit on a multiprocessor, else 16.
-    TileShape tile = shape;
-    tile.BM = fwd_shared_bytes<T>(TileShape{32, shape.DP, shape.KP}) <= static_cast<size_t>(optin / 2) ? 32 : 16;
-    const size_t shared = fwd_shared_bytes<T>(tile);
-    TORCH_CHECK(shared <= static_cast<size_t>(optin), "adapter_block_fwd: d=", p.D, ", k=", p.K,
-                " needs more shared memory than this GPU has; use the triton backend");
-    auto launch = [&](auto kernel) {
-      allow_shared(kernel, shared);
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
-      kernel<<<grid_size((p.M + tile.BM - 1) / tile.BM, std::max(per_sm, 1)), kThreads, shared, stream>>>(
-          p, tile, reinterpret_cast<const T*>(h.data_ptr<scalar_t>()),
-          reinterpret_cast<const T*>(r.data_ptr<scalar_t>()), reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()),
-          reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
-          reinterpret_cast<T*>(y.data_ptr<scalar_t>()));
-    };
-    if (p.D <= 128) launch(adapter_block_fwd_kernel<T, 4>);
-    else if (p.D <= 512) launch(adapter_block_fwd_kernel<T, 16>);
-    else if (p.D <= 1024) launch(adapter_block_fwd_kernel<T, 32>);
-    else launch(adapter_block_fwd_kernel<T, 64>);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return y;
+template <typename T>
+cudaError_t launch_fwd(const FwdArgs<T>& a, size_t shared, Device device) {
+  auto kernel = fwd_kernel_for<T>(a.p.D);
+  int per_sm = 0;
+  cudaError_t status = allow_shared(kernel, shared);
+  if (status == cudaSuccess) status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared);
+  if (status != cudaSuccess) return status;
+  kernel<<<grid_size((a.p.M + a.tile.BM - 1) / a.tile.BM, per_sm, device.sms), kThreads, shared, device.stream>>>(
+      a.p, a.tile, a.h, a.r, a.w_down, a.w_up, a.y);
+  return cudaGetLastError();
 }
 
-// w_down, w_up: padded and in h's dtype, as for the forward. Returns (dh, dr, flat): flat holds the
-// parameter gradients in fp32 at `offsets` (order of ops/cuda.py's GRADIENT_ORDER), total floats.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
-    const at::Tensor& dy, const at::Tensor& h, const at::Tensor& r, const at::Tensor& ln_weight,
-    const at::Tensor& ln_bias, const at::Tensor& w_down, const at::Tensor& b_down, const at::Tensor& w_up,
-    const at::Tensor& b_up, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& adapter_ln_weight,
-    const c10::optional<at::Tensor>& adapter_ln_bias, double scale_value, double ln_eps, double adapter_ln_eps,
-    int64_t activation, bool original_ln_before, bool residual_before_ln, double dropout_p,
-    const c10::optional<at::Tensor>& seed, bool ln_grad, bool input_grad, const std::vector<int64_t>& offsets,
-    int64_t total) {
-  TORCH_CHECK(offsets.size() == 9, "adapter_block_bwd: expected 9 gradient offsets");
-  const c10::cuda::CUDAGuard guard(h.device());
-  Params p = make_params(h, ln_weight, ln_bias, w_down, b_down, w_up, b_up, scale, adapter_ln_weight,
-                         adapter_ln_bias, scale_value, ln_eps, adapter_ln_eps, activation, original_ln_before,
-                         residual_before_ln, dropout_p, seed);
-  const auto [DP, KP] = check_inputs("adapter_block_bwd", h, r, w_down, w_up, p);
-  TORCH_CHECK(dy.sizes() == h.sizes() && dy.scalar_type() == h.scalar_type() && dy.is_contiguous(),
-              "adapter_block_bwd: dy must match h in shape and dtype and be contiguous");
-  const Offsets off{offsets[0], offsets[1], offsets[2], offsets[3], offsets[4],
-                    offsets[5], offsets[6], offsets[7], offsets[8]};
-  TORCH_CHECK(off.w_up >= 0 && off.w_down >= 0 && off.b_up >= 0 && off.b_down >= 0,
-              "adapter_block_bwd: the weight and bias gradients need offsets");
-  at::Tensor dh = input_grad ? new_output(h) : at::empty({0}, h.options());
-  at::Tensor dr = input_grad ? new_output(r) : at::empty({0}, r.options());
-  at::Tensor flat = new_output({total}, h.options().dtype(at::kFloat));
-  if (p.M == 0) return {dh, dr, flat.zero_()};
-  Slice sl{};
-  sl.wu = (total + 7) / 8 * 8;  // 32-byte aligned, as WMMA accesses need
-  sl.wd = sl.wu + static_cast<int64_t>(DP) * KP;
-  sl.width = sl.wd + static_cast<int64_t>(KP) * DP;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int optin = max_shared_per_block();
-  AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_bwd", [&] {
-    using T = typename Native<scalar_t>::type;
-    const size_t shared = bwd_shared_bytes<T>(DP, KP);
-    TORCH_CHECK(shared <= static_cast<size_t>(optin), "adapter_block_bwd: d=", p.D, ", k=", p.K, " in ",
-                h.scalar_type(), " needs ", shared / 1024, " KiB of shared memory, more than this GPU has; use the "
-                "triton backend");
-    auto launch = [&](auto kernel) {
-      allow_shared(kernel, shared);
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
-      const int programs = grid_size((p.M + kBM - 1) / kBM, std::min(std::max(per_sm, 1), 2));
-      at::Tensor part = new_output({programs, sl.width}, h.options().dtype(at::kFloat));
-      kernel<<<programs, kThreads, shared, stream>>>(
-          p, DP, KP, off, sl, ln_grad, input_grad, reinterpret_cast<const T*>(dy.data_ptr<scalar_t>()),
-          reinterpret_cast<const T*>(h.data_ptr<scalar_t>()), reinterpret_cast<const T*>(r.data_ptr<scalar_t>()),
-          reinterpret_cast<const T*>(w_down.data_ptr<scalar_t>()),
-          reinterpret_cast<const T*>(w_up.data_ptr<scalar_t>()),
-          input_grad ? reinterpret_cast<T*>(dh.data_ptr<scalar_t>()) : nullptr,
-          input_grad ? reinterpret_cast<T*>(dr.data_ptr<scalar_t>()) : nullptr, part.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int threads = 256;
-      reduce_partials_kernel<<<static_cast<int>((total + threads - 1) / threads), threads, 0, stream>>>(
-          part.data_ptr<float>(), flat.data_ptr<float>(), programs, total, sl, off, p.D, p.K, DP, KP);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    constexpr int kTop = top_cpt<T>();
-    TORCH_CHECK(DP <= kTop * kThreads, "adapter_block_bwd: d=", p.D, " in ", h.scalar_type(),
-                " is wider than the cuda backward supports (", kTop * kThreads, "); use the triton backend");
-    // Two tile widths per dtype, not one per power of two: each is a straight-line kernel that dominates
-    // the build (README, "The CUDA extension"). Below d = 1024 part of a thread's 4-column tile is padding,
-    // masked work on registers; the bytes moved are the same.
-    if (DP <= 4 * kThreads) launch(adapter_block_bwd_kernel<T, 4>);
-    else launch(adapter_block_bwd_kernel<T, kTop>);
-  });
-  return {dh, dr, flat};
+template <typename T>
+cudaError_t bwd_programs(const BwdArgs<T>& a, size_t shared, Device device, int* programs) {
+  auto kernel = bwd_kernel_for<T>(a.DP);
+  int per_sm = 0;
+  cudaError_t status = allow_shared(kernel, shared);
+  if (status == cudaSuccess) status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared);
+  *programs = grid_size((a.p.M + kBM - 1) / kBM, std::min(std::max(per_sm, 1), 2), device.sms);
+  return status;
 }
 
-}  // namespace ampfuse
+template <typename T>
+cudaError_t launch_bwd(const BwdArgs<T>& a, size_t shared, Device device, int programs, float* part, float* flat,
+                       int64_t total) {
+  bwd_kernel_for<T>(a.DP)<<<programs, kThreads, shared, device.stream>>>(
+      a.p, a.DP, a.KP, a.off, a.sl, a.ln_grad, a.input_grad, a.dy, a.h, a.r, a.w_down, a.w_up, a.dh, a.dr, part);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  const int threads = 256;
+  reduce_partials_kernel<<<static_cast<int>((total + threads - 1) / threads), threads, 0, device.stream>>>(
+      part, flat, programs, total, a.sl, a.off, a.p.D, a.p.K, a.DP, a.KP);
+  return cudaGetLastError();
+}
+
+}  // namespace ampfuse::adapter_cuda
+
+// The launchers for one dtype, in the translation unit that includes this header for it.
+#define AMPFUSE_INSTANTIATE_LAUNCHERS(T)                                                                        \
+  namespace ampfuse::adapter_cuda {                                                                          \
+  template cudaError_t launch_fwd<T>(const FwdArgs<T>&, size_t, Device);                                     \
+  template cudaError_t bwd_programs<T>(const BwdArgs<T>&, size_t, Device, int*);                             \
+  template cudaError_t launch_bwd<T>(const BwdArgs<T>&, size_t, Device, int, float*, float*, int64_t);       \
+  }
