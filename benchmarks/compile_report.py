@@ -17,7 +17,9 @@ import multiprocessing
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("run without TRITON_INTERPRET=1: compiling needs the kernels as JIT functions")
@@ -75,15 +77,25 @@ def _compile_pending(index):
 
 def compile_all(launches, jobs):
     """compile_and_measure over a list of launches' arguments, in `jobs` forked processes: compiling (LLVM,
-    ptxas) is single-threaded and holds the GIL, and the report's 150-odd binaries take minutes per core."""
+    ptxas) is single-threaded and holds the GIL, and the report's 150-odd binaries take minutes per core.
+    A worker that dies (a crash in the compiler, the OOM killer) raises BrokenProcessPool here."""
     if jobs <= 1 or len(launches) <= 1:
         return [compile_and_measure(*launch) for launch in launches]
     _PENDING[:] = launches
+    sys.stdout.flush()  # a forked worker would write out whatever the parent still buffers
+    sys.stderr.flush()
     try:  # fork: the workers inherit the traced launches; they run no torch op, only Triton's compiler
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(launches))) as pool:
-            return pool.map(_compile_pending, range(len(launches)), chunksize=1)
+        with ProcessPoolExecutor(min(jobs, len(launches)), mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_compile_pending, range(len(launches))))
     finally:
         _PENDING.clear()
+
+
+def usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def resources(cubin):
@@ -202,7 +214,7 @@ def main(argv=None):
                    help="report only cases whose name contains this text (e.g. 'gmu'); repeat for several")
     p.add_argument("--no-spill-gate", action="store_true",
                    help="report spills without failing (to survey option corners or Tritons that CI does not gate)")
-    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--jobs", type=int, default=usable_cores(),
                    help="compile in this many processes (default: one per core this process may use)")
     p.add_argument("--all-placements", action="store_true",
                    help="compile every corner of the adapter block's options, not only CI's three placements")

@@ -18,9 +18,10 @@
 #include "adapter_block_kernels.h"
 
 namespace ampfuse {
-namespace {
 
-using namespace adapter_cuda;
+using namespace adapter_cuda;  // this file's alone: Params, the launchers, ...
+
+namespace {
 
 // fp32, fp16 and bf16 activations (the Python side rejects other dtypes before calling in).
 #define AMPFUSE_DISPATCH(TYPE, NAME, ...)                                                   \

@@ -1,5 +1,5 @@
 #pragma once
-// Host entry points of the CUDA adapter block (csrc/adapter_block.cu), registered in bindings.cpp.
+// Host entry points of the CUDA adapter block (csrc/adapter_block.cpp), registered in bindings.cpp.
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>

@@ -743,9 +743,12 @@ cudaError_t bwd_programs(const BwdArgs<T>& a, size_t shared, Device device, int*
 template <typename T>
 cudaError_t launch_bwd(const BwdArgs<T>& a, size_t shared, Device device, int programs, float* part, float* flat,
                        int64_t total) {
-  bwd_kernel_for<T>(a.DP)<<<programs, kThreads, shared, device.stream>>>(
-      a.p, a.DP, a.KP, a.off, a.sl, a.ln_grad, a.input_grad, a.dy, a.h, a.r, a.w_down, a.w_up, a.dh, a.dr, part);
-  cudaError_t status = cudaGetLastError();
+  auto kernel = bwd_kernel_for<T>(a.DP);
+  cudaError_t status = allow_shared(kernel, shared);  // bwd_programs set it too, but not necessarily first
+  if (status != cudaSuccess) return status;
+  kernel<<<programs, kThreads, shared, device.stream>>>(a.p, a.DP, a.KP, a.off, a.sl, a.ln_grad, a.input_grad, a.dy,
+                                                        a.h, a.r, a.w_down, a.w_up, a.dh, a.dr, part);
+  status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   const int threads = 256;
   reduce_partials_kernel<<<static_cast<int>((total + threads - 1) / threads), threads, 0, device.stream>>>(
@@ -755,10 +758,10 @@ cudaError_t launch_bwd(const BwdArgs<T>& a, size_t shared, Device device, int pr
 
 }  // namespace ampfuse::adapter_cuda
 
-// The launchers for one dtype, in the translation unit that includes this header for it.
-#define AMPFUSE_INSTANTIATE_LAUNCHERS(T)                                                                        \
-  namespace ampfuse::adapter_cuda {                                                                          \
-  template cudaError_t launch_fwd<T>(const FwdArgs<T>&, size_t, Device);                                     \
-  template cudaError_t bwd_programs<T>(const BwdArgs<T>&, size_t, Device, int*);                             \
-  template cudaError_t launch_bwd<T>(const BwdArgs<T>&, size_t, Device, int, float*, float*, int64_t);       \
+// The launchers for one dtype, in the translation unit that includes this header for it. The launchers
+// use this header's internal kernels, so each is instantiated in that unit alone (the .h's extern
+// declarations keep the other dtypes out).
+#define AMPFUSE_INSTANTIATE_LAUNCHERS(T) \
+  namespace ampfuse::adapter_cuda {      \
+  AMPFUSE_LAUNCHERS(, T)                 \
   }

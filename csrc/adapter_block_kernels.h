@@ -127,4 +127,14 @@ template <typename T>
 cudaError_t launch_bwd(const BwdArgs<T>& a, size_t shared, Device device, int programs, float* part, float* flat,
                        int64_t total);
 
+// Each dtype's launchers are instantiated in its own translation unit, adapter_block_<dtype>.cu (PREFIX
+// empty), and nowhere else (PREFIX extern).
+#define AMPFUSE_LAUNCHERS(PREFIX, T)                                                                       \
+  PREFIX template cudaError_t launch_fwd<T>(const FwdArgs<T>&, size_t, Device);                            \
+  PREFIX template cudaError_t bwd_programs<T>(const BwdArgs<T>&, size_t, Device, int*);                    \
+  PREFIX template cudaError_t launch_bwd<T>(const BwdArgs<T>&, size_t, Device, int, float*, float*, int64_t);
+AMPFUSE_LAUNCHERS(extern, float)
+AMPFUSE_LAUNCHERS(extern, __half)
+AMPFUSE_LAUNCHERS(extern, __nv_bfloat16)
+
 }  // namespace ampfuse::adapter_cuda

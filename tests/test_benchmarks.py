@@ -71,6 +71,30 @@ def test_compile_report_in_parallel_reports_what_one_process_does(tmp_path):
     assert len(set(kernels)) >= 6, outputs[0]
 
 
+def test_compile_all_keeps_the_launch_order_across_its_workers():
+    # With the compile stubbed (the workers are forked, so they see the stub): results come back in the
+    # order of the launches, from more than one process, and a worker that dies fails the report.
+    script = """
+import os, sys
+from concurrent.futures.process import BrokenProcessPool
+from benchmarks import compile_report as report
+report.compile_and_measure = lambda index, delay: (__import__("time").sleep(delay), index, os.getpid())[1:]
+results = report.compile_all([(i, 0.05 * (i % 3)) for i in range(12)], jobs=3)
+assert [index for index, _ in results] == list(range(12)), results
+assert len({pid for _, pid in results} - {os.getpid()}) >= 2, results
+report.compile_and_measure = lambda index: os._exit(3) if index == 5 else (index, 0)
+try:
+    report.compile_all([(i,) for i in range(8)], jobs=2)
+    sys.exit("a dead worker went unnoticed")
+except BrokenProcessPool:
+    print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr[-3000:]
+
+
 def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     # GPU leases end runs by a time limit: every measured row must already be in the report then.
     monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is not installed: import it from the checkout
