@@ -692,7 +692,6 @@ __global__ void reduce_partials_kernel(const float* __restrict__ part, float* __
   flat[t] = acc;
 }
 
-
 // The forward for a row width (values per lane), the backward for a column count (per thread).
 template <typename T>
 auto* fwd_kernel_for(int D) {
@@ -744,7 +743,7 @@ template <typename T>
 cudaError_t launch_bwd(const BwdArgs<T>& a, size_t shared, Device device, int programs, float* part, float* flat,
                        int64_t total) {
   auto kernel = bwd_kernel_for<T>(a.DP);
-  cudaError_t status = allow_shared(kernel, shared);  // bwd_programs set it too, but not necessarily first
+  cudaError_t status = allow_shared(kernel, shared);  // as bwd_programs does: each launcher stands alone
   if (status != cudaSuccess) return status;
   kernel<<<programs, kThreads, shared, device.stream>>>(a.p, a.DP, a.KP, a.off, a.sl, a.ln_grad, a.input_grad, a.dy,
                                                         a.h, a.r, a.w_down, a.w_up, a.dh, a.dr, part);
