@@ -110,9 +110,10 @@ print(int(bool(u.find_spec("xdist"))), int(bool(u.find_spec("pytest_timeout"))),
     # tests must expect none.
     ls ampfuse/_C*.so > /dev/null 2>&1 || export AMPFUSE_NO_CUDA=1
   else
-    # -3: the build (three kernel translation units at once) runs beside the tests. Per-test timeout 150 s: a test's first calls compile its
-    # Triton kernels (BERT widths take tens of seconds); the thread method also ends a test hung in
-    # a kernel (the worker exits and xdist names the test as crashed).
+    # -3: the build (three kernel translation units at once) runs beside the tests. Per-test timeout
+    # 150 s: a test's first calls compile its Triton kernels (BERT widths take tens of seconds); the
+    # thread method also ends a test hung in a kernel (the worker exits and xdist names the test as
+    # crashed).
     WORKERS=${WORKERS:-$(( $(nproc) - 3 ))}; TEST_TIMEOUT=${TEST_TIMEOUT:-150}; TINY=
     # What a GPU has nothing to add to: the benchmark smoke test and the sm_90 compile report
     # (test_benchmarks.py: the bench stage measures at real sizes; CI compiles), README/CI
