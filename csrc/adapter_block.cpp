@@ -77,17 +77,11 @@ Params make_params(const at::Tensor& h, const at::Tensor& ln_weight, const at::T
 }
 
 Device current_device() {
-  int device = 0, sms = 0;
+  int device = 0, sms = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return {c10::cuda::getCurrentCUDAStream(), sms};
-}
-
-int max_shared_per_block() {
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return optin;
+  return {c10::cuda::getCurrentCUDAStream(), sms, optin};
 }
 
 // Set by the tests (through set_poison_outputs): every output starts as NaN, so an element a kernel
@@ -136,7 +130,8 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
   const auto [DP, KP] = check_inputs("adapter_block_fwd", h, r, w_down, w_up, p);
   at::Tensor y = new_output(h);
   if (p.M == 0) return y;
-  const int optin = max_shared_per_block();
+  const Device device = current_device();
+  const int optin = device.max_shared;
   AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_fwd", [&] {
     using T = typename Native<scalar_t>::type;
     // 32-row tiles while two blocks still fit on a multiprocessor, else 16.
@@ -147,7 +142,7 @@ at::Tensor adapter_block_fwd(const at::Tensor& h, const at::Tensor& r, const at:
                 " needs more shared memory than this GPU has; use the triton backend");
     const FwdArgs<T> args{p, tile, native<scalar_t>(h), native<scalar_t>(r), native<scalar_t>(w_down),
                           native<scalar_t>(w_up), native_out<scalar_t>(y)};
-    C10_CUDA_CHECK(launch_fwd<T>(args, shared, current_device()));
+    C10_CUDA_CHECK(launch_fwd<T>(args, shared, device));
   });
   return y;
 }
@@ -182,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
   sl.wu = (total + 7) / 8 * 8;  // 32-byte aligned, as WMMA accesses need
   sl.wd = sl.wu + static_cast<int64_t>(DP) * KP;
   sl.width = sl.wd + static_cast<int64_t>(KP) * DP;
-  const int optin = max_shared_per_block();
+  const Device device = current_device();
+  const int optin = device.max_shared;
   AMPFUSE_DISPATCH(h.scalar_type(), "adapter_block_bwd", [&] {
     using T = typename Native<scalar_t>::type;
     const size_t shared = bwd_shared_bytes<T>(DP, KP);
@@ -196,7 +192,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_block_bwd(
                           native<scalar_t>(r), native<scalar_t>(w_down), native<scalar_t>(w_up),
                           input_grad ? native_out<scalar_t>(dh) : nullptr,
                           input_grad ? native_out<scalar_t>(dr) : nullptr};
-    const Device device = current_device();
     int programs = 0;
     C10_CUDA_CHECK(bwd_programs<T>(args, shared, device, &programs));
     at::Tensor part = new_output({programs, sl.width}, h.options().dtype(at::kFloat));

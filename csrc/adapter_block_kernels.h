@@ -82,10 +82,11 @@ struct Slice {  // where a block's partial gradients live in its slice (floats)
   int64_t width, wu, wd;
 };
 
-// What the host side settles before a launch: the stream and the device's multiprocessor count.
+// What the host side settles before a launch: the stream and the device's limits.
 struct Device {
   cudaStream_t stream;
   int sms;
+  int max_shared;  // bytes of shared memory a block may opt in to
 };
 
 // A persistent grid: `per_sm` blocks per multiprocessor, never more than there are work items (rows
