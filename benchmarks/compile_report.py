@@ -5,8 +5,9 @@ GPU target without a GPU (Triton compiles ahead of time for any target; nothing 
 
 Every launch the ops make is intercepted (kernels.runtime.launch), its arguments turned into a
 signature, and the launch skipped, so outputs are garbage and only the report counts. Once every
-case is traced, each distinct binary is compiled for the target, one process per core. A kernel needing more shared memory than the target has
-(about 227 KiB on Hopper) would fail at its first GPU launch with OutOfResources. Registers and
+case is traced, each distinct binary is compiled for the target, one process per core. A kernel
+needing more shared memory than the target has (about 227 KiB on Hopper) would fail at its first
+GPU launch with OutOfResources. Registers and
 the stack frame come from the cubin (cuobjdump): a stack frame in these kernels is spilled
 registers, read and written through local memory.
 """

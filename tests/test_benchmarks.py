@@ -58,7 +58,8 @@ def test_compile_report_covers_every_corner_of_the_adapter_options_on_request():
 
 def test_compile_report_in_parallel_reports_what_one_process_does(tmp_path):
     # The report compiles each distinct binary in a pool of forked processes: rows must come back
-    # matched to their launches, as a serial run lists them (own Triton cache: nothing reused).
+    # matched to their launches, as a serial run lists them (a Triton cache of its own, so the pool
+    # compiles every binary rather than reading another test's).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
     outputs = []
     for jobs in ("3", "1"):  # the pool compiles; the serial run then reads the same binaries from the cache
