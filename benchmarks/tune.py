@@ -46,12 +46,8 @@ def rows_for(label, sizes, device, ceil, emit, settings=SETTINGS, shape=HEADLINE
 
 def _time_settings(label, sizes, device, ceil, emit, settings, shape, reps):
     from ampfuse.kernels import runtime
-    from ampfuse.ops.adapter_block import adapter_block
 
-    def fused(t):
-        return adapter_block(t["h"], t["r"], t["ln_w"], t["ln_b"], t["wd"], t["bd"], t["wu"], t["bu"],
-                             backend="triton")
-
+    fused = run.fused_adapter("triton")
     d, k = shape
     # bf16 on a GPU; fp16 in the interpreter, which keeps bf16 as raw bits
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16

@@ -484,13 +484,23 @@ def _weight_tile(ws_ptr, plane, a_ptr, A, out_w, out_stride, out_col0, out_b, ti
 
 
 @triton.jit
+def _pick(values, first: tl.constexpr, step: tl.constexpr, n: tl.constexpr, i):
+    """values[first + step * i] for a runtime index i < n, from a tuple of ints (per-modality offsets and
+    widths, chosen by a program's tile)."""
+    picked = values[first]
+    for j in tl.static_range(1, n):
+        picked = tl.where(i == j, values[first + step * j], picked)
+    return picked
+
+
+@triton.jit
 def fusion_bwd_weight_kernel(
     ws_ptr,                         # fusion_bwd_gate_kernel's workspace
     x_ptr, mods, widths,            # as in fusion_shift_kernel
     ln_part_ptr,                    # fusion_bwd_rows_kernel's LayerNorm partials, when LN_GRAD
     part_ptr,                       # out: (splits, total) fp32, one row of parameter gradients per token split
     offsets,                        # tuple: per modality the offsets of gate_w, gate_b, proj_w, proj_b; then ln
-    starts,                         # tuple: the first tile of each of the 3 K gradient GEMMs, then the LayerNorm's
+    starts,                         # tuple: the first tile of each modality's m_i GEMMs, then the LayerNorm's
     M, D, total,
     tokens_per_split,               # a multiple of rows_per_part
     rows_per_part,                  # rows behind one LayerNorm partial (fusion_bwd_rows_kernel's BLOCK_M)
@@ -501,39 +511,47 @@ def fusion_bwd_weight_kernel(
     BLOCK_C: tl.constexpr,          # input features (columns of a weight) per tile
     BLOCK_T: tl.constexpr,          # tokens per step
 ):
-    """Axis 0 enumerates the tiles of every gradient, modality by modality (gate_w's x columns, its m
-    columns, proj_w), then the LayerNorm's column chunks; axis 1 is the token split."""
+    """Axis 0 enumerates the tiles of every gradient: d gate_i^T x of every modality (tiles [0, starts[0])),
+    then per modality i d gate_i^T m_i and d proj_i^T m_i (from starts[i]), then the LayerNorm's column
+    chunks; axis 1 is the token split. Each GEMM loop is compiled once per operand it reads (x, then each
+    m_i, whose dtypes may differ), its outputs picked at run time: one loop per job kind inlined K + 1
+    times, not 3 K (a GEMM loop is most of a kernel's compile time). The m_i jobs store the bias
+    gradients, the column sums of d gate_i and d proj_i."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     t0 = split * tokens_per_split
     t1 = tl.minimum(t0 + tokens_per_split, M)
     part = part_ptr + split.to(tl.int64) * total
     op = ws_ptr.dtype.element_ty
+    K: tl.constexpr = len(mods)
+    n_blocks = (D + BLOCK_N - 1) // BLOCK_N
     if WEIGHT_GRAD:
-        for i in tl.static_range(len(mods)):
-            Dm = widths[i]
-            gate_w = part + offsets[4 * i]
-            if (tile >= starts[3 * i]) & (tile < starts[3 * i + 1]):  # d gate_i^T x, and d gate_i's column sums
-                _weight_tile(ws_ptr, 2 * i, x_ptr, D, gate_w, D + Dm, 0, part + offsets[4 * i + 1],
-                             tile - starts[3 * i], t0, t1, M, D, op, PRECISION, BLOCK_N, BLOCK_C, BLOCK_T)
-            if (tile >= starts[3 * i + 1]) & (tile < starts[3 * i + 2]):  # d gate_i^T m_i
-                _weight_tile(ws_ptr, 2 * i, mods[i], Dm, gate_w, D + Dm, D, None, tile - starts[3 * i + 1], t0, t1, M,
-                             D, op, PRECISION, BLOCK_N, BLOCK_C, BLOCK_T)
-            if (tile >= starts[3 * i + 2]) & (tile < starts[3 * i + 3]):  # d proj_i^T m_i, d proj_i's column sums
-                _weight_tile(ws_ptr, 2 * i + 1, mods[i], Dm, part + offsets[4 * i + 2], Dm, 0,
-                             part + offsets[4 * i + 3], tile - starts[3 * i + 2], t0, t1, M, D, op, PRECISION,
-                             BLOCK_N, BLOCK_C, BLOCK_T)
+        if tile < starts[0]:  # d gate_i^T x: gate_w_i's first D columns
+            x_tiles = n_blocks * ((D + BLOCK_C - 1) // BLOCK_C)
+            i = tile // x_tiles
+            _weight_tile(ws_ptr, 2 * i, x_ptr, D, part + _pick(offsets, 0, 4, K, i), D + _pick(widths, 0, 1, K, i),
+                         0, None, tile - i * x_tiles, t0, t1, M, D, op, PRECISION, BLOCK_N, BLOCK_C, BLOCK_T)
+        for i in tl.static_range(K):
+            if (tile >= starts[i]) & (tile < starts[i + 1]):  # d gate_i^T m_i (gate_w_i's last columns), d proj_i^T m_i
+                Dm = widths[i]
+                m_tiles = n_blocks * ((Dm + BLOCK_C - 1) // BLOCK_C)
+                proj = tile - starts[i] >= m_tiles
+                _weight_tile(ws_ptr, 2 * i + proj.to(tl.int32), mods[i], Dm,
+                             part + tl.where(proj, offsets[4 * i + 2], offsets[4 * i]), tl.where(proj, Dm, D + Dm),
+                             tl.where(proj, 0, D), part + tl.where(proj, offsets[4 * i + 3], offsets[4 * i + 1]),
+                             tile - starts[i] - tl.where(proj, m_tiles, 0), t0, t1, M, D, op, PRECISION, BLOCK_N,
+                             BLOCK_C, BLOCK_T)
     if LN_GRAD:
-        if tile >= starts[3 * len(mods)]:  # this split's LayerNorm partials, summed in order
-            cols = (tile - starts[3 * len(mods)]) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if tile >= starts[K]:  # this split's LayerNorm partials, summed in order
+            cols = (tile - starts[K]) * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < D
             dw = tl.zeros([BLOCK_N], dtype=tl.float32)
             db = tl.zeros([BLOCK_N], dtype=tl.float32)
             for p in range(t0 // rows_per_part, (t1 + rows_per_part - 1) // rows_per_part):
                 dw += tl.load(ln_part_ptr + p * (2 * D) + cols, mask=col_mask, other=0.0)
                 db += tl.load(ln_part_ptr + p * (2 * D) + D + cols, mask=col_mask, other=0.0)
-            tl.store(part + offsets[4 * len(mods)] + cols, dw, mask=col_mask)
-            tl.store(part + offsets[4 * len(mods) + 1] + cols, db, mask=col_mask)
+            tl.store(part + offsets[4 * K] + cols, dw, mask=col_mask)
+            tl.store(part + offsets[4 * K + 1] + cols, db, mask=col_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -661,11 +679,13 @@ def backward(spec, dy, x, mods, params, saved, seed, x_grad, mod_grad, weight_gr
         _, offsets, total = gradient_layout(D, widths)
         gemm = runtime.gemm_tiles(op, 1)
         block_n = block_c = gemm["BLOCK_N"]  # a weight's rows and columns per tile
-        starts = [0]  # the tiles of d gate_i^T x, d gate_i^T m_i, d proj_i^T m_i per modality, then the LayerNorm's
+        # the tiles of d gate_i^T x for every modality, then per modality d gate_i^T m_i and d proj_i^T m_i; then
+        # the LayerNorm's (fusion_bwd_weight_kernel's order)
+        n_blocks = cdiv(D, block_n)
+        starts = [len(widths) * n_blocks * cdiv(D, block_c) if weight_grad else 0]
         for w in widths:
-            for columns in (D, w, w):
-                starts.append(starts[-1] + (cdiv(D, block_n) * cdiv(columns, block_c) if weight_grad else 0))
-        tiles = starts[-1] + (cdiv(D, block_n) if ln_grad else 0)
+            starts.append(starts[-1] + (2 * n_blocks * cdiv(w, block_c) if weight_grad else 0))
+        tiles = starts[-1] + (n_blocks if ln_grad else 0)
         splits = runtime.weight_grad_splits(tiles, row_blocks)
         blocks_per_split = cdiv(row_blocks, splits)
         splits = cdiv(row_blocks, blocks_per_split)
