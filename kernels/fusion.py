@@ -513,10 +513,10 @@ def fusion_bwd_weight_kernel(
 ):
     """Axis 0 enumerates the tiles of every gradient: d gate_i^T x of every modality (tiles [0, starts[0])),
     then per modality i d gate_i^T m_i and d proj_i^T m_i (from starts[i]), then the LayerNorm's column
-    chunks; axis 1 is the token split. Each GEMM loop is compiled once per operand it reads (x, then each
-    m_i, whose dtypes may differ), its outputs picked at run time: one loop per job kind inlined K + 1
-    times, not 3 K (a GEMM loop is most of a kernel's compile time). The m_i jobs store the bias
-    gradients, the column sums of d gate_i and d proj_i."""
+    chunks; axis 1 is the token split. One GEMM loop is compiled per operand read (x, then each m_i, whose
+    dtypes may differ), each tile picking its plane and output at run time: K + 1 inlined GEMM loops, not
+    3 K (a GEMM loop is most of a kernel's compile time). The m_i jobs store the bias gradients, the
+    column sums of d gate_i and d proj_i."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     t0 = split * tokens_per_split
