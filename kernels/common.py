@@ -1,5 +1,5 @@
 """Triton building blocks shared by the fused ops: activations, streamed LayerNorm moments, dropout,
-the fixed-order sum of split partials.
+a tuple's element at a runtime index, the fixed-order sum of split partials.
 
 All arithmetic here is fp32: callers convert loaded tiles with ``.to(tl.float32)`` first, which
 also keeps bf16 out of the Triton interpreter's arithmetic (it stores bf16 as raw bits).
@@ -96,6 +96,16 @@ def walk_chunk(i, D, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr):
         c0 = (tl.cdiv(D, BLOCK_D) - 1 - i) * BLOCK_D
         before = D - tl.minimum(c0 + BLOCK_D, D)
     return c0, before
+
+
+@triton.jit
+def select(t, i, S: tl.constexpr):
+    """t[i] for a runtime index i < S, from a tuple (of tiles, pointers' offsets or ints): one copy of the code
+    that uses it, where a tl.static_range over the tuple would inline one per element."""
+    out = t[0]
+    for j in tl.static_range(1, S):
+        out = tl.where(i == j, t[j], out)
+    return out
 
 
 @triton.jit

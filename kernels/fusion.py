@@ -64,7 +64,7 @@ backward, 5 launches (fewer when x, the modalities or the parameters need no gra
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, sum_partials, walk_chunk
+from .common import dropout_keep, select, sum_partials, walk_chunk
 
 # Row scalars the forward saves, (NUM_STATS, M) fp32: alpha, mean and rstd of o = x + alpha shift,
 # ||x||, ||shift||. The backward's row pass hands on (NUM_ROWGRAD, M): mean(g), mean(g o_hat) (g =
@@ -484,16 +484,6 @@ def _weight_tile(ws_ptr, plane, a_ptr, A, out_w, out_stride, out_col0, out_b, ti
 
 
 @triton.jit
-def _pick(values, first: tl.constexpr, step: tl.constexpr, n: tl.constexpr, i):
-    """values[first + step * i] for a runtime index i < n, from a tuple of ints (per-modality offsets and
-    widths, chosen by a program's tile)."""
-    picked = values[first]
-    for j in tl.static_range(1, n):
-        picked = tl.where(i == j, values[first + step * j], picked)
-    return picked
-
-
-@triton.jit
 def fusion_bwd_weight_kernel(
     ws_ptr,                         # fusion_bwd_gate_kernel's workspace
     x_ptr, mods, widths,            # as in fusion_shift_kernel
@@ -529,7 +519,7 @@ def fusion_bwd_weight_kernel(
         if tile < starts[0]:  # d gate_i^T x: gate_w_i's first D columns
             x_tiles = n_blocks * ((D + BLOCK_C - 1) // BLOCK_C)
             i = tile // x_tiles
-            _weight_tile(ws_ptr, 2 * i, x_ptr, D, part + _pick(offsets, 0, 4, K, i), D + _pick(widths, 0, 1, K, i),
+            _weight_tile(ws_ptr, 2 * i, x_ptr, D, part + select(offsets[0:4 * K:4], i, K), D + select(widths, i, K),
                          0, None, tile - i * x_tiles, t0, t1, M, D, op, PRECISION, BLOCK_N, BLOCK_C, BLOCK_T)
         for i in tl.static_range(K):
             if (tile >= starts[i]) & (tile < starts[i + 1]):  # d gate_i^T m_i (gate_w_i's last columns), d proj_i^T m_i

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .common import (SCALE_FLOAT, SCALE_SCALAR, activation, activation_grad, merge_moments, reduce_partials_kernel,
-                     walk_chunk)
+                     select, walk_chunk)
 
 
 class Streams(NamedTuple):
@@ -330,16 +330,6 @@ def _gated(a, weights, j, kk, k_mask, K, CFG: tl.constexpr, PRECISION: tl.conste
 
 
 @triton.jit
-def _select(t, j, S: tl.constexpr):
-    """t[j] for a runtime j (the streams' loops are runtime loops: unrolled, every stream's weight blocks
-    would be loaded up front and held in registers at once)."""
-    out = t[0]
-    for i in tl.static_range(1, S):
-        out = tl.where(j == i, t[i], out)
-    return out
-
-
-@triton.jit
 def _operand(x_ptr, r_ptr, FUSE_LN: tl.constexpr):
     """A zero-size proxy for the tensor-core operand dtype: the 16-bit one of x and r (autocast hands the
     op a 16-bit x and an fp32 r), else fp32. Returned as a 0.0 of that dtype (a dtype cannot be)."""
@@ -519,9 +509,11 @@ def _gate_forward(acts, shared, weights, kk, k_mask, K, CFG: tl.constexpr, PRECI
     m = tl.full(acts[0].shape, float("-inf"), dtype=tl.float32)
     den = tl.zeros(acts[0].shape, dtype=tl.float32)
     num = tl.zeros(acts[0].shape, dtype=tl.float32)
+    # a runtime loop over the streams: unrolled, every stream's weight blocks would be loaded up front and held in
+    # registers at once (the backward's gate loop is one for the same reason)
     for j in range(0, CFG.S):
         l = _logit(acts, shared, weights, j, kk, k_mask, K, CFG, PRECISION)
-        h = _gated(_select(acts, j, CFG.S), weights, j, kk, k_mask, K, CFG, PRECISION)
+        h = _gated(select(acts, j, CFG.S), weights, j, kk, k_mask, K, CFG, PRECISION)
         m_new = tl.maximum(m, l)
         alpha = tl.exp(m - m_new)
         p = tl.exp(l - m_new)
@@ -695,7 +687,7 @@ def gmu_bwd_rows_kernel(
         das = das + (tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32),)
     for j in range(0, CFG.S):
         l = _logit(acts, shared, bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
-        h = _gated(_select(acts, j, CFG.S), bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
+        h = _gated(select(acts, j, CFG.S), bufs.weights, j, kk, k_mask, K, CFG, PRECISION)
         dh = dfused * tl.where(tile_mask, tl.exp(l - lse), 0.0)
         if CFG.GMU_FORM:
             dpre = (dh * (1.0 - h * h)).to(op.dtype)
